@@ -1,0 +1,45 @@
+"""Typed model hyper-parameters, shared by training (to build) and the service (to rebuild from artifacts)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelConfig(BaseModel):
+    """Hyper-parameters of a MetaMMF model (and of the baselines behind the same contract)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["metammf_gcn", "metammf_mf"] = "metammf_gcn"
+    meta_dim: int = Field(5, ge=1, description="d_s: size of the meta information s_i")
+    extractor_hidden: int = Field(64, ge=1, description="hidden width of the meta information extractor MLP")
+    fused_dim: int = Field(32, ge=1, description="d_m: output width of the fusion tower")
+    id_dim: int = Field(32, ge=1, description="d_c: width of the item ID embedding e_i^c")
+    fusion_layers: int = Field(1, ge=1, le=4, description="number of layers in the item-specific fusion tower")
+    tensor: Literal["cp", "full"] = Field("cp", description="parameterisation of the meta tensor T")
+    rank: int = Field(16, ge=1, le=256, description="CP rank R when tensor='cp'")
+    static_weights: bool = Field(True, description="keep the static part W of W_i = W + T x3 s_i")
+    leaky_slope: float = Field(0.01, ge=0.0, lt=1.0)
+    normalize_features: bool = Field(True, description="standardise raw features with training statistics")
+    gcn_layers: int = Field(2, ge=1, le=4, description="GraphSAGE layers (metammf_gcn only)")
+    layer_combine: Literal["last", "mean"] = Field(
+        "mean", description="final GCN embedding: last layer, or the mean of all layer outputs (incl. input)"
+    )
+    fusion_init_gain: float = Field(
+        1.0, gt=0, description="Xavier gain of the last fusion layer (scales e_i^m at initialisation)"
+    )
+    sage_init: Literal["default", "mean", "residual"] = Field(
+        "default",
+        description="SAGEConv init: PyG default, 'mean' (W_neigh=I, W_self=0: plain mean aggregation) "
+        "or 'residual' (W_neigh=I, W_self=I)",
+    )
+    sage_bias: bool = Field(True, description="bias in the SAGEConv neighbour projection")
+    edge_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="share of graph edges dropped per training step")
+    layer_reg: float = Field(0.0, ge=0.0, description="L2 weight on the GraphSAGE and fusion weights")
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the final item/user embeddings (d_m + d_c)."""
+        return self.fused_dim + self.id_dim

@@ -1,0 +1,102 @@
+r"""MetaMMF_MF: dynamic multimodal fusion with a matrix-factorisation backbone.
+
+.. math::
+    e_i = [\, e_i^m ; e_i^c \,], \qquad \hat y_{ui} = e_u^\top e_i
+
+where :math:`e_i^m` is the output of the item's own fusion network (:mod:`models.fusion`) and
+:math:`e_i^c` a free ID embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.base import RecModel, bpr_loss, l2_penalty
+from models.config import ModelConfig
+from models.fusion import MetaFusionNetwork
+
+
+def build_fusion(config: ModelConfig, in_dim: int) -> MetaFusionNetwork:
+    return MetaFusionNetwork(
+        in_dim,
+        fused_dim=config.fused_dim,
+        meta_dim=config.meta_dim,
+        extractor_hidden=config.extractor_hidden,
+        n_layers=config.fusion_layers,
+        tensor=config.tensor,
+        rank=config.rank,
+        static_weights=config.static_weights,
+        leaky_slope=config.leaky_slope,
+        init_gain=config.fusion_init_gain,
+    )
+
+
+def fusion_weights(fusion: MetaFusionNetwork) -> list[Tensor]:
+    """Weight matrices of the extractor and the fusion tower (the targets of ``layer_reg``)."""
+    return [p for name, p in fusion.named_parameters() if not name.endswith("bias")]
+
+
+class MultimodalItemEncoder(nn.Module):
+    """Item ego representation [e_i^m ; e_i^c]: fused content plus an ID embedding."""
+
+    def __init__(self, config: ModelConfig, item_features: Tensor) -> None:
+        super().__init__()
+        n_items, in_dim = item_features.shape
+        self.fusion = build_fusion(config, in_dim)
+        self.id_embedding = nn.Embedding(n_items, config.id_dim)
+        # Not persistent: features are data, not weights; the service fuses new items from raw input.
+        self.register_buffer("item_features", item_features.float(), persistent=False)
+        if config.normalize_features:
+            self.fusion.fit_normalization(self.item_features)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.fusion.reset_parameters()
+        nn.init.normal_(self.id_embedding.weight, std=0.1)
+
+    def forward(self, items: Tensor | None = None) -> Tensor:
+        if items is None:
+            return torch.cat([self.fusion(self.item_features), self.id_embedding.weight], dim=1)
+        return torch.cat([self.fusion(self.item_features[items]), self.id_embedding(items)], dim=1)
+
+    def cold_item(self, features: Tensor) -> Tensor:
+        """Ego representation of items unseen in training: fused content + the mean ID embedding."""
+        mean_id = self.id_embedding.weight.mean(0, keepdim=True).expand(features.shape[0], -1)
+        return torch.cat([self.fusion(features), mean_id], dim=1)
+
+
+class MetaMMF_MF(RecModel):
+    """MetaMMF with inner-product scoring.
+
+    Args:
+        n_users: number of users.
+        item_features: (n_items, d_x) concatenated raw multimodal features.
+        config: model hyper-parameters.
+        reg_weight: L2 weight on the batch representations.
+    """
+
+    def __init__(self, n_users: int, item_features: Tensor, config: ModelConfig, reg_weight: float = 1e-4):
+        super().__init__()
+        self.config = config
+        self.n_users, self.n_items = n_users, item_features.shape[0]
+        self.reg_weight = reg_weight
+        self.user_embedding = nn.Embedding(n_users, config.embedding_dim)
+        self.items = MultimodalItemEncoder(config, item_features)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.user_embedding.weight, std=0.1)
+        self.items.reset_parameters()
+
+    def get_embedding(self) -> tuple[Tensor, Tensor]:
+        return self.user_embedding.weight, self.items()
+
+    def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
+        u = self.user_embedding(users)
+        item_rep = self.items(torch.cat([pos_items, neg_items]))
+        pos, neg = item_rep.split(len(users))
+        loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + self.reg_weight * l2_penalty(u, pos, neg)
+        if self.config.layer_reg > 0:
+            loss = loss + self.config.layer_reg * sum(w.pow(2).sum() for w in fusion_weights(self.items.fusion)) / 2
+        return loss

@@ -1,0 +1,1 @@
+"""Offline side of MetaMMF: data, sampling, training, evaluation and artifact export."""

@@ -1,0 +1,104 @@
+"""Typed run configuration: loadable from YAML/TOML, overridable from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.config import ModelConfig
+from training.synthetic import SyntheticConfig
+
+
+class DataConfig(BaseModel):
+    """Where the data comes from: an MMRec directory, or the built-in synthetic generator."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(None, description="MMRec data directory; None = built-in synthetic data")
+    split_seed: int = Field(2024, description="seed of the 80/10/10 split when the .inter has no x_label")
+    cold_users: Literal["error", "keep", "drop"] = Field(
+        "error", description="valid/test users without train interactions: fail, keep them, or drop them"
+    )
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+
+class TrainConfig(BaseModel):
+    """Optimisation, early stopping and evaluation settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(1000, ge=1)
+    batch_size: int = Field(3000, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    reg_weight: float = Field(1e-4, ge=0, description="L2 weight on batch representations")
+    patience: int = Field(10, ge=1, description="evaluations without improvement before stopping")
+    eval_every: int = Field(1, ge=1, description="validate every N epochs")
+    monitor: str = Field("recall@20", description="validation metric for early stopping")
+    ks: list[int] = Field(default_factory=lambda: [10, 20])
+    seed: int = 2024
+    device: str = "cpu"
+    eval_batch_size: int = Field(2048, ge=1, description="users per evaluation batch")
+    max_seconds: float | None = Field(None, gt=0, description="stop training after this wall time")
+    progress: bool = True
+
+
+class RunConfig(BaseModel):
+    """Everything one training run needs; written next to its results."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which and why."""
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(
+            f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train)")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``section.key=value`` (value parsed as YAML, so ``8``, ``true``, ``[10, 20]`` work)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value, e.g. train.lr=0.001")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data = read_config_file(path) if path else {}
+    for override in overrides or []:
+        apply_override(data, override)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}:\n{exc}") from None

@@ -1,0 +1,75 @@
+"""Write a trained model as a serving artifact directory (layout: :mod:`models.artifacts`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from models.artifacts import write_artifacts
+from models.inference import InferenceEncoder, item_states
+from training.config import RunConfig
+from training.data import RecData
+from training.trainer import TrainResult
+
+
+def build_item_index(item_embeddings: np.ndarray) -> faiss.Index:
+    """Exact inner-product index; ids are item row numbers, so items can be added and removed later."""
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(item_embeddings.shape[1]))
+    index.add_with_ids(np.ascontiguousarray(item_embeddings, dtype=np.float32),
+                       np.arange(len(item_embeddings), dtype=np.int64))  # fmt: skip
+    return index
+
+
+def metrics_summary(result: TrainResult) -> dict:
+    return {
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "train_seconds": round(result.train_seconds, 3),
+        "valid": result.valid.metrics,
+        "test": result.test.metrics,
+        "history": result.history,
+    }
+
+
+@torch.no_grad()
+def export_artifacts(result: TrainResult, data: RecData, run_config: RunConfig, out: str | Path) -> Path:
+    """Write weights, embeddings, the FAISS index, id maps, seen interactions, metrics and config."""
+    model = result.model.cpu().eval()
+    user_emb, item_emb = (t.contiguous() for t in model.get_embedding())
+    encoder = InferenceEncoder.from_model(model)
+    popularity = np.bincount(data.train[:, 1], minlength=data.n_items).astype(np.float32)
+    seen = np.unique(np.concatenate([data.train, data.valid, data.test]), axis=0)
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, tmp / "encoder.safetensors")
+        save_file(
+            {
+                "user_embeddings": user_emb,
+                "item_embeddings": item_emb,
+                "item_states": item_states(model).contiguous(),
+                "item_popularity": torch.from_numpy(popularity),
+            },
+            tmp / "embeddings.safetensors",
+        )
+        faiss.write_index(build_item_index(item_emb.numpy()), str(tmp / "items.faiss"))
+        catalog = {
+            "users": [str(u) for u in range(data.n_users)],
+            "items": [str(i) for i in range(data.n_items)],
+            "modalities": [{"name": m, "dim": d} for m, d in data.modality_dims.items()],
+        }
+        (tmp / "catalog.json").write_text(json.dumps(catalog))
+        np.save(tmp / "interactions.npy", seen.astype(np.int64), allow_pickle=False)
+        (tmp / "config.json").write_text(run_config.model_dump_json(indent=2))
+        (tmp / "metrics.json").write_text(json.dumps(metrics_summary(result), indent=2))
+        result.valid.save_per_user(tmp / "per_user_valid.npz")
+        result.test.save_per_user(tmp / "per_user_test.npz")
+
+    extra = {"model": run_config.model.name, "data": data.name, "created_unix": int(time.time())}
+    return write_artifacts(out, write, extra)

@@ -1,0 +1,133 @@
+"""Training loop: BPR on resampled triples, Adam, validation early stopping, test at the best epoch."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from models.base import RecModel
+from models.config import ModelConfig
+from models.metammf_gcn import MetaMMF_GCN
+from models.metammf_mf import MetaMMF_MF
+from training.config import TrainConfig
+from training.data import RecData
+from training.evaluate import EvalResult, full_rank_evaluate
+from training.sampling import BPRSampler
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(data: RecData, config: ModelConfig, reg_weight: float) -> RecModel:
+    """Instantiate the model named by ``config.name`` for ``data``."""
+    features = torch.from_numpy(data.item_features())
+    if config.name == "metammf_mf":
+        return MetaMMF_MF(data.n_users, features, config, reg_weight)
+    if config.name == "metammf_gcn":
+        return MetaMMF_GCN(data.n_users, features, torch.from_numpy(data.train), config, reg_weight)
+    raise ValueError(f"unknown model {config.name!r}")
+
+
+@dataclass
+class TrainResult:
+    """The best model (weights restored) and what happened on the way."""
+
+    model: RecModel
+    best_epoch: int
+    best_valid: dict[str, float]
+    valid: EvalResult
+    test: EvalResult
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def evaluate_split(model: RecModel, data: RecData, split: str, cfg: TrainConfig) -> EvalResult:
+    """Full ranking on ``split`` ('valid' or 'test'): training items (and validation items when
+    scoring test) are masked."""
+    targets = data.valid if split == "valid" else data.test
+    exclude = [data.train] if split == "valid" else [data.train, data.valid]
+    model.eval()
+    model.prepare_inference()
+    try:
+        return full_rank_evaluate(
+            model.full_sort_predict,
+            targets,
+            exclude,
+            data.n_users,
+            data.n_items,
+            ks=cfg.ks,
+            batch_size=cfg.eval_batch_size,
+            device=cfg.device,
+        )
+    finally:
+        model.clear_inference_cache()
+
+
+def train(data: RecData, model_config: ModelConfig, cfg: TrainConfig) -> TrainResult:
+    """Train until the validation ``cfg.monitor`` stops improving for ``cfg.patience`` evaluations,
+    then restore the best weights and score the test split with them."""
+    seed_everything(cfg.seed)
+    device = torch.device(cfg.device)
+    model = build_model(data, model_config, cfg.reg_weight).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sampler = BPRSampler(data.train, data.n_items, cfg.batch_size, seed=cfg.seed)
+    if cfg.monitor not in {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "hit") for k in cfg.ks}:
+        raise ValueError(f"train.monitor={cfg.monitor!r} is not one of the computed metrics (ks={cfg.ks})")
+
+    best_score, best_epoch, best_state, best_valid = -np.inf, 0, None, {}
+    history: list[dict[str, float]] = []
+    stale, train_seconds = 0, 0.0
+    bar = tqdm(range(1, cfg.epochs + 1), desc="epochs", disable=not cfg.progress, leave=False)
+    for epoch in bar:
+        model.train()
+        start, total_loss = time.perf_counter(), 0.0
+        for users, pos, neg in sampler.epoch():
+            batch = [torch.from_numpy(a).to(device) for a in (users, pos, neg)]
+            loss = model.calculate_loss(*batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item()
+        epoch_seconds = time.perf_counter() - start
+        train_seconds += epoch_seconds
+        record = {"epoch": epoch, "loss": total_loss / len(sampler), "seconds": epoch_seconds}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            valid = evaluate_split(model, data, "valid", cfg)
+            record.update({f"valid_{k}": v for k, v in valid.metrics.items()})
+            score = valid.metrics[cfg.monitor]
+            if score > best_score:
+                best_score, best_epoch, best_valid, stale = score, epoch, valid.metrics, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+            bar.set_postfix(loss=f"{record['loss']:.4f}", **{cfg.monitor: f"{score:.4f}"})
+        history.append(record)
+        log.info(
+            "epoch %d loss %.4f %s %.4f (best %.4f @ %d) %.2fs",
+            epoch, record["loss"], cfg.monitor, record.get(f"valid_{cfg.monitor}", float("nan")),
+            best_score, best_epoch, epoch_seconds,
+        )  # fmt: skip
+        if stale >= cfg.patience:
+            log.info("early stop: %s did not improve for %d evaluations", cfg.monitor, cfg.patience)
+            break
+        if cfg.max_seconds is not None and train_seconds >= cfg.max_seconds:
+            log.info("stopping: max_seconds=%s reached", cfg.max_seconds)
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    valid = evaluate_split(model, data, "valid", cfg)
+    test = evaluate_split(model, data, "test", cfg)
+    return TrainResult(model, best_epoch, best_valid, valid, test, history, train_seconds)
