@@ -87,9 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             redis_url = embedded.url
         bundle = Bundle(settings.artifacts)
         engine = Engine(bundle)
-        client = redis.from_url(
-            redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
-        )
+        client = redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
         state = RedisState(client, settings.namespace, uuid.uuid4().hex, settings.stream_max_len)
         state.init(len(bundle.item_ids), bundle.artifact_id)
         position = load_state(engine, state)
@@ -132,9 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
-        metrics.latency.labels(request.method, path, str(response.status_code)).observe(
-            time.perf_counter() - start
-        )
+        metrics.latency.labels(request.method, path, str(response.status_code)).observe(time.perf_counter() - start)
         return response
 
     @app.exception_handler(InputError)
@@ -220,14 +216,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             user_id=user_id,
             strategy=rec.strategy,
             artifact_id=engine.artifact_id,
-            items=[
-                schemas.ScoredItem(item_id=i, score=s) for i, s in zip(rec.item_ids, rec.scores, strict=True)
-            ],
+            items=[schemas.ScoredItem(item_id=i, score=s) for i, s in zip(rec.item_ids, rec.scores, strict=True)],
         )
 
-    def write_items(
-        items: list[schemas.ItemIn], engine: Engine, state: RedisState
-    ) -> list[schemas.ItemWritten]:
+    def write_items(items: list[schemas.ItemIn], engine: Engine, state: RedisState) -> list[schemas.ItemWritten]:
         ids = [item.item_id for item in items]
         if len(set(ids)) != len(ids):
             raise InputError("duplicate item_id in one batch")
@@ -255,9 +247,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               dependencies=writes, summary="Add or update many items in one transaction")  # fmt: skip
     def add_items(batch: schemas.ItemBatchIn, engine: EngineDep, state: StateDep) -> schemas.ItemBatchWritten:
         if len(batch.items) > settings.max_batch:
-            raise InputError(
-                f"at most {settings.max_batch} items per batch (MMF_MAX_BATCH), got {len(batch.items)}"
-            )
+            raise InputError(f"at most {settings.max_batch} items per batch (MMF_MAX_BATCH), got {len(batch.items)}")
         return schemas.ItemBatchWritten(items=write_items(batch.items, engine, state))
 
     @app.get("/items/{item_id}", response_model=schemas.ItemOut, tags=["items"], dependencies=reads,
@@ -295,9 +285,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/interactions", response_model=schemas.InteractionOut, status_code=201, tags=["recommend"],
               dependencies=writes, summary="Record that a user interacted with an item")  # fmt: skip
-    def add_interaction(
-        body: schemas.InteractionIn, engine: EngineDep, state: StateDep
-    ) -> schemas.InteractionOut:
+    def add_interaction(body: schemas.InteractionIn, engine: EngineDep, state: StateDep) -> schemas.InteractionOut:
         engine.item_row(body.item_id)  # 404 if unknown
         state.add_interaction(body.user_id, body.item_id)
         engine.record_interaction(body.user_id, body.item_id)

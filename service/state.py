@@ -79,9 +79,7 @@ class RedisState:
         for item_id, row in zip(item_ids, known, strict=True):
             if row is None:
                 candidate = self.r.incr(self.key("next_row"))
-                self.r.hsetnx(
-                    self.key("item_rows"), item_id, candidate
-                )  # loser of a race adopts the winner's
+                self.r.hsetnx(self.key("item_rows"), item_id, candidate)  # loser of a race adopts the winner's
                 row = self.r.hget(self.key("item_rows"), item_id)
             rows.append(int(row))
         return rows
@@ -118,9 +116,7 @@ class RedisState:
         self._event(pipe, "interaction", item_id, user_id=user_id)
         pipe.execute()
 
-    def _event(
-        self, pipe: redis.client.Pipeline, kind: str, item_id: str, user_id: str | None = None
-    ) -> None:
+    def _event(self, pipe: redis.client.Pipeline, kind: str, item_id: str, user_id: str | None = None) -> None:
         fields = {"type": kind, "origin": self.origin, "item_id": item_id}
         if user_id is not None:
             fields["user_id"] = user_id
@@ -174,7 +170,5 @@ class RedisState:
         for _stream, entries in reply or []:
             for stream_id, fields in entries:
                 f = {_decode(k): _decode(v) for k, v in fields.items()}
-                events.append(
-                    Event(_decode(stream_id), f["type"], f["origin"], f["item_id"], f.get("user_id"))
-                )
+                events.append(Event(_decode(stream_id), f["type"], f["origin"], f["item_id"], f.get("user_id")))
         return events

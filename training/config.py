@@ -69,9 +69,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(
-            f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}"
-        ) from None
+        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -108,8 +108,7 @@ def _parse_int_column(values: list[str], column: str, line_numbers: np.ndarray, 
                 int(value)
             except ValueError:
                 raise DataError(
-                    f"{path.name}: column {column!r} has a non-integer value {value!r} "
-                    f"at line {int(line_numbers[i])}"
+                    f"{path.name}: column {column!r} has a non-integer value {value!r} at line {int(line_numbers[i])}"
                 ) from None
         raise DataError(f"{path.name}: column {column!r} has values that are not 64-bit integers") from None
     return arr
@@ -317,9 +316,7 @@ def save_mmrec(data: RecData, path: str | Path) -> None:
         if p.name != inter_name and p.name not in feat_names
     )
     if stray:
-        raise DataError(
-            f"{root}: already holds other data files ({', '.join(stray)}); use an empty directory"
-        )
+        raise DataError(f"{root}: already holds other data files ({', '.join(stray)}); use an empty directory")
 
     parts = []
     for k, name in enumerate(SPLIT_NAMES):

@@ -85,9 +85,7 @@ class SyntheticConfig(BaseModel):
     def _check_consistency(self) -> SyntheticConfig:
         n_mod = len(self.modality_dims)
         if self.n_groups > n_mod + 2:
-            raise ValueError(
-                f"n_groups={self.n_groups} exceeds the {n_mod + 2} patterns for {n_mod} modalities"
-            )
+            raise ValueError(f"n_groups={self.n_groups} exceeds the {n_mod + 2} patterns for {n_mod} modalities")
         if self.latent_dim < n_mod:
             raise ValueError(f"latent_dim={self.latent_dim} must be >= the number of modalities ({n_mod})")
         if self.interactions_per_user < self.min_interactions_per_user:
