@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny synthetic data sets and small model configurations.
+
+Torch is pinned to one intra-op thread: the tensors in these tests are tiny, and with several
+threads on a small, shared CPU the thread pool overhead (oversubscription) makes each step up to
+100x slower.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.config import ModelConfig
+from training.data import RecData
+from training.synthetic import SyntheticConfig, generate_synthetic
+
+torch.set_num_threads(1)
+
+TINY = SyntheticConfig(n_users=200, n_items=150, modality_dims={"visual": 16, "acoustic": 16}, seed=0)
+SMALL_MODEL = {"fused_dim": 16, "id_dim": 16, "rank": 8, "extractor_hidden": 32, "meta_dim": 5}
+
+
+@pytest.fixture(scope="session")
+def tiny_data() -> RecData:
+    """200 users x 150 items, two 16-d modalities."""
+    return generate_synthetic(TINY)
+
+
+@pytest.fixture(scope="session")
+def make_config():
+    """Factory of small model configurations: ``make_config("metammf_mf", rank=4)``."""
+
+    def make(name: str = "metammf_gcn", **overrides: object) -> ModelConfig:
+        return ModelConfig(name=name, **{**SMALL_MODEL, **overrides})
+
+    return make
