@@ -89,9 +89,15 @@ def write_artifacts(out: str | Path, write_files: Callable[[Path], None], extra:
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():
+            # Two renames: readers may briefly see no directory (never a partial one); a failed
+            # second rename restores the previous artifact.
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)

@@ -45,7 +45,7 @@ class RecModel(nn.Module, ABC):
     @torch.no_grad()
     def prepare_inference(self) -> None:
         """Compute and cache the final embeddings once before many :meth:`full_sort_predict` calls."""
-        self._cache = self.get_embedding()
+        self._cache = tuple(t.detach().clone() for t in self.get_embedding())  # a snapshot, not live weights
 
     def clear_inference_cache(self) -> None:
         self._cache = None

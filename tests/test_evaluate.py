@@ -58,9 +58,7 @@ def _reference(
         for u, i in pairs.tolist():
             excl.setdefault(u, set()).add(i)
     users = sorted(tgt)
-    per_user: dict[str, list[float]] = {
-        f"{m}@{k}": [] for k in ks for m in ("recall", "ndcg", "precision", "hit")
-    }
+    per_user: dict[str, list[float]] = {f"{m}@{k}": [] for k in ks for m in ("recall", "ndcg", "precision", "hit")}
     total_hits = dict.fromkeys(ks, 0.0)
     n_total = 0
     for u in users:
@@ -97,9 +95,7 @@ def test_matches_bruteforce_reference(data: tuple[np.ndarray, ...], batch_size: 
     scores, train, valid, test = data
     targets, exclude = (valid, [train]) if split == "valid" else (test, [train, valid])
     ks = (1, 5, 10, 20)
-    res = full_rank_evaluate(
-        _score_fn(scores), targets, exclude, N_USERS, N_ITEMS, ks=ks, batch_size=batch_size
-    )
+    res = full_rank_evaluate(_score_fn(scores), targets, exclude, N_USERS, N_ITEMS, ks=ks, batch_size=batch_size)
     ref_metrics, ref_users, ref_per_user = _reference(scores, targets, exclude, ks)
 
     assert len(ref_users) < N_USERS  # some users really are skipped

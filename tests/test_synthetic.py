@@ -150,10 +150,7 @@ def test_latent_lives_in_group_specific_modalities(analysis):
     both = np.concatenate([vis, aco], axis=1)
     z, group = truth["latent"], truth["group"]
     r2 = {
-        g: {
-            name: _heldout_r2(x[group == g], z[group == g])
-            for name, x in (("v", vis), ("a", aco), ("va", both))
-        }
+        g: {name: _heldout_r2(x[group == g], z[group == g]) for name, x in (("v", vis), ("a", aco), ("va", both))}
         for g in range(4)
     }
     # group 0: visual only

@@ -26,12 +26,13 @@ def load_data(cfg: DataConfig) -> RecData:
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     overrides = list(args.set or [])
+    # json.dumps: the values are parsed as YAML, so "2024" or "on" must stay strings.
     if args.data:
-        overrides.append(f"data.path={args.data}")
+        overrides.append(f"data.path={json.dumps(str(Path(args.data).resolve()))}")
     if getattr(args, "device", None):
-        overrides.append(f"train.device={args.device}")
+        overrides.append(f"train.device={json.dumps(args.device)}")
     if getattr(args, "model", None):
-        overrides.append(f"model.name={args.model}")
+        overrides.append(f"model.name={json.dumps(args.model)}")
     return load_run_config(args.config, overrides)
 
 
@@ -40,6 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.trainer import train
 
     cfg = resolve_config(args)
+    if cfg.data.path is not None:  # absolute, so `evaluate` finds the data from any directory
+        cfg.data.path = str(Path(cfg.data.path).resolve())
     if args.no_progress:
         cfg.train.progress = False
     data = load_data(cfg.data)
@@ -89,9 +92,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     values = {"seed": args.seed}
-    if args.users:
+    if args.users is not None:
         values["n_users"] = args.users
-    if args.items:
+    if args.items is not None:
         values["n_items"] = args.items
     if args.name:
         values["name"] = args.name
