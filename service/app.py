@@ -2,6 +2,7 @@
 
 import hmac
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -10,6 +11,8 @@ from typing import Annotated
 
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Security
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
@@ -40,26 +43,43 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
         too_large = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await too_large(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.max_bytes:
+                return await too_large(scope, receive, send)
+            return await self.app(scope, receive, send)
+        # No declared length (chunked): read the body here, so an oversized one is answered 413 before the
+        # app sees it (an exception raised from inside FastAPI's body parsing would surface as a 400).
+        chunks, size, more = [], 0, True
+        while more:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":
+                return  # client disconnected
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_large(scope, receive, send)
+            more = message.get("more_body", False)
+        replayed = False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await too_large(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _json_safe(value):
+    """``value`` with non-finite floats replaced by their names ("nan", "inf"), which JSON cannot hold."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 class Metrics:
@@ -132,6 +152,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         path = getattr(route, "path", "unmatched")
         metrics.latency.labels(request.method, path, str(response.status_code)).observe(time.perf_counter() - start)
         return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default handler echoes the offending input, and a NaN/Infinity in it (which the JSON
+        # parser accepts) made rendering the 422 fail with a 500: non-finite numbers are echoed as strings.
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     @app.exception_handler(InputError)
     async def input_error(_: Request, exc: InputError) -> JSONResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -43,15 +44,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("embedded Redis at %s (data in %s)", embedded.url, settings.state_dir)
     if settings.api_key is None:
         log.warning("MMF_API_KEY is not set: write endpoints answer 403")
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal; with the default handler that
+    # would kill this process before the ``finally`` below and leave the embedded redis-server running.
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run(
             "service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
             log_level=args.log_level,
         )  # fmt: skip
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def cmd_export_interactions(args: argparse.Namespace) -> int:

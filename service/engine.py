@@ -49,6 +49,9 @@ class Engine:
         self.user_rows = {u: i for i, u in enumerate(bundle.user_ids)}
         self._training_rows = {it: i for i, it in enumerate(bundle.item_ids)}
         self.item_rows = dict(self._training_rows)
+        # Row of every item ever served, deleted ones included (rows are never reused), so that an
+        # interaction still excludes its item if that item is deleted and added again later.
+        self.known_rows = dict(self._training_rows)
         self.row_items: dict[int, str] = dict(enumerate(bundle.item_ids))
         self.online_embeddings: dict[int, np.ndarray] = {}
         self.online_states: dict[int, np.ndarray] = {}
@@ -131,6 +134,7 @@ class Engine:
                 self.index.remove_ids(np.array([old], dtype=np.int64))
             self.index.add_with_ids(embedding.reshape(1, -1).astype(np.float32), np.array([row], dtype=np.int64))
             self.item_rows[item_id] = row
+            self.known_rows[item_id] = row
             self.row_items[row] = item_id
             self.online_embeddings[row] = embedding.astype(np.float32)
             self.online_states[row] = states.astype(np.float32)
@@ -147,13 +151,13 @@ class Engine:
             self.online_embeddings.pop(row, None)
             self.online_states.pop(row, None)
             self.online_items.discard(item_id)
-            self.popularity.pop(row, None)
+            # popularity is kept: an item added again gets its counts back, as a restarted replica would
             return True
 
     def record_interaction(self, user_id: str, item_id: str) -> None:
         with self._lock:
-            row = self.item_rows.get(item_id)
-            if row is None:  # deleted since: nothing to exclude
+            row = self.known_rows.get(item_id)
+            if row is None:
                 return
             seen = self.online_seen.setdefault(user_id, set())
             if row not in seen:

@@ -146,6 +146,10 @@ class RedisState:
             if item is not None:
                 yield item
 
+    def online_rows(self) -> dict[str, int]:
+        """Index row of every item added online, deleted ones included."""
+        return {_decode(k): int(v) for k, v in self.r.hgetall(self.key("item_rows")).items()}
+
     def deleted_items(self) -> set[str]:
         return {_decode(v) for v in self.r.smembers(self.key("deleted"))}
 

@@ -23,6 +23,7 @@ def load_state(engine: Engine, state: RedisState) -> str:
         engine.upsert(item.item_id, item.row, item.embedding, item.states)
     for item_id in state.deleted_items():
         engine.delete(item_id)
+    engine.known_rows.update(state.online_rows())  # deleted online items too, for their interactions
     for user_id, item_ids in state.all_user_items().items():
         for item_id in item_ids:
             engine.record_interaction(user_id, item_id)

@@ -1,0 +1,995 @@
+"""End-to-end tests of the recommendation service: a real (tiny) trained artifact, real Redis, real FAISS.
+
+Each test gets its own Redis key namespace (deleted afterwards) on the Redis at 127.0.0.1:6379, or on a
+private ``redis-server`` when none answers there. Restart/crash tests run their own ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import torch
+from fastapi.testclient import TestClient
+from safetensors.numpy import load_file
+from safetensors.torch import load_file as load_tensors
+
+from models.inference import InferenceEncoder
+from service.app import create_app
+from service.embedded_redis import find_redis_server
+from service.settings import Settings
+from training.config import DataConfig, RunConfig, TrainConfig
+from training.data import RecData
+from training.export import export_artifacts
+from training.synthetic import SyntheticConfig, generate_synthetic
+from training.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key"
+AUTH = {"X-API-Key": KEY}
+SYNTHETIC = SyntheticConfig(n_users=300, n_items=200, seed=11)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Artifact:
+    path: Path
+    data: RecData
+    user_ids: list[str]
+    item_ids: list[str]
+    modalities: dict[str, int]
+    user_emb: np.ndarray
+    item_emb: np.ndarray
+    item_states: np.ndarray  # (n_states, n_items, d)
+    popularity: np.ndarray
+    seen: dict[str, set[str]]  # training user id -> item ids of every known interaction
+    encoder: InferenceEncoder
+
+    def features(self, row: int, scale: float = 1.0) -> dict[str, list[float]]:
+        """Raw features of training item ``row`` (optionally scaled), as POST /items wants them."""
+        return {m: (self.data.features[m][row] * scale).astype(float).tolist() for m in self.modalities}
+
+    def expected_top(self, user_id: str, k: int) -> list[str]:
+        """Brute-force top-k of a training user over the training items, seen items excluded."""
+        scores = self.item_emb @ self.user_emb[self.user_ids.index(user_id)]
+        order = [r for r in np.argsort(-scores, kind="stable") if self.item_ids[r] not in self.seen[user_id]]
+        return [self.item_ids[r] for r in order[:k]]
+
+    def inductive_query(self, item_ids: list[str]) -> np.ndarray:
+        """Embedding of a user unseen in training who interacted with these training items."""
+        rows = [self.item_ids.index(i) for i in item_ids]
+        return self.encoder.encode_user(torch.from_numpy(self.item_states[:, rows])).numpy()
+
+
+@pytest.fixture(scope="session")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
+    """A MetaMMF_GCN trained for 3 epochs on 300 users x 200 items, exported as a serving artifact."""
+    data = generate_synthetic(SYNTHETIC)
+    run = RunConfig(data=DataConfig(synthetic=SYNTHETIC), train=TrainConfig(progress=False, epochs=3))
+    result = train(data, run.model, run.train)
+    path = export_artifacts(result, data, run, tmp_path_factory.mktemp("service") / "artifacts")
+    catalog = json.loads((path / "catalog.json").read_text())
+    emb = load_file(path / "embeddings.safetensors")
+    pairs = np.load(path / "interactions.npy")
+    config = RunConfig.model_validate_json((path / "config.json").read_text())
+    encoder = InferenceEncoder(config.model, sum(data.modality_dims.values()))
+    encoder.load_state_dict(load_tensors(path / "encoder.safetensors"))
+    seen: dict[str, set[str]] = {u: set() for u in catalog["users"]}
+    for u, i in pairs.tolist():
+        seen[catalog["users"][u]].add(catalog["items"][i])
+    return Artifact(
+        path=path,
+        data=data,
+        user_ids=catalog["users"],
+        item_ids=catalog["items"],
+        modalities={m["name"]: m["dim"] for m in catalog["modalities"]},
+        user_emb=emb["user_embeddings"],
+        item_emb=emb["item_embeddings"],
+        item_states=emb["item_states"],
+        popularity=emb["item_popularity"],
+        seen=seen,
+        encoder=encoder.eval(),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ping(url: str) -> bool:
+    client = redis.from_url(url, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+@pytest.fixture(autouse=True)
+def no_mmf_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings also read MMF_* variables: keep the caller's environment out of these tests."""
+    for name in [n for n in os.environ if n.startswith("MMF_")]:
+        monkeypatch.delenv(name)
+
+
+@contextlib.contextmanager
+def redis_server(data_dir: Path, port: int, fsync: str = "always") -> Iterator[subprocess.Popen]:
+    """A private redis-server with AOF on ``port``, data in ``data_dir``; killed on exit."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    args = [
+        find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+        "--appendonly", "yes", "--appendfsync", fsync, "--save", "", "--daemonize", "no",
+        "--logfile", str(data_dir / "redis.log"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not ping(f"redis://127.0.0.1:{port}/0"):
+            assert proc.poll() is None, f"redis-server exited: {(data_dir / 'redis.log').read_text()}"
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The shared Redis at 127.0.0.1:6379, or a private one when nothing answers there."""
+    url = "redis://127.0.0.1:6379/0"
+    if ping(url):
+        yield url
+        return
+    port = free_port()
+    with redis_server(tmp_path_factory.mktemp("redis"), port, fsync="no"):
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+def delete_namespace(url: str, namespace: str) -> None:
+    client = redis.from_url(url)
+    keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def ns(redis_url: str) -> Iterator[str]:
+    """A Redis key namespace of this test alone; its keys are deleted afterwards."""
+    namespace = f"t-{uuid.uuid4().hex[:16]}"
+    yield namespace
+    delete_namespace(redis_url, namespace)
+
+
+@pytest.fixture
+def make_client(artifact: Artifact, redis_url: str, ns: str) -> Callable[..., TestClient]:
+    """``with make_client(**settings) as c:`` an app on this test's namespace (lifespan runs in ``with``)."""
+
+    def make(**overrides: object) -> TestClient:
+        values = {"artifacts": artifact.path, "redis_url": redis_url, "api_key": KEY, "namespace": ns}
+        return TestClient(create_app(Settings(**{**values, **overrides})))
+
+    return make
+
+
+@pytest.fixture
+def client(make_client) -> Iterator[TestClient]:
+    with make_client() as c:
+        yield c
+
+
+@pytest.fixture
+def stored(redis_url: str, ns: str) -> Callable[[], dict]:
+    """Everything this test's namespace holds in Redis (to show that a failed request wrote nothing)."""
+
+    def read() -> dict:
+        r = redis.from_url(redis_url)
+        readers = {
+            "string": r.get,
+            "hash": r.hgetall,
+            "set": r.smembers,
+            "list": lambda k: r.lrange(k, 0, -1),
+            "stream": lambda k: r.xrange(k),
+        }
+        out = {key: readers[r.type(key).decode()](key) for key in r.scan_iter(match=f"{ns}:*")}
+        r.close()
+        return out
+
+    return read
+
+
+def n_index(client: TestClient) -> int:
+    """Items in the FAISS index, from /info and /metrics (which must agree)."""
+    n = client.get("/info").json()["n_items"]
+    metric = next(line for line in client.get("/metrics").text.splitlines() if line.startswith("mmf_index_items "))
+    assert float(metric.split()[1]) == n
+    return n
+
+
+def rec(client: TestClient, user_id: str, k: int = 20, **kw) -> dict:
+    r = client.get(f"/recommend/{user_id}", params={"k": k}, **kw)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def rec_ids(client: TestClient, user_id: str, k: int = 1000) -> list[str]:
+    return [i["item_id"] for i in rec(client, user_id, k)["items"]]
+
+
+def similar_ids(client: TestClient, item_id: str, k: int = 1000) -> list[str]:
+    r = client.get(f"/items/{item_id}/similar", params={"k": k})
+    assert r.status_code == 200, r.text
+    return [i["item_id"] for i in r.json()["items"]]
+
+
+def post_item(client: TestClient, item_id: str, features: dict, status: int = 201) -> dict:
+    r = client.post("/items", json={"item_id": item_id, "features": features}, headers=AUTH)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def interact(client: TestClient, user_id: str, item_id: str, status: int = 201) -> dict:
+    r = client.post("/interactions", json={"user_id": user_id, "item_id": item_id}, headers=AUTH)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def assert_error(r: httpx.Response, status: int, *needles: str) -> None:
+    """A 4xx answer with a JSON ``detail`` that mentions every one of ``needles``."""
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert detail, r.text
+    text = json.dumps(detail)
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in {text}"
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not replicated within the deadline"
+        time.sleep(0.01)
+
+
+def online_embedding(client: TestClient, item_id: str) -> np.ndarray:
+    engine = client.app.state.engine
+    return engine.item_embedding(engine.item_row(item_id))
+
+
+def assert_topk(items: list[dict], true_scores: dict[str, float], k: int, tol: float = 1e-4) -> None:
+    """``items`` is a correct top-k of ``true_scores`` (item id -> exact inner product), up to ties: every
+    returned score is the item's true score, and the returned scores are the k largest."""
+    ids = [i["item_id"] for i in items]
+    got = np.array([i["score"] for i in items])
+    assert len(ids) == min(k, len(true_scores)) and len(set(ids)) == len(ids)
+    assert set(ids) <= set(true_scores), set(ids) - set(true_scores)
+    np.testing.assert_allclose(got, [true_scores[i] for i in ids], rtol=tol, atol=tol)
+    best = np.sort(np.fromiter(true_scores.values(), dtype=np.float64))[::-1][: len(ids)]
+    np.testing.assert_allclose(got, best, rtol=tol, atol=tol)
+
+
+def user_scores(artifact: Artifact, user_id: str, extra: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """True scores of a training user for every item not seen in training (plus ``extra`` items)."""
+    user = artifact.user_emb[artifact.user_ids.index(user_id)]
+    scores = {i: float(e @ user) for i, e in zip(artifact.item_ids, artifact.item_emb, strict=True)}
+    scores.update({i: float(e @ user) for i, e in (extra or {}).items()})
+    return {i: s for i, s in scores.items() if i not in artifact.seen[user_id]}
+
+
+def assert_sorted_scores(items: list[dict]) -> None:
+    scores = [i["score"] for i in items]
+    assert scores == sorted(scores, reverse=True)
+    ids = [i["item_id"] for i in items]
+    assert len(ids) == len(set(ids)) and "-1" not in ids
+
+
+# ------------------------------------------------------------------------------------------------------
+# Recommendations
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_recommend_training_user(client: TestClient, artifact: Artifact) -> None:
+    for user in ("0", "17", "299"):
+        body = rec(client, user, 10)
+        assert body["strategy"] == "model" and body["user_id"] == user
+        assert body["artifact_id"] == client.get("/info").json()["artifact_id"]
+        items = body["items"]
+        assert len(items) == 10
+        assert_sorted_scores(items)
+        ids = [i["item_id"] for i in items]
+        assert not set(ids) & artifact.seen[user], "recommended an item the user already interacted with"
+        assert_topk(items, user_scores(artifact, user), 10)
+    assert len(rec(client, "5")["items"]) == 20  # default k
+
+
+def test_k_bounds(client: TestClient, artifact: Artifact) -> None:
+    for bad in ("0", "1001", "abc", "-3", "2.5"):
+        assert_error(client.get("/recommend/0", params={"k": bad}), 422, "k")
+        assert_error(client.get("/items/0/similar", params={"k": bad}), 422, "k")
+    # k above the catalogue: every unseen item once, no FAISS padding
+    for user in ("0", "42"):
+        items = rec(client, user, 1000)["items"]
+        assert_sorted_scores(items)
+        ids = [i["item_id"] for i in items]
+        assert set(ids) == set(artifact.item_ids) - artifact.seen[user]
+        assert len(ids) == len(artifact.item_ids) - len(artifact.seen[user])
+    ids = similar_ids(client, "3")
+    assert sorted(ids) == sorted(set(artifact.item_ids) - {"3"})
+    assert len(rec(client, "0", 1)["items"]) == 1
+
+
+def test_unknown_user_gets_popular_items(client: TestClient, artifact: Artifact) -> None:
+    body = rec(client, "never-seen-user", 15)
+    assert body["strategy"] == "popular"
+    order = sorted(range(len(artifact.item_ids)), key=lambda r: (-artifact.popularity[r], r))
+    assert [i["item_id"] for i in body["items"]] == [artifact.item_ids[r] for r in order[:15]]
+    assert [i["score"] for i in body["items"]] == [float(artifact.popularity[r]) for r in order[:15]]
+    assert len(rec(client, "never-seen-user", 1000)["items"]) == len(artifact.item_ids)
+
+
+def test_inductive_user(client: TestClient, artifact: Artifact) -> None:
+    user = "brand-new:user@1"
+    history = ["4", "8", "15"]
+    for item in history:
+        assert interact(client, user, item) == {"user_id": user, "item_id": item}
+    body = rec(client, user, 30)
+    assert body["strategy"] == "inductive"
+    assert len(body["items"]) == 30
+    assert_sorted_scores(body["items"])
+    assert not {i["item_id"] for i in body["items"]} & set(history)
+    # the user embedding is aggregated from the items' layer states through the trained graph layers
+    query = artifact.inductive_query(history)
+    true = {i: float(e @ query) for i, e in zip(artifact.item_ids, artifact.item_emb, strict=True)}
+    for item in history:
+        del true[item]
+    assert_topk(body["items"], true, 30)
+    ids = rec_ids(client, user)
+    assert set(ids) == set(artifact.item_ids) - set(history)
+    # another history gives another ranking
+    other = ["100", "120", "140"]
+    for item in other:
+        interact(client, "brand-new:user@2", item)
+    assert rec_ids(client, "brand-new:user@2", 30) != [i["item_id"] for i in body["items"]]
+    # popularity counts the online interactions: GET /items and the popular ranking
+    assert client.get("/items/4").json()["interactions"] == int(artifact.popularity[4]) + 1
+    counts = artifact.popularity.copy()
+    counts[[artifact.item_ids.index(i) for i in history + other]] += 1
+    order = sorted(range(len(counts)), key=lambda r: (-counts[r], r))
+    popular = rec(client, "no-history", 1000)
+    assert popular["strategy"] == "popular"
+    assert [i["item_id"] for i in popular["items"]] == [artifact.item_ids[r] for r in order]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Items: add, update, batch, similar, delete
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_add_item_is_served_and_recommended(client: TestClient, artifact: Artifact) -> None:
+    info = client.get("/info").json()
+    assert info["modalities"] == artifact.modalities
+    assert info["n_users"] == len(artifact.user_ids) and info["embedding_dim"] == artifact.item_emb.shape[1]
+    n_before = n_index(client)
+    user = "7"
+    source = artifact.item_ids.index(artifact.expected_top(user, 1)[0])
+    features = artifact.features(source)
+
+    assert post_item(client, "new-item", features) == {"item_id": "new-item", "created": True}
+    assert n_index(client) == n_before + 1
+    got = client.get("/items/new-item").json()
+    assert got["item_id"] == "new-item" and got["source"] == "online" and got["interactions"] == 0
+    for m, values in features.items():
+        np.testing.assert_allclose(got["features"][m], values, rtol=1e-6)
+    assert client.get("/items/3").json()["source"] == "training"
+    assert client.get("/items/3").json()["features"] is None
+
+    # its fused embedding is what the service scores with; check the ranking against brute force
+    emb = online_embedding(client, "new-item")
+    assert emb.shape == (artifact.item_emb.shape[1],) and np.isfinite(emb).all()
+    all_emb = np.vstack([artifact.item_emb, emb])
+    all_ids = [*artifact.item_ids, "new-item"]
+
+    # similar: itself excluded, everything else ranked by inner product
+    sims = client.get("/items/new-item/similar", params={"k": 1000}).json()["items"]
+    assert_sorted_scores(sims)
+    assert "new-item" not in [s["item_id"] for s in sims] and len(sims) == len(artifact.item_ids)
+    assert_topk(sims, dict(zip(artifact.item_ids, (artifact.item_emb @ emb).tolist(), strict=True)), 1000)
+    # ... and it shows up in the similar list of its closest training item, at its place
+    nearest = int(np.argmax(artifact.item_emb @ emb))
+    true = {i: float(s) for i, s in zip(all_ids, all_emb @ artifact.item_emb[nearest], strict=True)}
+    del true[artifact.item_ids[nearest]]
+    got = client.get(f"/items/{artifact.item_ids[nearest]}/similar", params={"k": 1000}).json()["items"]
+    assert "new-item" in [g["item_id"] for g in got]
+    assert_topk(got, true, 1000)
+    assert_topk(rec(client, user, 1000)["items"], user_scores(artifact, user, {"new-item": emb}), 1000)
+
+    # recommend: for every training user it is in the top 50 exactly when its score beats the 50th
+    appeared = 0
+    for u in artifact.user_ids:
+        items = rec(client, u, 50)["items"]
+        ids = [i["item_id"] for i in items]
+        score = float(artifact.user_emb[int(u)] @ emb)
+        if "new-item" in ids:
+            appeared += 1
+            assert items[ids.index("new-item")]["score"] == pytest.approx(score, rel=1e-4, abs=1e-4)
+        if score > items[-1]["score"] + 1e-4:
+            assert "new-item" in ids, f"user {u}: new item scores {score} > 50th {items[-1]['score']}"
+        elif score < items[-1]["score"] - 1e-4:
+            assert "new-item" not in ids
+    assert appeared >= 1
+
+
+def test_update_item_keeps_its_row(client: TestClient, artifact: Artifact) -> None:
+    n_before = n_index(client)
+    assert post_item(client, "upd", artifact.features(10))["created"] is True
+    first = online_embedding(client, "upd").copy()
+    assert post_item(client, "upd", artifact.features(20)) == {"item_id": "upd", "created": False}
+    assert n_index(client) == n_before + 1
+    assert not np.allclose(first, online_embedding(client, "upd"))
+    np.testing.assert_allclose(client.get("/items/upd").json()["features"]["visual"], artifact.features(20)["visual"])
+    assert rec_ids(client, "0").count("upd") == 1
+    # a training item can be replaced from new features too: same row, now served as online
+    assert post_item(client, "12", artifact.features(30)) == {"item_id": "12", "created": False}
+    assert n_index(client) == n_before + 1
+    assert client.get("/items/12").json()["source"] == "online"
+    assert similar_ids(client, "3").count("12") == 1
+
+
+def test_batch_items(client: TestClient, artifact: Artifact, stored) -> None:
+    n_before = n_index(client)
+    batch = {"items": [{"item_id": f"b{n}", "features": artifact.features(n, 1.5)} for n in range(3)]}
+    r = client.post("/items:batch", json=batch, headers=AUTH)
+    assert r.status_code == 201, r.text
+    assert r.json() == {"items": [{"item_id": f"b{n}", "created": True} for n in range(3)]}
+    assert n_index(client) == n_before + 3
+    ids = rec_ids(client, "0")
+    for n in range(3):
+        assert ids.count(f"b{n}") == 1
+        assert client.get(f"/items/b{n}").json()["source"] == "online"
+        assert f"b{n}" in similar_ids(client, "b0" if n else "b1")
+    # duplicate ids in one batch: nothing written
+    saved = stored()
+    dup = {"items": [{"item_id": "d1", "features": artifact.features(n)} for n in (5, 6)]}
+    assert_error(client.post("/items:batch", json=dup, headers=AUTH), 422, "duplicate")
+    assert_error(client.post("/items:batch", json={"items": []}, headers=AUTH), 422, "items")
+    # one bad item fails the whole batch
+    bad = {"items": [{"item_id": "ok1", "features": artifact.features(5)}, {"item_id": "bad", "features": {}}]}
+    assert_error(client.post("/items:batch", json=bad, headers=AUTH), 422, "item 1", "visual")
+    assert n_index(client) == n_before + 3 and stored() == saved
+    for item in ("d1", "ok1", "bad"):
+        assert client.get(f"/items/{item}").status_code == 404
+
+
+def test_batch_limit(make_client, artifact: Artifact, stored) -> None:
+    with make_client(max_batch=2) as c:
+        n, saved = n_index(c), stored()
+        batch = {"items": [{"item_id": f"x{i}", "features": artifact.features(i)} for i in range(3)]}
+        assert_error(c.post("/items:batch", json=batch, headers=AUTH), 422, "at most 2")
+        assert n_index(c) == n and stored() == saved
+
+
+def test_interactions_exclude_items(client: TestClient, artifact: Artifact) -> None:
+    user = "3"
+    top = rec_ids(client, user, 5)
+    before = client.get(f"/items/{top[0]}").json()["interactions"]
+    assert interact(client, user, top[0]) == {"user_id": user, "item_id": top[0]}
+    assert top[0] not in rec_ids(client, user, 1000)
+    assert rec_ids(client, user, 4) == top[1:]
+    assert client.get(f"/items/{top[0]}").json()["interactions"] == before + 1
+    interact(client, user, top[0])  # repeated: still excluded, counted once
+    assert client.get(f"/items/{top[0]}").json()["interactions"] == before + 1
+    # other users are unaffected
+    assert top[0] in rec_ids(client, "4") or top[0] in artifact.seen["4"]
+    # an online item too
+    post_item(client, "online-1", artifact.features(50))
+    assert "online-1" in rec_ids(client, user)
+    interact(client, user, "online-1")
+    assert "online-1" not in rec_ids(client, user)
+    assert_error(
+        client.post("/interactions", json={"user_id": user, "item_id": "no-such-item"}, headers=AUTH),
+        404,
+        "no-such-item",
+    )
+    assert len(rec_ids(client, user)) == len(artifact.item_ids) + 1 - len(artifact.seen[user]) - 2
+
+
+def test_delete_item(client: TestClient, artifact: Artifact) -> None:
+    n_before = n_index(client)
+    post_item(client, "gone", artifact.features(60))
+    assert n_index(client) == n_before + 1
+    for item in ("gone", "9"):
+        r = client.delete(f"/items/{item}", headers=AUTH)
+        assert r.status_code == 200 and r.json() == {"item_id": item, "deleted": True}
+    assert n_index(client) == n_before - 1
+    for item in ("gone", "9"):
+        assert_error(client.get(f"/items/{item}"), 404, item)
+        assert_error(client.get(f"/items/{item}/similar"), 404, item)
+        assert_error(client.delete(f"/items/{item}", headers=AUTH), 404, item)
+        assert_error(client.post("/interactions", json={"user_id": "0", "item_id": item}, headers=AUTH), 404, item)
+        for user in ("0", "1", "unknown-user"):
+            assert item not in rec_ids(client, user)
+        assert item not in similar_ids(client, "3")
+    assert n_index(client) == n_before - 1
+    # a deleted id can be added again, and keeps its interaction count
+    assert post_item(client, "9", artifact.features(9))["created"] is True
+    assert client.get("/items/9").json()["interactions"] == int(artifact.popularity[9])
+    assert "9" in similar_ids(client, "3")
+    assert n_index(client) == n_before
+
+
+# ------------------------------------------------------------------------------------------------------
+# Durability and replication
+# ------------------------------------------------------------------------------------------------------
+
+
+def write_scenario(c: TestClient, artifact: Artifact) -> None:
+    """Adds, updates, deletes, a re-add and interactions of a training user and of a new user."""
+    post_item(c, "keep-a", artifact.features(70))
+    r = c.post(
+        "/items:batch",
+        json={"items": [{"item_id": i, "features": artifact.features(n)} for n, i in ((71, "keep-b"), (72, "drop-c"))]},
+        headers=AUTH,
+    )
+    assert r.status_code == 201
+    post_item(c, "13", artifact.features(73))  # update a training item
+    assert c.delete("/items/drop-c", headers=AUTH).status_code == 200
+    assert c.delete("/items/21", headers=AUTH).status_code == 200
+    assert c.delete("/items/22", headers=AUTH).status_code == 200
+    assert post_item(c, "22", artifact.features(75))["created"] is True  # a deleted training item comes back
+    interact(c, "5", "keep-a")
+    interact(c, "5", "keep-b")
+    interact(c, "fresh-user", "keep-b")
+    interact(c, "fresh-user", "30")
+
+
+def snapshot(c: TestClient) -> dict:
+    return {
+        "n": n_index(c),
+        "rec5": rec(c, "5", 1000)["items"],
+        "fresh": rec(c, "fresh-user", 1000),
+        "popular": rec(c, "nobody", 50)["items"],
+        "similar": similar_ids(c, "keep-a"),
+        "items": {i: c.get(f"/items/{i}").json() for i in ("keep-a", "keep-b", "13", "22", "30")},
+        "gone": [c.get(f"/items/{i}").status_code for i in ("drop-c", "21")],
+    }
+
+
+def assert_same_state(after: object, before: object) -> None:
+    """Equal responses, scores up to float rounding (an inductive user's mean may sum in another order)."""
+
+    def split(value, approx: bool):
+        if isinstance(value, dict) and "score" in value:
+            return value["item_id"], pytest.approx(value["score"], rel=1e-5, abs=1e-6) if approx else value["score"]
+        if isinstance(value, dict):
+            return {k: split(v, approx) for k, v in value.items()}
+        if isinstance(value, list):
+            return [split(v, approx) for v in value]
+        return value
+
+    assert split(after, False) == split(before, True)
+
+
+def check_scenario(snap: dict, artifact: Artifact) -> None:
+    assert snap["n"] == len(artifact.item_ids) + 2 - 1
+    ids5 = [i["item_id"] for i in snap["rec5"]]
+    assert not {"keep-a", "keep-b", "drop-c", "21"} & set(ids5)
+    assert "13" in ids5 or "13" in artifact.seen["5"]
+    assert snap["fresh"]["strategy"] == "inductive"
+    assert not {"keep-b", "30", "drop-c", "21"} & {i["item_id"] for i in snap["fresh"]["items"]}
+    assert {snap["items"][i]["source"] for i in ("keep-a", "keep-b", "13", "22")} == {"online"}
+    assert snap["items"]["keep-b"]["interactions"] == 2
+    assert snap["gone"] == [404, 404]
+
+
+def test_restart_keeps_everything(make_client, artifact: Artifact) -> None:
+    with make_client() as c:
+        write_scenario(c, artifact)
+        before = snapshot(c)
+    check_scenario(before, artifact)
+    with make_client() as c:
+        after = snapshot(c)
+        post_item(c, "keep-c", artifact.features(74))  # row allocation continues after a restart
+        assert n_index(c) == before["n"] + 1
+        assert "keep-a" in similar_ids(c, "keep-c") and "keep-c" in rec_ids(c, "0")
+        assert c.get("/items/keep-c").json()["source"] == "online"
+    assert_same_state(after, before)
+
+
+def test_interactions_survive_delete_and_readd(make_client, artifact: Artifact) -> None:
+    """An interaction with an item that is deleted, and added again after a restart, still excludes it:
+    on a replica that ran throughout and on one started while the item was deleted."""
+    user = "6"
+    with make_client() as running:
+        post_item(running, "comeback", artifact.features(77))
+        training_item = next(i for i in rec_ids(running, user) if i in artifact.item_ids)
+        for item in ("comeback", training_item):
+            interact(running, user, item)
+            interact(running, "newcomer", item)
+        counts = {i: running.get(f"/items/{i}").json()["interactions"] for i in ("comeback", training_item)}
+        for item in ("comeback", training_item):
+            assert running.delete(f"/items/{item}", headers=AUTH).status_code == 200
+        with make_client() as restarted:  # loads the state while both items are deleted
+            post_item(restarted, "comeback", artifact.features(77))
+            post_item(restarted, training_item, artifact.features(78))
+            wait_until(lambda: running.get("/items/comeback").status_code == 200)
+            wait_until(lambda: running.get(f"/items/{training_item}").status_code == 200)
+            for c in (running, restarted):
+                assert not {"comeback", training_item} & set(rec_ids(c, user))
+                assert not {"comeback", training_item} & set(rec_ids(c, "newcomer"))
+                assert {i: c.get(f"/items/{i}").json()["interactions"] for i in counts} == counts
+    with make_client() as fresh:
+        assert not {"comeback", training_item} & set(rec_ids(fresh, user))
+        assert {i: fresh.get(f"/items/{i}").json()["interactions"] for i in counts} == counts
+
+
+def test_redis_crash_loses_no_acknowledged_write(artifact: Artifact, tmp_path: Path) -> None:
+    """kill -9 of a Redis with AOF (appendfsync always): writes fail with 503 while it is down, reads go on
+    from memory; after a restart of Redis every acknowledged write is there, for a new replica and for
+    the one that ran through the outage (which follows writes again)."""
+    port, data_dir = free_port(), tmp_path / "redis"
+    url = f"redis://127.0.0.1:{port}/0"
+    settings = Settings(artifacts=artifact.path, redis_url=url, api_key=KEY, namespace="crash")
+    with redis_server(data_dir, port) as server, TestClient(create_app(settings)) as c:
+        write_scenario(c, artifact)
+        before = snapshot(c)
+        check_scenario(before, artifact)
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        assert c.get("/readyz").json()["detail"] == "redis unreachable"
+        assert c.get("/readyz").status_code == 503
+        n = n_index(c)
+        r = c.post("/items", json={"item_id": "during-outage", "features": artifact.features(1)}, headers=AUTH)
+        assert_error(r, 503, "nothing was written")
+        assert r.headers["retry-after"] == "1"
+        assert_error(c.post("/interactions", json={"user_id": "5", "item_id": "30"}, headers=AUTH), 503)
+        assert_error(c.delete("/items/30", headers=AUTH), 503)
+        assert n_index(c) == n and "30" in rec_ids(c, "5")  # reads still served, nothing half-applied
+        with redis_server(data_dir, port):
+            wait_until(lambda: c.get("/readyz").status_code == 200, timeout=10)
+            with TestClient(create_app(settings)) as fresh:
+                assert_same_state(snapshot(fresh), before)
+                assert fresh.get("/items/during-outage").status_code == 404
+                post_item(fresh, "after-outage", artifact.features(2))
+                wait_until(lambda: c.get("/items/after-outage").status_code == 200, timeout=5)
+                post_item(c, "from-survivor", artifact.features(3))
+                wait_until(lambda: fresh.get("/items/from-survivor").status_code == 200)
+
+
+def test_two_replicas_stay_in_sync(make_client, artifact: Artifact) -> None:
+    with make_client() as a, make_client() as b:
+        post_item(a, "repl", artifact.features(80))
+        wait_until(lambda: b.get("/items/repl").status_code == 200)
+        assert "repl" in rec_ids(b, "0") and "repl" in similar_ids(b, "3")
+        np.testing.assert_allclose(online_embedding(b, "repl"), online_embedding(a, "repl"))
+        assert n_index(b) == n_index(a) == len(artifact.item_ids) + 1
+
+        post_item(a, "repl", artifact.features(81))  # update
+        wait_until(lambda: np.allclose(online_embedding(b, "repl"), online_embedding(a, "repl")))
+
+        assert b.delete("/items/repl", headers=AUTH).status_code == 200
+        assert b.delete("/items/0", headers=AUTH).status_code == 200
+        wait_until(lambda: a.get("/items/repl").status_code == 404 and a.get("/items/0").status_code == 404)
+        assert not {"repl", "0"} & set(rec_ids(a, "1")) and "repl" not in similar_ids(a, "3")
+        assert n_index(b) == n_index(a) == len(artifact.item_ids) - 1
+
+        target = rec_ids(b, "2", 1)[0]
+        interact(a, "2", target)
+        wait_until(lambda: target not in rec_ids(b, "2"))
+        interact(a, "newbie", target)
+        wait_until(lambda: rec(b, "newbie", 5)["strategy"] == "inductive")
+        assert target not in rec_ids(b, "newbie")
+        assert_same_state(rec(b, "newbie", 1000), rec(a, "newbie", 1000))
+
+
+def test_embedded_redis(artifact: Artifact, tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    settings = Settings(artifacts=artifact.path, redis_url=None, state_dir=state_dir, api_key=KEY, namespace="emb")
+    with TestClient(create_app(settings)) as c:
+        sock = state_dir / "redis.sock"
+        assert sock.exists()
+        with redis.Redis(unix_socket_path=str(sock)) as r:
+            pid = r.info("server")["process_id"]
+        post_item(c, "embedded-item", artifact.features(90))
+        interact(c, "0", "embedded-item")
+        interact(c, "0", "55")
+        assert list(state_dir.glob("appendonly*")), "no AOF file in the state dir"
+        assert c.get("/readyz").json() == {"status": "ready"}
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/items/embedded-item").json()["source"] == "online"
+        ids = rec_ids(c, "0")
+        assert "embedded-item" not in ids and "55" not in ids and len(ids) > 100
+        assert "embedded-item" in rec_ids(c, "1")
+    assert not ping(f"unix://{sock}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Errors: every one a 4xx with a JSON detail, and nothing written
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_feature_validation(client: TestClient, artifact: Artifact, stored) -> None:
+    n, saved = n_index(client), stored()
+    good = artifact.features(1)
+    dims = artifact.modalities
+    (m1, d1), (m2, _) = list(dims.items())
+    cases = {
+        "renamed": ({"image": good[m1], m2: good[m2]}, ["image", m1]),
+        "missing": ({m1: good[m1]}, ["missing", m2]),
+        "extra": ({**good, "text": [1.0]}, ["unknown", "text"]),
+        "short": ({**good, m1: good[m1][:-1]}, [m1, str(d1)]),
+        "long": ({**good, m1: [*good[m1], 0.5]}, [m1, str(d1)]),
+        "empty": ({**good, m1: []}, [m1]),
+        "string": ({**good, m1: ["abc"] * d1}, [m1]),
+        "null": ({**good, m1: [None] * d1}, [m1]),
+        "nested": ({**good, m1: [[1.0]] * d1}, [m1]),
+        "not-a-list": ({**good, m1: 1.0}, [m1]),
+        "float32 overflow": ({**good, m1: [1e39] * d1}, ["finite"]),
+        "no modalities": ({}, ["missing"]),
+    }
+    for name, (features, needles) in cases.items():
+        r = client.post("/items", json={"item_id": "v", "features": features}, headers=AUTH)
+        assert r.status_code == 422, name
+        assert_error(r, 422, *needles)
+    for token in ("NaN", "Infinity", "-Infinity"):
+        vec = ", ".join([token] + ["0.5"] * (d1 - 1))
+        other = json.dumps(good[m2])
+        raw = f'{{"item_id": "v", "features": {{"{m1}": [{vec}], "{m2}": {other}}}}}'
+        r = client.post("/items", content=raw, headers={**AUTH, "Content-Type": "application/json"})
+        assert_error(r, 422, m1)
+    for body in ('{"item_id": "v"}', '{"features": {}}', "not json", "[]", ""):
+        r = client.post("/items", content=body, headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["detail"], body
+    r = client.post("/items", json={"item_id": "v", "features": good, "extra": 1}, headers=AUTH)
+    assert_error(r, 422, "extra")
+    assert n_index(client) == n and stored() == saved
+    assert client.get("/items/v").status_code == 404
+
+
+def test_id_validation(client: TestClient, artifact: Artifact, stored) -> None:
+    n, saved = n_index(client), stored()
+    features = artifact.features(2)
+    for bad in ("x" * 129, "a b", "caf\u00e9", "a/b", "", "tab\t", "line\n", "\u4e2d"):
+        assert_error(client.post("/items", json={"item_id": bad, "features": features}, headers=AUTH), 422, "item_id")
+        r = client.post("/interactions", json={"user_id": bad, "item_id": "3"}, headers=AUTH)
+        assert_error(r, 422, "user_id")
+        r = client.post("/interactions", json={"user_id": "3", "item_id": bad}, headers=AUTH)
+        assert_error(r, 422, "item_id")
+    assert_error(client.post("/interactions", json={"user_id": "3"}, headers=AUTH), 422, "item_id")
+    assert n_index(client) == n and stored() == saved
+    assert post_item(client, "x" * 128, features)["created"] is True  # the longest allowed id
+    assert post_item(client, "A-z_0.9:@", features)["created"] is True
+    n, saved = n_index(client), stored()
+    for bad in ("x" * 129, "a%20b", "caf%C3%A9", "line%0A"):
+        for path in (f"/items/{bad}", f"/items/{bad}/similar", f"/recommend/{bad}"):
+            assert_error(client.get(path), 422, "pattern" if len(bad) < 129 else "128")
+        assert_error(client.delete(f"/items/{bad}", headers=AUTH), 422)
+    for path in ("/items/a/b", "/items/a%2Fb", "/recommend/a/b"):
+        r = client.get(path)
+        assert 400 <= r.status_code < 500 and r.json()["detail"], path
+        assert 400 <= client.delete(path, headers=AUTH).status_code < 500
+    assert n_index(client) == n and stored() == saved
+
+
+def test_unknown_items_are_404(client: TestClient, stored) -> None:
+    saved = stored()
+    assert_error(client.get("/items/nope"), 404, "nope")
+    assert_error(client.get("/items/nope/similar"), 404, "nope")
+    assert_error(client.delete("/items/nope", headers=AUTH), 404, "nope")
+    assert_error(client.post("/interactions", json={"user_id": "0", "item_id": "nope"}, headers=AUTH), 404, "nope")
+    assert client.get("/recommend/nope").json()["strategy"] == "popular"  # an unknown user is not an error
+    assert stored() == saved
+
+
+def test_auth(make_client, artifact: Artifact, stored) -> None:
+    item = {"item_id": "secret", "features": artifact.features(3)}
+    writes = [
+        ("post", "/items", item),
+        ("post", "/items:batch", {"items": [item]}),
+        ("post", "/interactions", {"user_id": "0", "item_id": "3"}),
+        ("delete", "/items/3", None),
+    ]
+
+    def call(c: TestClient, method: str, path: str, body, headers=None) -> httpx.Response:
+        return c.request(method, path, json=body, headers=headers or {})
+
+    with make_client() as c:
+        n, saved = n_index(c), stored()
+        for method, path, body in writes:
+            assert_error(call(c, method, path, body), 401, "missing")
+            assert_error(call(c, method, path, body, {"X-API-Key": "wrong"}), 401, "invalid")
+            assert_error(call(c, method, path, body, {"X-API-Key": ""}), 401)
+        assert n_index(c) == n and stored() == saved
+        assert c.get("/items/secret").status_code == 404 and c.get("/items/3").status_code == 200
+        assert "3" in rec_ids(c, "nobody")
+        assert c.get("/recommend/0").status_code == 200  # reads are open by default
+    with make_client(api_key=None) as c:
+        for method, path, body in writes:
+            assert_error(call(c, method, path, body, AUTH), 403, "MMF_API_KEY")
+            assert_error(call(c, method, path, body), 403)
+        assert n_index(c) == n and stored() == saved and c.get("/items/3").status_code == 200
+    with make_client(require_key_for_reads=True) as c:
+        for path in ("/recommend/0", "/items/3", "/items/3/similar", "/info"):
+            assert_error(c.get(path), 401, "missing")
+            assert_error(c.get(path, headers={"X-API-Key": "wrong"}), 401, "invalid")
+            assert c.get(path, headers=AUTH).status_code == 200
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert c.get(path).status_code == 200
+
+
+def test_body_size_limit(make_client, artifact: Artifact, stored) -> None:
+    with make_client(max_body_bytes=2048) as c:
+        n, saved = n_index(c), stored()
+        body = json.dumps({"item_id": "big", "features": artifact.features(4)}).encode()
+        assert len(body) > 2048
+        headers = {**AUTH, "Content-Type": "application/json"}
+        assert_error(c.post("/items", content=body, headers=headers), 413, "2048")
+
+        def chunks():  # no Content-Length: the limit must hold for a streamed body too
+            for start in range(0, len(body), 512):
+                yield body[start : start + 512]
+
+        assert_error(c.post("/items", content=chunks(), headers=headers), 413, "2048")
+        batch = json.dumps({"items": [{"item_id": "big", "features": artifact.features(4)}]}).encode()
+        assert_error(c.post("/items:batch", content=batch, headers=headers), 413)
+        assert n_index(c) == n and stored() == saved and c.get("/items/big").status_code == 404
+        # small bodies, streamed or not, still work
+        small = json.dumps({"user_id": "0", "item_id": "3"}).encode()
+        assert c.post("/interactions", content=small, headers=headers).status_code == 201
+        assert c.post("/interactions", content=iter([small[:5], small[5:]]), headers=headers).status_code == 201
+
+
+# ------------------------------------------------------------------------------------------------------
+# Operations: health, metrics, OpenAPI, CLI, a real HTTP server
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_health_metrics_openapi(client: TestClient, artifact: Artifact) -> None:
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.get("/readyz").status_code == 200 and client.get("/readyz").json()["status"] == "ready"
+    rec(client, "0", 5)
+    client.get("/recommend/0", params={"k": 0})
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert 'mmf_request_seconds_count{method="GET",route="/recommend/{user_id}",status="200"}' in text
+    assert 'route="/recommend/{user_id}",status="422"' in text
+    assert f"mmf_index_items {float(len(artifact.item_ids))}" in text
+    artifact_id = client.get("/info").json()["artifact_id"]
+    assert f'mmf_model_info{{artifact_id="{artifact_id}",model="metammf_gcn"}} 1.0' in text
+    spec = client.get("/openapi.json").json()
+    for path in (
+        "/recommend/{user_id}", "/items", "/items:batch", "/items/{item_id}", "/items/{item_id}/similar",
+        "/interactions", "/healthz", "/readyz", "/metrics", "/info",
+    ):  # fmt: skip
+        assert path in spec["paths"], path
+    assert set(spec["paths"]["/items/{item_id}"]) == {"get", "delete"}
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_help() -> None:
+    for args in ((), ("run",), ("export-interactions",)):
+        done = run_cli(*args, "--help")
+        assert done.returncode == 0, done.stderr
+        assert "usage: python -m service" in done.stdout
+    assert "--artifacts" in run_cli("run", "--help").stdout
+    assert run_cli().returncode != 0  # a command is required
+
+
+def test_cli_export_interactions(client: TestClient, redis_url: str, ns: str, tmp_path: Path) -> None:
+    pairs = [("0", "3"), ("u-new", "4"), ("0", "5")]
+    for user, item in pairs:
+        interact(client, user, item)
+    out = tmp_path / "online.tsv"
+    done = run_cli("export-interactions", "--out", str(out), env={"MMF_REDIS_URL": redis_url, "MMF_NAMESPACE": ns})
+    assert done.returncode == 0, done.stderr
+    assert "wrote 3 online interactions" in done.stdout
+    lines = out.read_text().splitlines()
+    assert lines[0] == "userID\titemID\ttimestamp"
+    assert [tuple(line.split("\t")[:2]) for line in lines[1:]] == pairs
+    stamps = [float(line.split("\t")[2]) for line in lines[1:]]
+    assert all(math.isfinite(s) and abs(s - time.time()) < 600 for s in stamps)
+
+
+@pytest.mark.parametrize("redis_mode", ["shared", "embedded"])
+def test_real_http_server(artifact: Artifact, redis_url: str, ns: str, tmp_path: Path, redis_mode: str) -> None:
+    """``python -m service run`` as a real process; SIGTERM stops it, and its embedded Redis with it."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMF_")}
+    env.update(MMF_NAMESPACE=ns, MMF_API_KEY=KEY, MMF_MAX_BODY_BYTES="65536")
+    if redis_mode == "shared":
+        env["MMF_REDIS_URL"] = redis_url
+    else:
+        env["MMF_STATE_DIR"] = str(tmp_path / "state")
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service", "run", "--artifacts", str(artifact.path), "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    redis_pid = None
+    try:
+        deadline = time.monotonic() + 45
+        while True:
+            assert server.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "server not ready in time"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        if redis_mode == "embedded":
+            redis_pid = redis.Redis(unix_socket_path=str(tmp_path / "state" / "redis.sock")).info()["process_id"]
+        with httpx.Client(base_url=base, timeout=10) as http:
+            r = http.post("/items", json={"item_id": "over-http", "features": artifact.features(99)}, headers=AUTH)
+            assert r.status_code == 201 and r.json() == {"item_id": "over-http", "created": True}
+            assert_error(http.post("/items", json={"item_id": "x", "features": {}}), 401, "missing")
+            body = http.get("/recommend/0", params={"k": 1000}).json()
+            assert body["strategy"] == "model"
+            assert "over-http" in [i["item_id"] for i in body["items"]]
+            assert http.get("/items/over-http").json()["source"] == "online"
+            big = json.dumps({"items": [{"item_id": f"c{n}", "features": artifact.features(n)} for n in range(15)]})
+            chunks = (big[i : i + 4096].encode() for i in range(0, len(big), 4096))
+            headers = {**AUTH, "Content-Type": "application/json"}
+            assert_error(http.post("/items:batch", content=chunks, headers=headers), 413, "65536")
+            raw = '{"item_id": "nan", "features": {"acoustic": [NaN], "visual": [1]}}'
+            assert_error(http.post("/items", content=raw, headers=headers), 422, "acoustic")
+            assert http.get("/info").json()["n_items"] == len(artifact.item_ids) + 1
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        if redis_pid is not None:
+            try:
+                os.kill(redis_pid, 0)
+                leaked = True
+                os.kill(redis_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                leaked = False
+    out = log_path.read_text()
+    assert server.returncode == 128 + signal.SIGTERM, out
+    assert "Application shutdown complete" in out
+    if redis_mode == "embedded":
+        assert not leaked, "the embedded redis-server outlived the service"
