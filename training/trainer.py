@@ -70,6 +70,7 @@ def evaluate_split(model: RecModel, data: RecData, split: str, cfg: TrainConfig)
             ks=cfg.ks,
             batch_size=cfg.eval_batch_size,
             device=cfg.device,
+            show_progress=cfg.progress,
         )
     finally:
         model.clear_inference_cache()
