@@ -1,10 +1,14 @@
 """The FastAPI application: ``create_app(settings)``; run it with ``python -m service run``."""
 
+import asyncio
+import contextlib
 import hmac
+import json
 import logging
 import math
+import re
+import signal
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -17,16 +21,21 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, Info, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.artifacts import Bundle
 from service import schemas
-from service.embedded_redis import EmbeddedRedis
+from service.check import check_consistency
 from service.engine import Engine, InputError, NotFound
+from service.runtime import ReloadBusy, ReloadRefused, Runtime
 from service.settings import Settings
 from service.state import RedisState, StoredItem
-from service.sync import Follower, load_state
+from service.sync import sync_item
 
 log = logging.getLogger("service")
+_E = {"model": schemas.Error}
+AUTH_ERRORS = {401: _E, 403: _E}
+READ_ERRORS = {401: _E, 404: _E, 422: _E}
+WRITE_ERRORS = {**AUTH_ERRORS, 400: _E, 404: _E, 413: _E, 422: _E, 503: _E}
 API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (MMF_API_KEY)")
 ItemId = Annotated[str, Path(min_length=1, max_length=128, pattern=schemas.ID_PATTERN)]
 UserId = Annotated[str, Path(min_length=1, max_length=128, pattern=schemas.ID_PATTERN)]
@@ -82,6 +91,59 @@ def _json_safe(value):
     return value
 
 
+MAX_ECHO = 200
+
+
+def _short_input(error: dict) -> dict:
+    """A validation error whose echoed ``input`` is at most MAX_ECHO characters of JSON (an 8 MB body is
+    not sent back)."""
+    if "input" in error:
+        text = json.dumps(_json_safe(error["input"]), ensure_ascii=True, default=str)
+        if len(text) > MAX_ECHO:
+            error = {**error, "input": text[:MAX_ECHO] + "..."}
+    return error
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a lone surrogate from a request ("\\ud800" is valid JSON input) echoed in
+    an error cannot make rendering fail with a 500."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+class RedactSecrets(logging.Filter):
+    """Keeps API keys out of log lines: the configured keys wherever they appear (a client may send one as
+    an id or in a URL), and the value of any key/token/secret/password query parameter (uvicorn's access
+    log prints the query string). Also escapes CR/LF in access-log lines. Installed on the loggers of
+    uvicorn and of this service."""
+
+    SENSITIVE_QUERY = re.compile(r"((?:api[_-]?key|key|token|secret|password)=)[^&\s\"]*", re.IGNORECASE)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True
+        redacted = self.SENSITIVE_QUERY.sub(r"\1***", message)
+        for secret in self.secrets:
+            redacted = redacted.replace(secret, "***")
+        if record.name == "uvicorn.access":  # a decoded path may hold CR/LF: no forged log lines
+            redacted = redacted.replace("\r", "\\r").replace("\n", "\\n")
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+REDACT = RedactSecrets()
+for _name in ("uvicorn", "uvicorn.access", "uvicorn.error", "service", "service.sync", "fastapi"):
+    logging.getLogger(_name).addFilter(REDACT)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -97,38 +159,33 @@ class Metrics:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
+    if settings.api_key is not None and len(settings.api_key.get_secret_value()) >= 4:
+        REDACT.secrets.add(settings.api_key.get_secret_value())
+
+    def on_swap(engine: Engine) -> None:
+        app.state.engine = engine
+        metrics.model.info({"artifact_id": engine.artifact_id, "model": engine.bundle.model_config.name})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        embedded = None
-        redis_url = settings.redis_url
-        if redis_url is None:
-            embedded = EmbeddedRedis(settings.state_dir).start()
-            redis_url = embedded.url
-        bundle = Bundle(settings.artifacts)
-        engine = Engine(bundle)
-        client = redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
-        state = RedisState(client, settings.namespace, uuid.uuid4().hex, settings.stream_max_len)
-        state.init(len(bundle.item_ids), bundle.artifact_id)
-        position = load_state(engine, state)
-        follower = Follower(engine, state, position, settings.follow_block_ms)
-        follower.start()
-        app.state.engine, app.state.state, app.state.follower = engine, state, follower
-        metrics.model.info({"artifact_id": bundle.artifact_id, "model": bundle.model_config.name})
-        log.info(
-            "serving artifact %s: %d users, %d items",
-            bundle.artifact_id,
-            len(bundle.user_ids),
-            engine.n_items,
-        )
+        runtime = await asyncio.to_thread(Runtime(settings, on_swap).start)
+        app.state.runtime, app.state.state = runtime, runtime.state
+        engine = runtime.engine
+        log.info("serving artifact %s: %d users, %d items", engine.artifact_id, len(engine.user_rows), engine.n_items)
+        # SIGHUP reloads the artifact (the served directory, re-read: point a symlink at the new version).
+        # Only possible in the main thread (python -m service run); uvicorn's multi-worker supervisor
+        # restarts its workers on SIGHUP, which reloads them too.
+        loop = asyncio.get_running_loop()
+        hup = False
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, runtime.reload_in_background)
+            hup = True
         try:
             yield
         finally:
-            follower.stop()
-            follower.join(timeout=5)
-            client.close()
-            if embedded is not None:
-                embedded.stop()
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await asyncio.to_thread(runtime.stop)
 
     app = FastAPI(
         title="MetaMMF recommendation service",
@@ -138,11 +195,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "X-API-Key header.",
         lifespan=lifespan,
     )
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
-        )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:  # outermost, so that error answers (413 too) carry the CORS headers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["X-API-Key", "Content-Type"],
+            max_age=600,
+        )
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
@@ -156,20 +217,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's default handler echoes the offending input, and a NaN/Infinity in it (which the JSON
-        # parser accepts) made rendering the 422 fail with a 500: non-finite numbers are echoed as strings.
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+        # parser accepts) made rendering the 422 fail with a 500: non-finite numbers are echoed as strings,
+        # long inputs are cut short.
+        errors = [_short_input(e) for e in _json_safe(jsonable_encoder(exc.errors()))]
+        return SafeJSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return SafeJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(InputError)
     async def input_error(_: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return SafeJSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(NotFound)
     async def not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
+        return SafeJSONResponse({"detail": str(exc)}, status_code=404)
 
     @app.exception_handler(redis.RedisError)
-    async def redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
-        log.warning("redis error on write: %s", type(exc).__name__)
+    async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("redis error on %s %r: %s", request.method, request.url.path, type(exc).__name__)
         return JSONResponse(
             {"detail": "state store unavailable, nothing was written; retry later"},
             status_code=503,
@@ -192,13 +261,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             check_key(key)
 
     def engine_of(request: Request) -> Engine:
-        return request.app.state.engine
+        return request.app.state.runtime.engine  # the engine a request starts with serves all of it
 
     def state_of(request: Request) -> RedisState:
         return request.app.state.state
 
+    def runtime_of(request: Request) -> Runtime:
+        return request.app.state.runtime
+
     EngineDep = Annotated[Engine, Depends(engine_of)]
     StateDep = Annotated[RedisState, Depends(state_of)]
+    RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
     K = Annotated[int, Query(ge=1, le=settings.max_k, description=f"number of items, 1..{settings.max_k}")]
     reads = [Depends(read_access)]
     writes = [Depends(write_access)]
@@ -222,11 +295,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.index_size.set(engine.n_items)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/info", response_model=schemas.Info, tags=["items"], dependencies=reads,
+    @app.get("/info", response_model=schemas.Info, tags=["items"], dependencies=reads, responses=READ_ERRORS,
              summary="Served model: artifact id, modalities and dimensions")  # fmt: skip
-    def info(engine: EngineDep) -> schemas.Info:
+    def info(engine: EngineDep, state: StateDep) -> schemas.Info:
+        try:
+            stored = state.stored_artifact()
+        except redis.RedisError:
+            stored = None
         return schemas.Info(
             artifact_id=engine.artifact_id,
+            stored_artifact_id=stored,
+            artifacts=str(engine.bundle.path),
+            loaded_at=engine.loaded_at,
             model=engine.bundle.model_config.name,
             modalities=engine.modalities,
             n_users=len(engine.user_rows),
@@ -235,7 +315,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     @app.get("/recommend/{user_id}", response_model=schemas.RecommendationOut, tags=["recommend"],
-             dependencies=reads, summary="Top-k items for a user, already-seen items excluded")  # fmt: skip
+             dependencies=reads, responses=READ_ERRORS,
+             summary="Top-k items for a user, already-seen items excluded")  # fmt: skip
     def recommend(user_id: UserId, engine: EngineDep, k: K = 20) -> schemas.RecommendationOut:
         rec = engine.recommend(user_id, k)
         return schemas.RecommendationOut(
@@ -245,46 +326,75 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             items=[schemas.ScoredItem(item_id=i, score=s) for i, s in zip(rec.item_ids, rec.scores, strict=True)],
         )
 
-    def write_items(items: list[schemas.ItemIn], engine: Engine, state: RedisState) -> list[schemas.ItemWritten]:
+    def item_row(runtime: Runtime, engine: Engine, item_id: str) -> int:
+        """The item's row; an item this replica has not seen yet but Redis holds (written through another
+        replica a moment ago, its event not applied yet) is applied now, so that a client can use an item
+        right after creating it, whichever replica it reaches. NotFound otherwise."""
+        try:
+            return engine.item_row(item_id)
+        except NotFound:
+            try:
+                exists = runtime.state.r.exists(runtime.state.key("item", item_id))
+            except redis.RedisError:
+                exists = False
+            if not exists:
+                raise
+            with runtime.write_lock:
+                sync_item(engine, runtime.state, item_id)
+            return engine.item_row(item_id)
+
+    def write_items(items: list[schemas.ItemIn], runtime: Runtime) -> list[schemas.ItemWritten]:
         ids = [item.item_id for item in items]
         if len(set(ids)) != len(ids):
             raise InputError("duplicate item_id in one batch")
-        matrix = engine.feature_matrix([item.features for item in items])
-        embeddings, states = engine.fuse(matrix)
-        new_ids = [i for i in ids if engine.training_row(i) is None]
-        allocated = dict(zip(new_ids, state.allocate_rows(new_ids), strict=True)) if new_ids else {}
-        rows = [engine.training_row(i) if i not in allocated else allocated[i] for i in ids]
-        stored = [
-            StoredItem(item.item_id, row, item.features, emb, st)
-            for item, row, emb, st in zip(items, rows, embeddings, states, strict=True)
-        ]
-        created = [not engine.has_item(i) for i in ids]
-        state.put_items(stored)  # acknowledged once this transaction commits
-        for s in stored:
-            engine.upsert(s.item_id, s.row, s.embedding, s.states)
-        return [schemas.ItemWritten(item_id=i, created=c) for i, c in zip(ids, created, strict=True)]
+        state = runtime.state
+        while True:
+            engine = runtime.engine
+            matrix = engine.feature_matrix([item.features for item in items])
+            embeddings, states = engine.fuse(matrix)
+            with runtime.write_lock:
+                if runtime.engine is not engine:
+                    continue  # swapped by a reload meanwhile: validate and fuse with the new model
+                new_ids = [i for i in ids if engine.training_row(i) is None]
+                allocated = dict(zip(new_ids, state.allocate_rows(new_ids), strict=True)) if new_ids else {}
+                rows = [engine.training_row(i) if i not in allocated else allocated[i] for i in ids]
+                stored = [
+                    StoredItem(item.item_id, row, item.features, emb, st, engine.artifact_id)
+                    for item, row, emb, st in zip(items, rows, embeddings, states, strict=True)
+                ]
+                created = [not engine.has_item(i) for i in ids]
+                state.put_items(stored, origin=engine.origin)  # acknowledged once this transaction commits
+                for s in stored:
+                    engine.upsert(s.item_id, s.row, s.embedding, s.states)
+            return [schemas.ItemWritten(item_id=i, created=c) for i, c in zip(ids, created, strict=True)]
 
     @app.post("/items", response_model=schemas.ItemWritten, status_code=201, tags=["items"],
-              dependencies=writes, summary="Add (or update) an item from its raw multimodal features")  # fmt: skip
-    def add_item(item: schemas.ItemIn, engine: EngineDep, state: StateDep) -> schemas.ItemWritten:
-        return write_items([item], engine, state)[0]
+              dependencies=writes, responses=WRITE_ERRORS,
+              summary="Add (or update) an item from its raw multimodal features")  # fmt: skip
+    def add_item(item: schemas.ItemIn, runtime: RuntimeDep) -> schemas.ItemWritten:
+        return write_items([item], runtime)[0]
 
     @app.post("/items:batch", response_model=schemas.ItemBatchWritten, status_code=201, tags=["items"],
-              dependencies=writes, summary="Add or update many items in one transaction")  # fmt: skip
-    def add_items(batch: schemas.ItemBatchIn, engine: EngineDep, state: StateDep) -> schemas.ItemBatchWritten:
+              dependencies=writes, responses=WRITE_ERRORS,
+              summary="Add or update many items in one transaction")  # fmt: skip
+    def add_items(batch: schemas.ItemBatchIn, runtime: RuntimeDep) -> schemas.ItemBatchWritten:
         if len(batch.items) > settings.max_batch:
             raise InputError(f"at most {settings.max_batch} items per batch (MMF_MAX_BATCH), got {len(batch.items)}")
-        return schemas.ItemBatchWritten(items=write_items(batch.items, engine, state))
+        return schemas.ItemBatchWritten(items=write_items(batch.items, runtime))
 
     @app.get("/items/{item_id}", response_model=schemas.ItemOut, tags=["items"], dependencies=reads,
-             summary="One item")  # fmt: skip
-    def get_item(item_id: ItemId, engine: EngineDep, state: StateDep) -> schemas.ItemOut:
-        row = engine.item_row(item_id)
+             responses=READ_ERRORS, summary="One item")  # fmt: skip
+    def get_item(item_id: ItemId, runtime: RuntimeDep, response: Response) -> schemas.ItemOut:
+        engine, state = runtime.engine, runtime.state
+        row = item_row(runtime, engine, item_id)
         online = item_id in engine.online_items
         features = None
         if online:
-            stored = state.get_item(item_id, engine.dim)
-            features = stored.features if stored is not None else None
+            try:
+                stored = state.get_item(item_id, engine.dim)
+                features = stored.features if stored is not None else None
+            except redis.RedisError:  # served from memory; only the raw features live in Redis alone
+                response.headers["Warning"] = '199 - "state store unavailable: features omitted"'
         return schemas.ItemOut(
             item_id=item_id,
             source="online" if online else "training",
@@ -293,16 +403,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     @app.delete("/items/{item_id}", response_model=schemas.Deleted, tags=["items"], dependencies=writes,
-                summary="Remove an item from recommendations")  # fmt: skip
-    def delete_item(item_id: ItemId, engine: EngineDep, state: StateDep) -> schemas.Deleted:
-        engine.item_row(item_id)  # 404 if unknown
-        state.delete_item(item_id)
-        engine.delete(item_id)
+                responses=WRITE_ERRORS, summary="Remove an item from recommendations")  # fmt: skip
+    def delete_item(item_id: ItemId, runtime: RuntimeDep) -> schemas.Deleted:
+        with runtime.write_lock:
+            engine = runtime.engine
+            item_row(runtime, engine, item_id)  # 404 if unknown
+            runtime.state.delete_item(item_id, origin=engine.origin)
+            engine.delete(item_id)
         return schemas.Deleted(item_id=item_id, deleted=True)
 
     @app.get("/items/{item_id}/similar", response_model=schemas.SimilarOut, tags=["items"], dependencies=reads,
-             summary="Items closest to an item by embedding inner product")  # fmt: skip
-    def similar(item_id: ItemId, engine: EngineDep, k: K = 20) -> schemas.SimilarOut:
+             responses=READ_ERRORS, summary="Items closest to an item by embedding inner product")  # fmt: skip
+    def similar(item_id: ItemId, runtime: RuntimeDep, k: K = 20) -> schemas.SimilarOut:
+        engine = runtime.engine
+        item_row(runtime, engine, item_id)  # 404 if unknown
         items, scores = engine.similar(item_id, k)
         return schemas.SimilarOut(
             item_id=item_id,
@@ -310,11 +424,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     @app.post("/interactions", response_model=schemas.InteractionOut, status_code=201, tags=["recommend"],
-              dependencies=writes, summary="Record that a user interacted with an item")  # fmt: skip
-    def add_interaction(body: schemas.InteractionIn, engine: EngineDep, state: StateDep) -> schemas.InteractionOut:
-        engine.item_row(body.item_id)  # 404 if unknown
-        state.add_interaction(body.user_id, body.item_id)
-        engine.record_interaction(body.user_id, body.item_id)
+              dependencies=writes, responses=WRITE_ERRORS,
+              summary="Record that a user interacted with an item")  # fmt: skip
+    def add_interaction(body: schemas.InteractionIn, runtime: RuntimeDep) -> schemas.InteractionOut:
+        with runtime.write_lock:
+            engine = runtime.engine
+            item_row(runtime, engine, body.item_id)  # 404 if unknown
+            runtime.state.add_interaction(body.user_id, body.item_id, origin=engine.origin)
+            engine.record_interaction(body.user_id, body.item_id)
         return schemas.InteractionOut(user_id=body.user_id, item_id=body.item_id)
+
+    # -- administration ---------------------------------------------------------------------------------
+    @app.post("/admin/reload", response_model=schemas.ReloadOut, tags=["ops"], dependencies=writes,
+              responses={202: {"model": schemas.ReloadOut}, 409: {"model": schemas.Error}, **WRITE_ERRORS},
+              summary="Load a new artifact version and swap it in without downtime")  # fmt: skip
+    def reload(runtime: RuntimeDep, body: schemas.ReloadIn | None = None) -> JSONResponse:
+        body = body or schemas.ReloadIn()
+        if not body.wait:
+            if runtime.status.state == "loading":
+                raise HTTPException(409, "a reload is already running")
+            runtime.reload_in_background(body.artifacts)
+            return JSONResponse({**runtime.status.as_dict(), "state": "loading"}, status_code=202)
+        try:
+            status = runtime.reload(body.artifacts)
+        except ReloadBusy as exc:
+            raise HTTPException(409, str(exc)) from None
+        except ReloadRefused as exc:
+            raise HTTPException(409 if exc.kind == "incompatible" else 422, str(exc)) from None
+        return JSONResponse(status.as_dict())
+
+    @app.get("/admin/reload", response_model=schemas.ReloadOut, tags=["ops"], dependencies=writes,
+             responses=AUTH_ERRORS, summary="State of the last reload")  # fmt: skip
+    def reload_status(runtime: RuntimeDep) -> schemas.ReloadOut:
+        return schemas.ReloadOut(**runtime.status.as_dict())
+
+    @app.get("/admin/check", response_model=schemas.CheckOut, tags=["ops"], dependencies=writes,
+             responses={**AUTH_ERRORS, 503: {"model": schemas.Error}},
+             summary="Consistency of this replica's index with Redis (once writes have settled)")  # fmt: skip
+    def check(runtime: RuntimeDep) -> schemas.CheckOut:
+        with runtime.write_lock:
+            return schemas.CheckOut(**check_consistency(runtime.engine, runtime.state))
 
     return app

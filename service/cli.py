@@ -1,8 +1,9 @@
-"""Command line: ``python -m service {run,export-interactions} --help``."""
+"""Command line: ``python -m service {run,check,export-interactions} --help``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -13,9 +14,14 @@ log = logging.getLogger("service")
 
 
 def ensure_artifacts(path: Path, train_config: str | None) -> None:
-    """Train on the built-in synthetic data (or ``train_config``) when no artifact directory exists."""
+    """Train on the built-in synthetic data (or ``train_config``) when no artifact directory exists (or an
+    empty one). A directory with files but no manifest is a broken artifact, not something to overwrite."""
     if (path / "manifest.json").is_file():
         return
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        from models.artifacts import ArtifactError
+
+        raise ArtifactError(f"{path / 'manifest.json'}: missing (not an artifact directory, or an interrupted write)")
     from training.cli import main as training_main
 
     log.info("no artifacts at %s: training a model first (this takes a few minutes on a CPU)", path)
@@ -30,18 +36,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.embedded_redis import EmbeddedRedis
+    from service.loading import load_bundle
     from service.settings import Settings
 
     if args.artifacts:
         os.environ["MMF_ARTIFACTS"] = args.artifacts
     settings = Settings()
     ensure_artifacts(settings.artifacts, args.train_config)
+    bundle = load_bundle(settings.artifacts)  # a broken artifact is one line naming the file, exit 2
     embedded = None
     if settings.redis_url is None:
         # One server for all workers: started here, handed to them through the environment.
         embedded = EmbeddedRedis(settings.state_dir).start()
         os.environ["MMF_REDIS_URL"] = embedded.url
         log.info("embedded Redis at %s (data in %s)", embedded.url, settings.state_dir)
+    try:
+        preflight(settings, bundle, os.environ["MMF_REDIS_URL"] if embedded else settings.redis_url)
+        del bundle  # each worker loads its own
+    except BaseException:
+        if embedded is not None:
+            embedded.stop()
+        raise
     if settings.api_key is None:
         log.warning("MMF_API_KEY is not set: write endpoints answer 403")
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal; with the default handler that
@@ -61,6 +76,93 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def preflight(settings, bundle, redis_url: str) -> None:
+    """What the app's start-up would fail on besides the artifact, checked before uvicorn starts, so that
+    an unreachable Redis or online items of other modalities are one clear line (exit status 2) instead of
+    a traceback from the lifespan."""
+    import redis
+
+    from service.runtime import redis_client
+    from service.state import RedisState
+    from service.sync import IncompatibleState
+
+    client = redis_client(redis_url)
+    try:
+        state = RedisState(client, settings.namespace, origin="preflight")
+        try:
+            stored = list(state.all_items(bundle.item_embeddings.shape[1]))
+        except redis.RedisError as exc:
+            raise RuntimeError(f"Redis at {redact(redis_url)} is unreachable: {exc}") from None
+        bad = [it.item_id for it in stored if {m: len(v) for m, v in it.features.items()} != bundle.modalities]
+        if bad:
+            raise IncompatibleState(
+                f"{len(bad)} online item(s) in Redis namespace {settings.namespace!r} (e.g. {bad[0]!r}) do not "
+                f"have the modalities {bundle.modalities} of the artifact at {settings.artifacts}"
+            )
+    finally:
+        client.close()
+
+
+def redact(url: str) -> str:
+    """A Redis URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + host))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Rebuild an engine from the artifacts plus Redis, as a starting replica would, and check it."""
+    import redis
+
+    from service.check import check_consistency
+    from service.embedded_redis import EmbeddedRedis
+    from service.engine import Engine
+    from service.loading import load_bundle
+    from service.runtime import redis_client
+    from service.settings import Settings
+    from service.state import RedisState
+    from service.sync import IncompatibleState, load_state
+
+    overrides = {k: v for k, v in (("artifacts", args.artifacts), ("redis_url", args.redis_url),
+                                   ("namespace", args.namespace)) if v}  # fmt: skip
+    settings = Settings(**overrides)
+    bundle = load_bundle(settings.artifacts)
+    embedded = EmbeddedRedis(settings.state_dir).start() if settings.redis_url is None else None
+    url = embedded.url if embedded else settings.redis_url
+    client = redis_client(url)
+    try:
+        state = RedisState(client, settings.namespace, origin="check")
+        engine = Engine(bundle)
+        try:
+            load_state(engine, state)
+            report = check_consistency(engine, state)
+        except IncompatibleState as exc:
+            report = {"ok": False, "problems": [str(exc)], "artifact_id": bundle.artifact_id}
+        except redis.RedisError as exc:
+            print(f"error: Redis at {redact(url)} is unreachable: {exc}", file=sys.stderr)
+            return 2
+    finally:
+        client.close()
+        if embedded is not None:
+            embedded.stop()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        status = "consistent" if report["ok"] else f"INCONSISTENT ({len(report['problems'])} problem(s))"
+        print(f"namespace {settings.namespace!r}, artifact {report['artifact_id']}: {status}")
+        for key in ("index_size", "expected_size", "training_items", "deleted_training_items", "online_items"):
+            if key in report:
+                print(f"  {key}: {report[key]}")
+        for problem in report["problems"]:
+            print(f"  problem: {problem}")
+    return 0 if report["ok"] else 1
 
 
 def cmd_export_interactions(args: argparse.Namespace) -> int:
@@ -103,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (share one Redis)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("check", help="check that Redis and a freshly built index agree (exit 1 if not)")
+    p.add_argument("--artifacts", help="artifact directory (default: $MMF_ARTIFACTS or ./artifacts)")
+    p.add_argument("--redis-url", help="Redis URL (default: $MMF_REDIS_URL, else the embedded Redis)")
+    p.add_argument("--namespace", help="Redis key prefix (default: $MMF_NAMESPACE or mmf)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_check)
     p = sub.add_parser("export-interactions", help="write online interactions (for the next training run)")
     p.add_argument("--out", required=True, help="TSV file to write (userID, itemID, timestamp)")
     p.set_defaults(func=cmd_export_interactions)
@@ -115,9 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:
+        import redis
+        from pydantic import ValidationError
+
         from models.artifacts import ArtifactError
 
-        if isinstance(exc, ArtifactError | RuntimeError):
+        if isinstance(exc, ArtifactError | RuntimeError | ValidationError):  # IncompatibleState: RuntimeError
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, redis.RedisError):
+            print(f"error: Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 2
         raise

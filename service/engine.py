@@ -8,6 +8,8 @@ searches hold one lock, since FAISS allows concurrent searches but not searches 
 from __future__ import annotations
 
 import threading
+import time
+import uuid
 from dataclasses import dataclass
 
 import faiss
@@ -19,6 +21,10 @@ from models.artifacts import Bundle
 
 class InputError(ValueError):
     """A request whose content is wrong (unknown modality, wrong dimension, ...): HTTP 422."""
+
+
+class RowConflict(RuntimeError):
+    """Redis assigns an online item a row that is a training row of another item in this artifact."""
 
 
 class NotFound(KeyError):
@@ -41,6 +47,10 @@ class Engine:
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
         self.artifact_id = bundle.artifact_id
+        # Tags the events of writes this engine applied itself (its follower skips them); a new engine
+        # after a reload has a new origin, so it re-applies what was written through the old one.
+        self.origin = uuid.uuid4().hex
+        self.loaded_at = time.time()
         self.dim = bundle.item_embeddings.shape[1]
         self.n_states = bundle.item_states.shape[0]
         self.modalities = bundle.modalities  # name -> dim, in feature concatenation order
@@ -122,16 +132,23 @@ class Engine:
         with torch.no_grad():
             final, states = self.bundle.encoder.encode_items(torch.from_numpy(matrix))
         final, states = final.numpy(), states.permute(1, 0, 2).numpy()
-        if not np.isfinite(final).all():
+        if not (np.isfinite(final).all() and np.isfinite(states).all()):
             raise InputError("features are too large: the fused embedding overflows float32")
         return final, states
 
     # -- applying state (called for local writes and for events from other replicas) -------------------
     def upsert(self, item_id: str, row: int, embedding: np.ndarray, states: np.ndarray) -> None:
+        """Add or replace an item. A training item of this artifact always keeps its training row (an id
+        stored online against an older artifact may be a training item of this one)."""
+        row = self._training_rows.get(item_id, row)
+        if row < len(self._training_rows) and self.bundle.item_ids[row] != item_id:
+            raise RowConflict(f"item {item_id!r}: row {row} is the training row of {self.bundle.item_ids[row]!r}")
         with self._lock:
             old = self.item_rows.get(item_id)
             if old is not None:
                 self.index.remove_ids(np.array([old], dtype=np.int64))
+                if old != row:
+                    self.row_items.pop(old, None)
             self.index.add_with_ids(embedding.reshape(1, -1).astype(np.float32), np.array([row], dtype=np.int64))
             self.item_rows[item_id] = row
             self.known_rows[item_id] = row
@@ -165,6 +182,15 @@ class Engine:
                 self.popularity[row] = self.popularity.get(row, 0.0) + 1.0
 
     # -- reading --------------------------------------------------------------------------------------
+    def index_ids(self) -> np.ndarray:
+        """Ids (rows) of every vector in the FAISS index, duplicates included (there should be none)."""
+        with self._lock:
+            return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+
+    def index_vector(self, row: int) -> np.ndarray:
+        with self._lock:
+            return self.index.reconstruct(int(row))
+
     def seen_rows(self, user_id: str) -> set[int]:
         rows = set(self.online_seen.get(user_id, ()))
         user_row = self.user_rows.get(user_id)
@@ -174,20 +200,23 @@ class Engine:
 
     def _search(self, query: np.ndarray, k: int, exclude: set[int]) -> tuple[list[str], list[float]]:
         """Top-k by inner product, skipping ``exclude`` and FAISS's -1 padding; widens the search when
-        exclusions eat into the first k."""
+        exclusions eat into the first k, or when a tie straddles the k-th place. Ties are ordered by row,
+        so replicas holding the same items answer the same list whatever order FAISS stored them in."""
         with self._lock:
             total = self.n_items
-            want = min(k + len(exclude), total)
+            want = min(k + len(exclude) + 1, total)
             while True:
                 scores, rows = self.index.search(query.reshape(1, -1).astype(np.float32), max(want, 1))
                 picked = [
-                    (self.row_items[r], float(s))
+                    (r, float(s))
                     for r, s in zip(rows[0].tolist(), scores[0].tolist(), strict=True)
                     if r >= 0 and r not in exclude and r in self.row_items
                 ]
-                if len(picked) >= k or want >= total:
+                complete = want >= total or (len(picked) > k and picked[-1][1] < picked[k - 1][1])
+                if complete:
+                    picked.sort(key=lambda p: (-p[1], p[0]))
                     picked = picked[:k]
-                    return [p[0] for p in picked], [p[1] for p in picked]
+                    return [self.row_items[r] for r, _ in picked], [s for _, s in picked]
                 want = min(2 * want, total)
 
     def recommend(self, user_id: str, k: int) -> Recommendation:

@@ -17,8 +17,10 @@ Identifier = Annotated[
         examples=["item-42"],
     ),
 ]
+# Strict: JSON numbers only (integers allowed); "1.5", true and null are 422, not silently coerced.
+FeatureValue = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 FeatureVector = Annotated[
-    list[Annotated[float, Field(allow_inf_nan=False)]],
+    list[FeatureValue],
     Field(min_length=1, max_length=100_000, description="raw feature values of one modality"),
 ]
 
@@ -28,6 +30,7 @@ class ItemIn(BaseModel):
 
     item_id: Identifier
     features: dict[str, FeatureVector] = Field(
+        max_length=64,
         description="modality name -> raw features; names and dimensions as in GET /info",
         examples=[{"visual": [0.1, 0.2], "acoustic": [0.3, 0.4]}],
     )
@@ -93,12 +96,53 @@ class Deleted(BaseModel):
 
 
 class Info(BaseModel):
-    artifact_id: str
+    artifact_id: str = Field(description="artifact served by this replica")
+    stored_artifact_id: str | None = Field(
+        None, description="artifact id recorded in Redis by the replica that loaded one last (null: Redis unreachable)"
+    )
+    artifacts: str = Field(description="artifact directory this replica loaded")
+    loaded_at: float = Field(description="unix time the served engine was built")
     model: str
     modalities: dict[str, int] = Field(description="modality name -> feature dimension expected by POST /items")
     n_users: int
     n_items: int
     embedding_dim: int
+
+
+class Error(BaseModel):
+    detail: str | list | dict = Field(description="why the request was refused")
+
+
+class ReloadIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    artifacts: str | None = Field(
+        None, min_length=1, max_length=4096, description="artifact directory to load; default: the served one, re-read"
+    )
+    wait: bool = Field(True, description="answer when the reload is done (200); false: answer 202 at once")
+
+
+class ReloadOut(BaseModel):
+    state: Literal["idle", "loading", "succeeded", "failed"]
+    artifacts: str | None = None
+    artifact_id: str | None = Field(None, description="served after the last successful reload")
+    previous_artifact_id: str | None = None
+    detail: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    reloads: int = Field(0, description="successful reloads of this replica")
+
+
+class CheckOut(BaseModel):
+    ok: bool
+    problems: list[str]
+    artifact_id: str
+    index_size: int
+    expected_size: int
+    training_items: int
+    deleted_training_items: int
+    online_items: int
+    deleted_online_items: int
 
 
 class Health(BaseModel):

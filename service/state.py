@@ -3,17 +3,23 @@ stream replicas follow to stay in sync.
 
 Keys (``{ns}`` = settings.namespace):
 
-* ``{ns}:item:{item_id}``     hash: row, features (JSON), embedding + states (float32 bytes), updated
+* ``{ns}:item:{item_id}``     hash: row, features (JSON), embedding + states (float32 bytes), artifact (the
+                              artifact whose model fused the embedding), updated
 * ``{ns}:item_rows``          hash item_id -> index row for items added online (rows never reused)
-* ``{ns}:next_row``           counter for new rows, starts after the training items
+* ``{ns}:next_row``           counter for new rows; online rows start at ``ONLINE_ROW_BASE`` (2**32), far
+                              above any training row, so a retrained artifact with more items never
+                              collides with them
 * ``{ns}:deleted``            set of deleted item ids (training items included)
 * ``{ns}:user:{user_id}``     set of item ids the user interacted with online
 * ``{ns}:interaction_log``    list of "user<TAB>item<TAB>unix time", kept for the next training run
 * ``{ns}:events``             stream of {type, origin, ...}: every acknowledged write, in order
-* ``{ns}:artifact_id``        the artifact version this state was written against
+* ``{ns}:artifact_id``        the artifact version served most recently (set at start-up and on reload)
 
 Every write is one MULTI/EXEC transaction (state + event), so a write is either fully acknowledged and
-visible to every replica, or not at all.
+visible to every replica, or not at all. Events carry the ``origin`` of the engine that applied the write
+already (one per engine instance, so a replica that swapped engines re-applies writes of its old one).
+The stored embedding is a cache for engines serving the same artifact; others re-fuse the item from its
+stored raw features.
 """
 
 from __future__ import annotations
@@ -26,6 +32,26 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
+ONLINE_ROW_BASE = 1 << 32
+
+# next_row := max(next_row, ARGV[1]) atomically (INCR on the same key from other clients interleaves safely)
+_RAISE_COUNTER = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return redis.call('GET', KEYS[1])
+"""
+
+
+_NEXT_ROW = """
+local row = redis.call('INCR', KEYS[1])
+if row < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]); row = tonumber(ARGV[1]) end
+return row
+"""
+
+
+class StateError(RuntimeError):
+    """Redis holds something this code cannot read (a corrupt or foreign entry)."""
+
 
 @dataclass
 class StoredItem:
@@ -34,6 +60,7 @@ class StoredItem:
     features: dict[str, list[float]]
     embedding: np.ndarray  # (d,)
     states: np.ndarray  # (n_states, d)
+    artifact_id: str | None = None  # artifact whose model computed embedding/states
 
 
 @dataclass
@@ -67,9 +94,16 @@ class RedisState:
         except redis.RedisError:
             return False
 
-    def init(self, n_training_items: int, artifact_id: str) -> None:
-        self.r.setnx(self.key("next_row"), n_training_items - 1)  # INCR returns n_training_items first
+    def init(self, artifact_id: str) -> None:
+        self.r.eval(_RAISE_COUNTER, 1, self.key("next_row"), ONLINE_ROW_BASE - 1)  # first INCR: the base
+        self.set_artifact(artifact_id)
+
+    def set_artifact(self, artifact_id: str) -> None:
         self.r.set(self.key("artifact_id"), artifact_id)
+
+    def stored_artifact(self) -> str | None:
+        value = self.r.get(self.key("artifact_id"))
+        return _decode(value) if value is not None else None
 
     # -- writes -----------------------------------------------------------------------------------
     def allocate_rows(self, item_ids: list[str]) -> list[int]:
@@ -78,16 +112,18 @@ class RedisState:
         rows = []
         for item_id, row in zip(item_ids, known, strict=True):
             if row is None:
-                candidate = self.r.incr(self.key("next_row"))
+                # INCR, but never below the base: the counter may be gone (Redis lost its data)
+                candidate = self.r.eval(_NEXT_ROW, 1, self.key("next_row"), ONLINE_ROW_BASE)
                 self.r.hsetnx(self.key("item_rows"), item_id, candidate)  # loser of a race adopts the winner's
                 row = self.r.hget(self.key("item_rows"), item_id)
             rows.append(int(row))
         return rows
 
-    def put_items(self, items: list[StoredItem]) -> None:
+    def put_items(self, items: list[StoredItem], origin: str | None = None) -> None:
         pipe = self.r.pipeline(transaction=True)
         now = str(time.time())
         for item in items:
+            pipe.delete(self.key("item", item.item_id))  # no field of an older format survives
             pipe.hset(
                 self.key("item", item.item_id),
                 mapping={
@@ -95,29 +131,37 @@ class RedisState:
                     "features": json.dumps(item.features),
                     "embedding": item.embedding.astype(np.float32).tobytes(),
                     "states": item.states.astype(np.float32).tobytes(),
+                    "artifact": item.artifact_id or "",
                     "updated": now,
                 },
             )
             pipe.srem(self.key("deleted"), item.item_id)
-            self._event(pipe, "item", item.item_id)
+            self._event(pipe, "item", item.item_id, origin=origin)
         pipe.execute()
 
-    def delete_item(self, item_id: str) -> None:
+    def delete_item(self, item_id: str, origin: str | None = None) -> None:
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(self.key("item", item_id))
         pipe.sadd(self.key("deleted"), item_id)
-        self._event(pipe, "delete", item_id)
+        self._event(pipe, "delete", item_id, origin=origin)
         pipe.execute()
 
-    def add_interaction(self, user_id: str, item_id: str) -> None:
+    def add_interaction(self, user_id: str, item_id: str, origin: str | None = None) -> None:
         pipe = self.r.pipeline(transaction=True)
         pipe.sadd(self.key("user", user_id), item_id)
         pipe.rpush(self.key("interaction_log"), f"{user_id}\t{item_id}\t{time.time():.3f}")
-        self._event(pipe, "interaction", item_id, user_id=user_id)
+        self._event(pipe, "interaction", item_id, user_id=user_id, origin=origin)
         pipe.execute()
 
-    def _event(self, pipe: redis.client.Pipeline, kind: str, item_id: str, user_id: str | None = None) -> None:
-        fields = {"type": kind, "origin": self.origin, "item_id": item_id}
+    def _event(
+        self,
+        pipe: redis.client.Pipeline,
+        kind: str,
+        item_id: str,
+        user_id: str | None = None,
+        origin: str | None = None,
+    ) -> None:
+        fields = {"type": kind, "origin": origin or self.origin, "item_id": item_id}
         if user_id is not None:
             fields["user_id"] = user_id
         pipe.xadd(self.key("events"), fields, maxlen=self.stream_max_len, approximate=True)
@@ -127,24 +171,41 @@ class RedisState:
         last = self.r.xrevrange(self.key("events"), count=1)
         return _decode(last[0][0]) if last else "0-0"
 
+    def first_event_id(self) -> str | None:
+        first = self.r.xrange(self.key("events"), count=1)
+        return _decode(first[0][0]) if first else None
+
     def get_item(self, item_id: str, dim: int) -> StoredItem | None:
         raw = self.r.hgetall(self.key("item", item_id))
         if not raw:
             return None
-        embedding = np.frombuffer(raw[b"embedding"], dtype=np.float32)
-        return StoredItem(
-            item_id=item_id,
-            row=int(raw[b"row"]),
-            features=json.loads(raw[b"features"]),
-            embedding=embedding,
-            states=np.frombuffer(raw[b"states"], dtype=np.float32).reshape(-1, dim),
-        )
+        try:
+            embedding = np.frombuffer(raw[b"embedding"], dtype=np.float32)
+            states = np.frombuffer(raw[b"states"], dtype=np.float32)
+            artifact = _decode(raw.get(b"artifact", b"")) or None
+            if embedding.shape != (dim,) or states.size % dim:
+                artifact = None  # another embedding size: only the raw features are usable
+                states = states[: states.size - states.size % dim]
+            return StoredItem(
+                item_id=item_id,
+                row=int(raw[b"row"]),
+                features=json.loads(raw[b"features"]),
+                embedding=embedding,
+                states=states.reshape(-1, dim),
+                artifact_id=artifact,
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise StateError(f"{self.key('item', item_id)}: unreadable ({type(exc).__name__}: {exc})") from None
 
     def all_items(self, dim: int) -> Iterator[StoredItem]:
-        for key in self.r.scan_iter(match=self.key("item", "*"), count=1000):
-            item = self.get_item(_decode(key)[len(self.key("item", "")) :], dim)
+        for item_id in self.stored_item_ids():
+            item = self.get_item(item_id, dim)
             if item is not None:
                 yield item
+
+    def stored_item_ids(self) -> list[str]:
+        prefix = self.key("item", "")
+        return [_decode(key)[len(prefix) :] for key in self.r.scan_iter(match=prefix + "*", count=1000)]
 
     def online_rows(self) -> dict[str, int]:
         """Index row of every item added online, deleted ones included."""
@@ -174,5 +235,9 @@ class RedisState:
         for _stream, entries in reply or []:
             for stream_id, fields in entries:
                 f = {_decode(k): _decode(v) for k, v in fields.items()}
-                events.append(Event(_decode(stream_id), f["type"], f["origin"], f["item_id"], f.get("user_id")))
+                # A malformed entry (written by something else) keeps its place, typed "unknown".
+                events.append(
+                    Event(_decode(stream_id), f.get("type", "unknown"), f.get("origin", ""), f.get("item_id", ""),
+                          f.get("user_id"))
+                )  # fmt: skip
         return events

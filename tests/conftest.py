@@ -34,3 +34,7 @@ def make_config():
         return ModelConfig(name=name, **{**SMALL_MODEL, **overrides})
 
     return make
+
+
+# The service tests' fixtures, registered here once for the session (one trained artifact for all modules).
+from tests.service_support import artifact, client, make_client, ns, redis_url, stored  # noqa: E402, F401

@@ -172,6 +172,8 @@ def _read_features(path: Path) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except ValueError as exc:  # object arrays need pickle; we never unpickle
+        if "pickle" in str(exc):  # numpy's advice to unpickle is wrong here: it may just not be a .npy file
+            raise DataError(f"{path.name}: not a .npy file, or an object array (those are never unpickled)") from None
         raise DataError(f"{path.name}: not a plain numeric .npy array ({exc})") from exc
     except (OSError, EOFError) as exc:
         raise DataError(f"{path.name}: cannot read feature file: {exc}") from exc

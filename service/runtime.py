@@ -1,0 +1,232 @@
+"""What one service process runs: the Redis connection, the current :class:`Engine` with its follower, and
+the machinery that replaces the engine without stopping service: hot reload of a new artifact version
+(``POST /admin/reload``, SIGHUP) and a rebuild when the event stream cannot bring the engine up to date.
+
+A new engine is built next to the serving one (artifact verified, modalities checked, online items re-fused
+from their stored raw features) and swapped in under the write lock, so no request ever sees a half-built
+engine: a request keeps the engine it started with, and writes are retried on the new one if a swap happened
+between validating them and committing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import redis
+
+from models.artifacts import ArtifactError, Bundle
+from service.embedded_redis import EmbeddedRedis
+from service.engine import Engine
+from service.loading import load_bundle
+from service.settings import Settings
+from service.state import RedisState
+from service.sync import Follower, IncompatibleState, load_state
+
+log = logging.getLogger("service")
+
+
+class ReloadBusy(RuntimeError):
+    """Another reload is running."""
+
+
+class ReloadRefused(RuntimeError):
+    """The new artifact cannot replace the served one (``kind``: "invalid" or "incompatible")."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class ReloadStatus:
+    state: str = "idle"  # idle, loading, succeeded, failed
+    artifacts: str | None = None
+    artifact_id: str | None = None  # served after the last successful reload
+    previous_artifact_id: str | None = None
+    detail: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    reloads: int = 0  # successful ones
+    history: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("history")
+        return out
+
+
+def redis_client(url: str) -> redis.Redis:
+    """Bounded failure time: redis-py's default retries a failing command 10 times with backoff (seconds, or
+    10 x socket_timeout against a hung server) before a write could answer 503; here 2 quick retries."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.from_url(
+        url,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
+    )
+
+
+class Runtime:
+    def __init__(self, settings: Settings, on_swap: Callable[[Engine], None] | None = None) -> None:
+        self.settings = settings
+        self.on_swap = on_swap
+        self.write_lock = threading.RLock()  # local writes and follower applies, engine swaps
+        self._reload_lock = threading.Lock()
+        self.status = ReloadStatus()
+        self.artifacts = Path(settings.artifacts)
+        self.engine: Engine | None = None
+        self.follower: Follower | None = None
+        self._followers: list[Follower] = []
+        self.embedded: EmbeddedRedis | None = None
+        self.client: redis.Redis | None = None
+        self.state: RedisState | None = None
+        self._stopped = threading.Event()
+
+    # -- life cycle -------------------------------------------------------------------------------------
+    def start(self) -> Runtime:
+        redis_url = self.settings.redis_url
+        if redis_url is None:
+            self.embedded = EmbeddedRedis(self.settings.state_dir).start()
+            redis_url = self.embedded.url
+        try:
+            bundle = load_bundle(self.artifacts)
+            self.client = redis_client(redis_url)
+            self.state = RedisState(
+                self.client, self.settings.namespace, uuid.uuid4().hex, self.settings.stream_max_len
+            )
+            self.state.init(bundle.artifact_id)
+            engine, position = self.build(bundle)
+            self.swap(engine, position)
+        except BaseException:
+            self.stop()
+            raise
+        self.status.artifact_id, self.status.artifacts = bundle.artifact_id, str(self.artifacts)
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        for follower in self._followers:  # the current one and those of replaced engines
+            follower.stop()
+        for follower in self._followers:
+            follower.join(timeout=5)
+        if self.client is not None:
+            self.client.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+
+    # -- building and swapping engines ------------------------------------------------------------------
+    def build(self, bundle: Bundle) -> tuple[Engine, str]:
+        """A new engine for ``bundle`` holding everything in Redis (online items re-fused if they were
+        fused by another artifact); raises IncompatibleState if stored items do not fit it."""
+        engine = Engine(bundle)
+        position = load_state(engine, self.state)
+        return engine, position
+
+    def swap(self, engine: Engine, position: str) -> None:
+        follower = Follower(
+            engine, self.state, position, self.settings.follow_block_ms, self.write_lock, self.resync_in_background
+        )
+        with self.write_lock:
+            old = self.follower
+            if old is not None:
+                old.stop()  # it may still be blocked reading: it will return without applying anything
+            self.engine, self.follower = engine, follower
+            self._followers = [f for f in self._followers if f.is_alive()] + [follower]
+            follower.start()
+        if self.on_swap is not None:
+            self.on_swap(engine)
+
+    # -- hot reload -------------------------------------------------------------------------------------
+    def reload(self, artifacts: str | Path | None = None) -> ReloadStatus:
+        """Load, verify and swap in the artifact at ``artifacts`` (default: the one served, re-read).
+        Raises ReloadBusy, ReloadRefused, or redis.RedisError; the served engine stays on failure."""
+        if not self._reload_lock.acquire(blocking=False):
+            raise ReloadBusy("a reload is already running")
+        try:
+            path = Path(artifacts) if artifacts is not None else self.artifacts
+            old = self.engine
+            self.status.state, self.status.artifacts, self.status.detail = "loading", str(path), None
+            self.status.started_at, self.status.finished_at = time.time(), None
+            try:
+                try:
+                    bundle = load_bundle(path)
+                except ArtifactError as exc:
+                    raise ReloadRefused(str(exc), "invalid") from None
+                if bundle.modalities != old.modalities:
+                    raise ReloadRefused(
+                        f"artifact {bundle.artifact_id} at {path} expects modalities {bundle.modalities}, the served "
+                        f"artifact {old.artifact_id} {old.modalities}: refused (items are posted with the served "
+                        "modalities; restart the service to change them)",
+                        "incompatible",
+                    )
+                try:
+                    engine, position = self.build(bundle)
+                except IncompatibleState as exc:
+                    raise ReloadRefused(str(exc), "incompatible") from None
+                self.swap(engine, position)
+                self.artifacts = path
+            except BaseException as exc:
+                self._finish("failed", str(exc) or type(exc).__name__)
+                log.warning("reload of %r failed, still serving %s: %r", str(path), old.artifact_id, str(exc))
+                raise
+            self.status.previous_artifact_id, self.status.artifact_id = old.artifact_id, bundle.artifact_id
+            self.status.reloads += 1
+            self._finish("succeeded", None)
+            try:
+                self.state.set_artifact(bundle.artifact_id)
+            except redis.RedisError:
+                log.warning("could not record artifact %s in Redis", bundle.artifact_id)
+            log.info("reloaded: serving artifact %s from %r (was %s)", bundle.artifact_id, str(path), old.artifact_id)
+            return self.status
+        finally:
+            self._reload_lock.release()
+
+    def _finish(self, state: str, detail: str | None) -> None:
+        self.status.state, self.status.detail, self.status.finished_at = state, detail, time.time()
+        self.status.history = [*self.status.history[-9:], self.status.as_dict()]
+
+    def reload_in_background(self, artifacts: str | Path | None = None) -> threading.Thread:
+        def run() -> None:
+            try:
+                self.reload(artifacts)
+            except ReloadBusy:
+                log.warning("reload requested while another one runs: ignored")
+            except Exception:
+                pass  # recorded in self.status and logged by reload()
+
+        thread = threading.Thread(target=run, name="artifact-reload", daemon=True)
+        thread.start()
+        return thread
+
+    # -- resync after a gap in the event stream ---------------------------------------------------------
+    def resync_in_background(self, reason: str) -> None:
+        def run() -> None:
+            backoff = 0.2
+            while not self._stopped.is_set():
+                try:
+                    with self._reload_lock:  # never interleaved with a reload (which rebuilds anyway)
+                        bundle = self.engine.bundle
+                        self.state.init(bundle.artifact_id)  # Redis may have lost the counter and the id
+                        engine, position = self.build(bundle)
+                        self.swap(engine, position)
+                    log.info("index rebuilt from Redis (%s)", reason)
+                    return
+                except redis.RedisError as exc:
+                    log.warning("rebuild failed (%s); retrying", type(exc).__name__)
+                except Exception:
+                    log.exception("rebuild failed; still serving the previous index")
+                    return
+                self._stopped.wait(backoff)
+                backoff = min(2 * backoff, 5.0)
+
+        threading.Thread(target=run, name="index-rebuild", daemon=True).start()
