@@ -35,8 +35,12 @@ class ModelConfig(BaseModel):
         description="SAGEConv init: PyG default, 'mean' (W_neigh=I, W_self=0: plain mean aggregation) "
         "or 'residual' (W_neigh=I, W_self=I)",
     )
+    activate_last: bool = Field(True, description="LeakyReLU after the last GraphSAGE layer too")
     sage_bias: bool = Field(True, description="bias in the SAGEConv neighbour projection")
     edge_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="share of graph edges dropped per training step")
+    reg_target: Literal["ego", "final"] = Field(
+        "ego", description="what the L2 term penalises: the ego (layer-0) or the final GCN representations"
+    )
     layer_reg: float = Field(0.0, ge=0.0, description="L2 weight on the GraphSAGE and fusion weights")
 
     @property

@@ -17,6 +17,7 @@ With the CP decomposition :math:`\mathcal{T} = [\![A, B, C]\!]` the layer is com
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import torch
@@ -134,11 +135,12 @@ class MetaFusionNetwork(nn.Module):
             nn.Linear(in_dim, extractor_hidden), nn.ReLU(), nn.Linear(extractor_hidden, meta_dim)
         )
         widths = tower_widths(in_dim, fused_dim, n_layers)
-        pairs = list(zip(widths[:-1], widths[1:]))
+        pairs = list(itertools.pairwise(widths))
         # Only the output layer gets init_gain: it sets the scale of e^m against the ID embedding.
+        gains = [1.0] * (len(pairs) - 1) + [init_gain]
         self.layers = nn.ModuleList(
-            MetaFusionLayer(d_in, d_out, meta_dim, tensor, rank, static_weights, init_gain if n == len(pairs) - 1 else 1.0)
-            for n, (d_in, d_out) in enumerate(pairs)
+            MetaFusionLayer(d_in, d_out, meta_dim, tensor, rank, static_weights, gain)
+            for (d_in, d_out), gain in zip(pairs, gains, strict=True)
         )
         self.activation = nn.LeakyReLU(leaky_slope)
         self.reset_parameters()

@@ -24,11 +24,7 @@ class InferenceEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.fusion = build_fusion(config, in_dim)
-        self.graph = (
-            SAGETower(config.embedding_dim, config.gcn_layers, config.leaky_slope, config.layer_combine)
-            if config.name == "metammf_gcn"
-            else None
-        )
+        self.graph = SAGETower.from_config(config) if config.name == "metammf_gcn" else None
         self.register_buffer("mean_item_id", torch.zeros(config.id_dim))
         self.register_buffer("mean_user", torch.zeros(config.embedding_dim))
 

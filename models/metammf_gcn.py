@@ -40,6 +40,7 @@ class SAGETower(nn.Module):
         layer_combine: str = "mean",
         init: str = "default",
         bias: bool = True,
+        activate_last: bool = True,
     ):
         super().__init__()
         if init not in ("default", "mean", "residual"):
@@ -48,6 +49,20 @@ class SAGETower(nn.Module):
         self.activation = nn.LeakyReLU(leaky_slope)
         self.layer_combine = layer_combine
         self.init = init
+        self.activate_last = activate_last
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> SAGETower:
+        """The tower a :class:`MetaMMF_GCN` with ``config`` uses (also rebuilt by the service)."""
+        return cls(
+            config.embedding_dim,
+            config.gcn_layers,
+            config.leaky_slope,
+            config.layer_combine,
+            init=config.sage_init,
+            bias=config.sage_bias,
+            activate_last=config.activate_last,
+        )
 
     def reset_parameters(self) -> None:
         """PyG's default init, or one that starts as plain mean aggregation ('mean': W_neigh = I,
@@ -72,9 +87,13 @@ class SAGETower(nn.Module):
     def forward(self, x: Tensor, adj_t: Tensor) -> list[Tensor]:
         """All node states [h^0, ..., h^L] on the graph with (transposed, CSR) adjacency ``adj_t``."""
         states = [x]
-        for conv in self.convs:
-            states.append(self.activation(conv(states[-1], adj_t)))
+        for layer, conv in enumerate(self.convs):
+            states.append(self._activate(layer, conv(states[-1], adj_t)))
         return states
+
+    def _activate(self, layer: int, h: Tensor) -> Tensor:
+        last = layer == len(self.convs) - 1
+        return h if last and not self.activate_last else self.activation(h)
 
     def combine(self, states: list[Tensor]) -> Tensor:
         return states[-1] if self.layer_combine == "last" else torch.stack(states).mean(0)
@@ -83,7 +102,7 @@ class SAGETower(nn.Module):
         """One layer for nodes outside the training graph, given the mean of their neighbours' states;
         identical to what :class:`SAGEConv` computes for nodes inside it."""
         conv = self.convs[layer]
-        return self.activation(conv.lin_l(neighbor_mean) + conv.lin_r(own))
+        return self._activate(layer, conv.lin_l(neighbor_mean) + conv.lin_r(own))
 
     def isolated(self, x: Tensor) -> list[Tensor]:
         """States of nodes with no neighbours yet (a freshly added item)."""
@@ -119,14 +138,7 @@ class MetaMMF_GCN(RecModel):
         dim = config.embedding_dim
         self.user_embedding = nn.Embedding(n_users, dim)
         self.items = MultimodalItemEncoder(config, item_features)
-        self.graph = SAGETower(
-            dim,
-            config.gcn_layers,
-            config.leaky_slope,
-            config.layer_combine,
-            init=config.sage_init,
-            bias=config.sage_bias,
-        )
+        self.graph = SAGETower.from_config(config)
         edge_index = bipartite_edge_index(train_pairs.long(), self.n_users, self.n_items)
         self.register_buffer("edge_index", edge_index, persistent=False)
         self._adj_t: Tensor | None = None
@@ -169,7 +181,10 @@ class MetaMMF_GCN(RecModel):
         final = self.graph.combine(states)
         u, pos, neg = final[users], final[self.n_users + pos_items], final[self.n_users + neg_items]
         loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1))
-        reg = l2_penalty(self.user_embedding(users), item_ego[pos_items], item_ego[neg_items])
+        if self.config.reg_target == "final":
+            reg = l2_penalty(u, pos, neg)
+        else:
+            reg = l2_penalty(self.user_embedding(users), item_ego[pos_items], item_ego[neg_items])
         loss = loss + self.reg_weight * reg
         if self.config.layer_reg > 0:
             weights = self.graph.weights() + fusion_weights(self.items.fusion)

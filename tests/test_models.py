@@ -189,16 +189,13 @@ def _set_row_to_mean_of_others(weight: torch.Tensor, row: int) -> None:
 
 def _graph_variants() -> list:
     """GCN settings the InferenceEncoder must mirror (fields missing from ModelConfig are skipped)."""
-    encoder_bug = "bug: InferenceEncoder builds SAGETower without the model's {} (models/inference.py)"
     variants = [
         pytest.param({}, id="default"),
         pytest.param({"layer_combine": "last", "gcn_layers": 3}, id="last-3layers"),
-        pytest.param({"sage_bias": False}, id="no-bias",
-                     marks=pytest.mark.xfail(strict=False, reason=encoder_bug.format("bias=config.sage_bias"))),
+        pytest.param({"sage_bias": False}, id="no-bias"),
     ]  # fmt: skip
     if "activate_last" in ModelConfig.model_fields:
-        mark = pytest.mark.xfail(strict=False, reason=encoder_bug.format("activate_last=config.activate_last"))
-        variants.append(pytest.param({"activate_last": False}, id="linear-last", marks=mark))
+        variants.append(pytest.param({"activate_last": False}, id="linear-last"))
     return variants
 
 
