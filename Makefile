@@ -23,4 +23,4 @@ lint:
 
 ## run: train on the built-in synthetic data if ./artifacts is missing, then serve on http://127.0.0.1:8000
 run: install
-	$(PYTHON) -m service run --artifacts artifacts --host 127.0.0.1 --port 8000
+	$(PYTHON) -m service run --artifacts artifacts --train-config configs/synthetic.yaml --host 127.0.0.1 --port 8000
