@@ -1,0 +1,60 @@
+"""The deployment files: docker-compose.yml wiring and the Dockerfiles' essentials."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_runs_redis_with_aof_then_trainer_then_api() -> None:
+    services = compose()["services"]
+    assert set(services) == {"redis", "trainer", "api"}
+    assert "--appendonly" in services["redis"]["command"]
+    assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
+    assert services["redis"]["healthcheck"]["test"][-1] == "ping"
+    api = services["api"]
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert api["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
+    assert api["environment"]["MMF_REDIS_URL"].startswith("redis://redis:")
+    # trainer writes the volume the API reads, read-only there
+    assert any(v.startswith("artifacts:/artifacts") and not v.endswith(":ro") for v in services["trainer"]["volumes"])
+    assert "artifacts:/artifacts:ro" in api["volumes"]
+    # a host port range, so `--scale api=3` can publish every replica
+    assert api["ports"][0].split(":")[0].count("-") == 1
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.api", "Dockerfile.train"])
+def test_images_run_as_non_root_and_exist_for_compose(name: str) -> None:
+    text = (ROOT / "docker" / name).read_text()
+    users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+    assert users and users[-1] not in {"root", "0"}
+    dockerfiles = {s["build"]["dockerfile"] for s in compose()["services"].values() if "build" in s}
+    assert f"docker/{name}" in dockerfiles
+
+
+def test_api_image_has_a_healthcheck() -> None:
+    assert "HEALTHCHECK" in (ROOT / "docker" / "Dockerfile.api").read_text()
+
+
+def test_compose_config_validates_with_a_docker_client() -> None:
+    """`docker compose config` (v2 plugin) or `docker-compose config` (v1), whichever is installed."""
+    docker = shutil.which("docker")
+    has_v2 = docker is not None and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
+    if shutil.which("docker-compose"):
+        cmd = ["docker-compose", "config", "-q"]
+    elif has_v2:
+        cmd = ["docker", "compose", "config", "-q"]
+    else:
+        pytest.skip("no docker compose client installed")
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
