@@ -163,9 +163,15 @@ class MetaFusionNetwork(nn.Module):
         """s_i for already standardised features ``x``."""
         return self.extractor(x)
 
+    def standardize(self, features: Tensor) -> Tensor:
+        return (features - self.feature_mean) / self.feature_std
+
     def forward(self, features: Tensor) -> Tensor:
         """Raw features (b, in_dim) -> fused embeddings e^m (b, fused_dim)."""
-        x = (features - self.feature_mean) / self.feature_std
+        return self.fuse_standardized(self.standardize(features))
+
+    def fuse_standardized(self, x: Tensor) -> Tensor:
+        """:meth:`forward` for features already passed through :meth:`standardize`."""
         s = self.meta_information(x)
         h = x
         for n, layer in enumerate(self.layers):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
-from torch_geometric.utils import coalesce, to_torch_csr_tensor
+from torch_geometric.utils import coalesce, degree, to_torch_csr_tensor
 
 from models.base import RecModel, bpr_loss, l2_penalty
 from models.config import ModelConfig
@@ -27,6 +27,44 @@ def bipartite_edge_index(train_pairs: Tensor, n_users: int, n_items: int) -> Ten
     users, items = train_pairs[:, 0], train_pairs[:, 1] + n_users
     edge_index = torch.stack([torch.cat([users, items]), torch.cat([items, users])])
     return coalesce(edge_index, num_nodes=n_users + n_items)
+
+
+class _SparseMatmul(torch.autograd.Function):
+    """``matrix @ x`` whose backward multiplies by a precomputed ``transposed`` (no per-step transpose)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, matrix: Tensor, transposed: Tensor) -> Tensor:
+        ctx.transposed = transposed
+        return matrix @ x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        return (ctx.transposed @ grad if ctx.needs_input_grad[0] else None), None, None
+
+
+class MeanAggregation:
+    r"""Neighbour mean :math:`\frac{1}{|N(v)|}\sum_{w \in N(v)} h_w` as one sparse product with the
+    row-normalised adjacency; a node without neighbours gets zeros (as in PyG's mean aggregation).
+
+    Same result as :class:`SAGEConv`'s mean aggregation, about 4x faster per training step on CPU: the
+    normalised CSR matrix and its transpose (for the backward pass) are built once per graph instead of
+    sorted again on every backward pass.
+
+    Args:
+        edge_index: (2, E) edges ``source -> target`` over ``num_nodes`` nodes.
+        num_nodes: number of nodes.
+    """
+
+    def __init__(self, edge_index: Tensor, num_nodes: int) -> None:
+        source, target = edge_index
+        weights = 1.0 / degree(target, num_nodes).clamp_min(1)[target]
+        size = (num_nodes, num_nodes)
+        self.matrix = to_torch_csr_tensor(torch.stack([target, source]), weights, size)
+        self.transposed = to_torch_csr_tensor(torch.stack([source, target]), weights, size)
+        self.device = edge_index.device
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _SparseMatmul.apply(x, self.matrix, self.transposed)
 
 
 class SAGETower(nn.Module):
@@ -84,25 +122,47 @@ class SAGETower(nn.Module):
         """The layers' projection matrices (the targets of ``layer_reg``)."""
         return [w for conv in self.convs for w in (conv.lin_l.weight, conv.lin_r.weight)]
 
-    def forward(self, x: Tensor, adj_t: Tensor) -> list[Tensor]:
-        """All node states [h^0, ..., h^L] on the graph with (transposed, CSR) adjacency ``adj_t``."""
+    def forward(self, x: Tensor, aggregate: MeanAggregation) -> list[Tensor]:
+        """All node states [h^0, ..., h^L] on the graph whose neighbour means ``aggregate`` computes.
+        Each layer is what ``SAGEConv(aggr='mean')`` computes (``lin_l(mean) + lin_r(x)``), with the
+        aggregation done by :class:`MeanAggregation`."""
         states = [x]
-        for layer, conv in enumerate(self.convs):
-            states.append(self._activate(layer, conv(states[-1], adj_t)))
+        for layer in range(len(self.convs)):
+            states.append(self.node_update(layer, states[-1], aggregate(states[-1])))
         return states
+
+    def final_rows(self, x: Tensor, aggregate: MeanAggregation, rows: Tensor) -> Tensor:
+        """``combine(forward(x, aggregate))[rows]`` without computing the last layer for other nodes:
+        a training batch touches about half of the nodes, and the last layer is a quarter of the work."""
+        unique, inverse = rows.unique(return_inverse=True)
+        states = [x]
+        for layer in range(len(self.convs) - 1):
+            states.append(self.node_update(layer, states[-1], aggregate(states[-1])))
+        h = states[-1]
+        last = self.node_update(len(self.convs) - 1, h[unique], aggregate(h)[unique])
+        if self.layer_combine == "last":
+            return last[inverse]
+        # Sum the full states first: one gather to backpropagate through instead of one per layer.
+        earlier = sum(states[1:], states[0])[unique]
+        return ((earlier + last) / (len(states) + 1))[inverse]
 
     def _activate(self, layer: int, h: Tensor) -> Tensor:
         last = layer == len(self.convs) - 1
         return h if last and not self.activate_last else self.activation(h)
 
     def combine(self, states: list[Tensor]) -> Tensor:
-        return states[-1] if self.layer_combine == "last" else torch.stack(states).mean(0)
+        """Final embeddings from the per-layer states [h^0..h^L]."""
+        if self.layer_combine == "last":
+            return states[-1]
+        # A running sum: stacking the states would copy all of them on every training step.
+        return sum(states[1:], states[0]) / len(states)
 
     def node_update(self, layer: int, own: Tensor, neighbor_mean: Tensor) -> Tensor:
         """One layer for nodes outside the training graph, given the mean of their neighbours' states;
         identical to what :class:`SAGEConv` computes for nodes inside it."""
         conv = self.convs[layer]
-        return self._activate(layer, conv.lin_l(neighbor_mean) + conv.lin_r(own))
+        # lin_l(mean) + lin_r(own), with the sum done inside the second matrix product (one pass less).
+        return self._activate(layer, torch.addmm(conv.lin_l(neighbor_mean), own, conv.lin_r.weight.t()))
 
     def isolated(self, x: Tensor) -> list[Tensor]:
         """States of nodes with no neighbours yet (a freshly added item)."""
@@ -141,7 +201,7 @@ class MetaMMF_GCN(RecModel):
         self.graph = SAGETower.from_config(config)
         edge_index = bipartite_edge_index(train_pairs.long(), self.n_users, self.n_items)
         self.register_buffer("edge_index", edge_index, persistent=False)
-        self._adj_t: Tensor | None = None
+        self._aggregation: MeanAggregation | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -149,27 +209,29 @@ class MetaMMF_GCN(RecModel):
         self.items.reset_parameters()
         self.graph.reset_parameters()
 
-    def _adjacency(self) -> Tensor:
-        # Sparse CSR mean aggregation is about twice as fast as scatter on CPU; built once per device.
-        if self._adj_t is None or self._adj_t.device != self.edge_index.device:
-            n = self.n_users + self.n_items
-            self._adj_t = to_torch_csr_tensor(self.edge_index.flip(0), size=(n, n))
-        return self._adj_t
+    def _adjacency(self) -> MeanAggregation:
+        # Built once per device (the graph is fixed during training).
+        if self._aggregation is None or self._aggregation.device != self.edge_index.device:
+            self._aggregation = MeanAggregation(self.edge_index, self.n_users + self.n_items)
+        return self._aggregation
 
-    def _dropped_adjacency(self) -> Tensor:
-        """The adjacency with a random ``edge_dropout`` share of the (directed) edges removed."""
-        n = self.n_users + self.n_items
+    def _dropped_adjacency(self) -> MeanAggregation:
+        """The graph with a random ``edge_dropout`` share of the (directed) edges removed."""
         keep = torch.rand(self.edge_index.shape[1], device=self.edge_index.device) >= self.config.edge_dropout
-        return to_torch_csr_tensor(self.edge_index[:, keep].flip(0), size=(n, n))
+        return MeanAggregation(self.edge_index[:, keep], self.n_users + self.n_items)
 
-    def layer_states(self) -> tuple[list[Tensor], Tensor]:
-        """Per-layer node states [h^0..h^L] (each (n_users + n_items, d)) and the item ego states.
-        In training mode with ``edge_dropout`` > 0 the graph is a fresh random subgraph per call."""
+    def _graph_input(self) -> tuple[Tensor, Tensor, MeanAggregation]:
+        """Ego states of all nodes, the item ego states, and the graph to propagate over (in training
+        mode with ``edge_dropout`` > 0, a fresh random subgraph per call)."""
         item_ego = self.items()
         x = torch.cat([self.user_embedding.weight, item_ego])
         drop = self.training and self.config.edge_dropout > 0
-        adj_t = self._dropped_adjacency() if drop else self._adjacency()
-        return self.graph(x, adj_t), item_ego
+        return x, item_ego, self._dropped_adjacency() if drop else self._adjacency()
+
+    def layer_states(self) -> tuple[list[Tensor], Tensor]:
+        """Per-layer node states [h^0..h^L] (each (n_users + n_items, d)) and the item ego states."""
+        x, item_ego, aggregate = self._graph_input()
+        return self.graph(x, aggregate), item_ego
 
     def get_embedding(self) -> tuple[Tensor, Tensor]:
         states, _ = self.layer_states()
@@ -177,9 +239,9 @@ class MetaMMF_GCN(RecModel):
         return final[: self.n_users], final[self.n_users :]
 
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
-        states, item_ego = self.layer_states()
-        final = self.graph.combine(states)
-        u, pos, neg = final[users], final[self.n_users + pos_items], final[self.n_users + neg_items]
+        x, item_ego, aggregate = self._graph_input()
+        rows = torch.cat([users, self.n_users + pos_items, self.n_users + neg_items])
+        u, pos, neg = self.graph.final_rows(x, aggregate, rows).split(len(users))
         loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1))
         if self.config.reg_target == "final":
             reg = l2_penalty(u, pos, neg)

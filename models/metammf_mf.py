@@ -45,10 +45,11 @@ class MultimodalItemEncoder(nn.Module):
         n_items, in_dim = item_features.shape
         self.fusion = build_fusion(config, in_dim)
         self.id_embedding = nn.Embedding(n_items, config.id_dim)
-        # Not persistent: features are data, not weights; the service fuses new items from raw input.
-        self.register_buffer("item_features", item_features.float(), persistent=False)
         if config.normalize_features:
-            self.fusion.fit_normalization(self.item_features)
+            self.fusion.fit_normalization(item_features.float())
+        # Standardised once here rather than on every training step. Not persistent: features are data,
+        # not weights; the service fuses new items from raw input.
+        self.register_buffer("item_inputs", self.fusion.standardize(item_features.float()), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -57,8 +58,8 @@ class MultimodalItemEncoder(nn.Module):
 
     def forward(self, items: Tensor | None = None) -> Tensor:
         if items is None:
-            return torch.cat([self.fusion(self.item_features), self.id_embedding.weight], dim=1)
-        return torch.cat([self.fusion(self.item_features[items]), self.id_embedding(items)], dim=1)
+            return torch.cat([self.fusion.fuse_standardized(self.item_inputs), self.id_embedding.weight], dim=1)
+        return torch.cat([self.fusion.fuse_standardized(self.item_inputs[items]), self.id_embedding(items)], dim=1)
 
     def cold_item(self, features: Tensor) -> Tensor:
         """Ego representation of items unseen in training: fused content + the mean ID embedding."""
