@@ -1,0 +1,300 @@
+"""Training benchmark: seconds per 100 steps of 3000 triples, triples/s, peak memory, time to quality.
+
+Rows (every combination asked for, each measured in its own subprocess so peak memory is its own):
+
+* data sets: ``tiktok`` (the real set in ``--tiktok``), and synthetic sets at the paper's scale,
+  ``paper-tiktok`` (36,656 users, 76,085 items, ~726k interactions, 128+128+128-d) and
+  ``paper-movielens`` (55,485 users, 5,986 items, ~1.24M interactions, 2048+128+100-d, 4-layer tower
+  2276-1024-512-256-32); generated once and cached under bench/.cache;
+* models: MetaMMF_GCN and MetaMMF_MF, CP (rank 16) and full meta tensor;
+* implementation: ``ours`` (the project's models) and, on the real TikTok set, ``authors-style``: the same
+  parameters and loss computed the way the original code does it (a materialised per-item weight matrix
+  W_i and a batched matrix product per step, PyG ``SAGEConv`` scatter aggregation over ``edge_index``).
+  Both compute the same loss (checked in the run); the speed-up column is their ratio, measured side by
+  side on the same machine in the same run.
+
+``--quality`` adds time-to-quality rows: wall time (training steps + the per-epoch validation that early
+stopping needs; the test evaluation used to detect the target is not counted) until test Recall@20 first
+reaches ``--target`` (0.068, the best test Recall@20 of the original code on this TikTok set).
+
+    python bench/train.py                                    # CPU, all data sets, timing rows
+    python bench/train.py --datasets tiktok --quality        # + time to Recall@20 >= 0.068
+    python bench/train.py --device cuda --datasets paper-tiktok paper-movielens
+
+On a GPU the table adds the paper's Table 4 minutes per epoch (MetaMMF_GCN, CP, TITAN Xp) and the speed-up
+against it for the paper-scale rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.base import RecModel, bpr_loss, l2_penalty  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+from models.metammf_gcn import MetaMMF_GCN  # noqa: E402
+from models.metammf_mf import MetaMMF_MF  # noqa: E402
+from training.config import TrainConfig, load_run_config  # noqa: E402
+from training.data import RecData, load_mmrec, save_mmrec  # noqa: E402
+from training.sampling import BPRSampler  # noqa: E402
+from training.synthetic import SyntheticConfig, generate_synthetic  # noqa: E402
+from training.trainer import build_model, evaluate_split, seed_everything  # noqa: E402
+
+CACHE = ROOT / "bench" / ".cache"
+BATCH = 3000
+# Paper, Table 4: MetaMMF_GCN (CP) minutes per epoch on a TITAN Xp.
+PAPER_MINUTES_PER_EPOCH = {"paper-tiktok": 5.08, "paper-movielens": 11.69}
+PAPER_SETS = {
+    "paper-tiktok": SyntheticConfig(
+        name="paper-tiktok", n_users=36_656, n_items=76_085, interactions_per_user=726_065 / 36_656,
+        modality_dims={"visual": 128, "acoustic": 128, "textual": 128}, n_groups=5, seed=0,
+    ),
+    "paper-movielens": SyntheticConfig(
+        name="paper-movielens", n_users=55_485, n_items=5_986, interactions_per_user=1_239_508 / 55_485,
+        modality_dims={"visual": 2048, "acoustic": 128, "textual": 100}, n_groups=5, seed=0,
+    ),
+}  # fmt: skip
+FUSION_LAYERS = {"paper-movielens": 4}
+
+
+def load_dataset(name: str, tiktok: Path) -> RecData:
+    if name == "tiktok":
+        return load_mmrec(tiktok, cold_users="keep")
+    path = CACHE / name
+    if not (path / f"{name}.inter").is_file():
+        print(f"generating {name} in {path} (once) ...", file=sys.stderr)
+        save_mmrec(generate_synthetic(PAPER_SETS[name]), path)
+    return load_mmrec(path)
+
+
+def model_config(dataset: str, model: str, tensor: str) -> ModelConfig:
+    base = load_run_config(ROOT / "configs" / "tiktok.yaml").model  # the tuned settings, on every data set
+    return base.model_copy(
+        update={"name": model, "tensor": tensor, "fusion_layers": FUSION_LAYERS.get(dataset, base.fusion_layers)}
+    )
+
+
+# -- the original code's way of computing the same loss ------------------------------------------------
+def _fused_by_materialised_weights(model: RecModel) -> torch.Tensor:
+    """e^m for every item with an explicit per-item W_i (n_items, d_in, d_out) and torch.bmm."""
+    fusion = model.items.fusion
+    x = model.items.item_inputs
+    s = fusion.meta_information(x)
+    h = x
+    for n, layer in enumerate(fusion.layers):
+        h = torch.bmm(h.unsqueeze(1), layer.item_weight(s)).squeeze(1)
+        if n < len(fusion.layers) - 1:
+            h = fusion.activation(h)
+    return h
+
+
+def authors_style_loss(model: RecModel, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    item_ego = torch.cat([_fused_by_materialised_weights(model), model.items.id_embedding.weight], dim=1)
+    if isinstance(model, MetaMMF_MF):
+        u, p, q = model.user_embedding(users), item_ego[pos], item_ego[neg]
+    else:
+        graph = model.graph
+        states = [torch.cat([model.user_embedding.weight, item_ego])]
+        for layer, conv in enumerate(graph.convs):  # PyG scatter-mean message passing over edge_index
+            states.append(graph._activate(layer, conv(states[-1], model.edge_index)))
+        final = torch.stack(states).mean(0) if graph.layer_combine == "mean" else states[-1]
+        u, p, q = final[users], final[model.n_users + pos], final[model.n_users + neg]
+    loss = bpr_loss((u * p).sum(-1), (u * q).sum(-1))
+    if isinstance(model, MetaMMF_GCN) and model.config.reg_target == "ego":
+        return loss + model.reg_weight * l2_penalty(model.user_embedding(users), item_ego[pos], item_ego[neg])
+    return loss + model.reg_weight * l2_penalty(u, p, q)
+
+
+# -- one row, in its own process -------------------------------------------------------------------------
+def measure_steps(spec: dict) -> dict:
+    device = torch.device(spec["device"])
+    data = load_dataset(spec["dataset"], Path(spec["tiktok"]))
+    seed_everything(0)
+    config = model_config(spec["dataset"], spec["model"], spec["tensor"])
+    model = build_model(data, config, reg_weight=1e-2).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = BPRSampler(data.train, data.n_items, BATCH, seed=0).epoch()
+    reference = spec["impl"] == "authors-style"
+    loss_fn = (lambda *b: authors_style_loss(model, *b)) if reference else model.calculate_loss
+
+    def step() -> float:
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = BPRSampler(data.train, data.n_items, BATCH, seed=1).epoch()
+            batch = next(batches)
+        users, pos, neg = (torch.from_numpy(a).to(device) for a in batch)
+        loss = loss_fn(users, pos, neg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    same = 0.0
+    if reference:  # same parameters, same loss: the two implementations are the same model
+        with torch.no_grad():
+            first = next(BPRSampler(data.train, data.n_items, BATCH).epoch())
+            probe = [torch.from_numpy(a[:256]).to(device) for a in first]
+            same = abs(authors_style_loss(model, *probe).item() - model.calculate_loss(*probe).item())
+    for _ in range(spec["warmup"]):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    steps, start = 0, time.perf_counter()
+    while steps < spec["steps"] and (steps < 3 or time.perf_counter() - start < spec["max_seconds"]):
+        step()
+        steps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss()
+    return {
+        **spec, "s_per_100_steps": 100 * seconds, "triples_per_s": BATCH / seconds, "peak_mb": peak / 2**20,
+        "timed_steps": steps, "loss_gap": same, "n_train": len(data.train),
+        "steps_per_epoch": -(-len(data.train) // BATCH),
+    }  # fmt: skip
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure_quality(spec: dict) -> dict:
+    """Wall time to test Recall@20 >= target with the project's trainer settings (configs/tiktok.yaml)."""
+    data = load_dataset("tiktok", Path(spec["tiktok"]))
+    run = load_run_config(ROOT / "configs" / "tiktok.yaml", [f"model.name={spec['model']}"])
+    cfg: TrainConfig = run.train.model_copy(update={"progress": False, "device": spec["device"]})
+    seed_everything(cfg.seed)
+    device = torch.device(cfg.device)
+    model = build_model(data, run.model, cfg.reg_weight).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sampler = BPRSampler(data.train, data.n_items, cfg.batch_size, seed=cfg.seed)
+    clock, epoch, best = 0.0, 0, 0.0
+    while clock < spec["max_seconds"]:
+        epoch += 1
+        start = time.perf_counter()
+        model.train()
+        for batch in sampler.epoch():
+            loss = model.calculate_loss(*(torch.from_numpy(a).to(device) for a in batch))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        valid = evaluate_split(model, data, "valid", cfg).metrics["recall@20"]
+        clock += time.perf_counter() - start
+        test = evaluate_split(model, data, "test", cfg).metrics["recall@20"]  # not on the clock
+        best = max(best, test)
+        if test >= spec["target"]:
+            return {**spec, "seconds": clock, "epochs": epoch, "test_recall": test, "valid_recall": valid}
+    return {**spec, "seconds": None, "epochs": epoch, "test_recall": best, "valid_recall": None}
+
+
+# -- driver ----------------------------------------------------------------------------------------------
+def run_child(spec: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
+    )
+    if out.returncode != 0:
+        return {**spec, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def paper_columns(r: dict) -> str:
+    """Table 4 of the paper (MetaMMF_GCN with CP, TITAN Xp) next to this row's seconds per epoch."""
+    paper = PAPER_MINUTES_PER_EPOCH.get(r["dataset"]) if (r["model"], r["tensor"]) == ("metammf_gcn", "cp") else None
+    epoch_s = r["s_per_100_steps"] / 100 * r["steps_per_epoch"]
+    return f" | {fmt(paper)} | {epoch_s:.2f} | " + (f"{paper * 60 / epoch_s:,.0f}x" if paper else "-")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--datasets", nargs="+", default=["tiktok", "paper-tiktok", "paper-movielens"], choices=["tiktok", *PAPER_SETS]
+    )
+    p.add_argument("--models", nargs="+", default=["metammf_gcn", "metammf_mf"], choices=["metammf_gcn", "metammf_mf"])
+    p.add_argument("--tensors", nargs="+", default=["cp", "full"], choices=["cp", "full"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiktok", type=Path, default=ROOT.parent / "shared" / "data" / "tiktok")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per row (after --warmup)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--max-seconds", type=float, default=60.0, help="stop timing a row after this (min 3 steps)")
+    p.add_argument("--no-reference", action="store_true", help="skip the authors-style rows")
+    p.add_argument("--quality", action="store_true", help="also measure time to test Recall@20 >= --target")
+    p.add_argument("--target", type=float, default=0.068)
+    p.add_argument("--quality-seconds", type=float, default=600.0, help="give up on the target after this")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()  # fmt: skip
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(measure_quality(spec) if spec.get("kind") == "quality" else measure_steps(spec)))
+        return
+
+    threads = torch.get_num_threads()
+    print(f"device: {args.device}; torch {torch.__version__}, {threads} threads; batch {BATCH} triples\n")
+    print(
+        "| data | model | tensor | implementation | s / 100 steps | triples/s | peak MB | speed-up vs authors-style"
+        + (" | paper min/epoch | s/epoch | speed-up vs paper" if args.device.startswith("cuda") else "")
+        + " |"
+    )
+    print("|---|---|---|---|---:|---:|---:|---:" + ("|---:|---:|---:" if args.device.startswith("cuda") else "") + "|")
+    for dataset in args.datasets:
+        for model in args.models:
+            for tensor in args.tensors:
+                impls = ["ours"] + ([] if args.no_reference or dataset != "tiktok" else ["authors-style"])
+                rows = {}
+                for impl in impls:
+                    spec = {"dataset": dataset, "model": model, "tensor": tensor, "impl": impl, "device": args.device,
+                            "tiktok": str(args.tiktok), "steps": args.steps, "warmup": args.warmup,
+                            "max_seconds": args.max_seconds}  # fmt: skip
+                    rows[impl] = run_child(spec)
+                for impl, r in rows.items():
+                    if "error" in r:
+                        print(f"| {dataset} | {model} | {tensor} | {impl} | error: {r['error']} |")
+                        continue
+                    ref = rows.get("authors-style", {}).get("s_per_100_steps")
+                    speedup = fmt(ref / r["s_per_100_steps"], 1) + "x" if ref and impl == "ours" else "-"
+                    line = (f"| {dataset} | {model} | {tensor} | {impl} | {r['s_per_100_steps']:.2f} | "
+                            f"{r['triples_per_s']:,.0f} | {r['peak_mb']:,.0f} | {speedup}")  # fmt: skip
+                    if args.device.startswith("cuda"):
+                        line += paper_columns(r)
+                    print(line + " |", flush=True)
+                    if r["loss_gap"] > 1e-4:
+                        print(f"  warning: authors-style and ours differ by {r['loss_gap']:.2e} in loss")
+    if args.quality:
+        print(
+            f"\nTime to test Recall@20 >= {args.target} on tiktok (configs/tiktok.yaml; training + validation "
+            "on the clock, test evaluation off it):\n"
+        )
+        print("| model | seconds | epochs | test R@20 then | valid R@20 then |\n|---|---:|---:|---:|---:|")
+        for model in args.models:
+            r = run_child({"kind": "quality", "model": model, "device": args.device, "tiktok": str(args.tiktok),
+                           "target": args.target, "max_seconds": args.quality_seconds})  # fmt: skip
+            if "error" in r:
+                print(f"| {model} | error: {r['error']} |")
+            elif r["seconds"] is None:
+                print(f"| {model} | not reached in {args.quality_seconds:.0f} s | {r['epochs']} | "
+                      f"best {r['test_recall']:.4f} | - |")  # fmt: skip
+            else:
+                print(f"| {model} | {r['seconds']:.1f} | {r['epochs']} | {r['test_recall']:.4f} | "
+                      f"{r['valid_recall']:.4f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()
