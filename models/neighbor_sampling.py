@@ -46,8 +46,9 @@ class NeighborSampler:
 
     Vectorised: one pass per hop over the frontier's CSR segments (no Python loop over nodes). A node
     with more in-neighbours than the fanout gets a uniformly random subset (without replacement): a
-    random key per candidate edge, a sort by (node, key), the first ``fanout`` of each node. Time and
-    transient memory per hop are linear in the frontier's total degree, held as 1-D index tensors.
+    random key per candidate edge, one sort by (node, key), the first ``fanout`` of each node. Time and
+    transient memory per hop are linear in the frontier's total degree (plus a sort of the candidate
+    edges of the capped nodes), held as 1-D index tensors.
 
     Not thread-safe: a (num_nodes,) scratch map from global to local ids is reused between calls.
 
@@ -76,25 +77,33 @@ class NeighborSampler:
         """Up to ``fanout`` (-1: all) uniformly drawn in-neighbours of each of ``nodes``.
 
         Returns (segment, neighbour): ``neighbour[k]`` is a sampled in-neighbour (global id) of
-        ``nodes[segment[k]]``; grouped by segment.
+        ``nodes[segment[k]]``.
         """
         start = self.rowptr[nodes]
         deg = self.rowptr[nodes + 1] - start
-        segment = torch.repeat_interleave(torch.arange(len(nodes), device=self.device), deg)
-        offset_of_segment = deg.cumsum(0) - deg
-        edge = start[segment] + torch.arange(len(segment), device=self.device) - offset_of_segment[segment]
-        if fanout >= 0 and bool((deg > fanout).any()):
-            capped = (deg > fanout)[segment]
-            seg_c, edge_c = segment[capped], edge[capped]
-            # Random order inside each capped node's segment: shuffle, then a stable sort by segment.
-            perm = torch.randperm(len(seg_c), device=self.device, generator=generator)
-            perm = perm[torch.argsort(seg_c[perm], stable=True)]
-            seg_c, edge_c = seg_c[perm], edge_c[perm]
-            rank_in_segment = torch.arange(len(seg_c), device=self.device) - torch.searchsorted(seg_c, seg_c)
-            keep = rank_in_segment < fanout
-            segment = torch.cat([segment[~capped], seg_c[keep]])
-            edge = torch.cat([edge[~capped], edge_c[keep]])
-        return segment, self.col[edge]
+        everything = torch.arange(len(nodes), device=self.device)
+        capped = deg > fanout if fanout >= 0 else None
+        if capped is None or not bool(capped.any()):
+            return self._all_neighbors(everything, start, deg)
+        small, big = (~capped).nonzero().squeeze(1), capped.nonzero().squeeze(1)
+        seg_small, neighbor_small = self._all_neighbors(small, start[small], deg[small])
+        # Nodes with more than `fanout` neighbours: a random 31-bit key per candidate edge below the
+        # node's number, one sort (grouped by node, random order within), the first `fanout` of each.
+        start_big, deg_big = start[big], deg[big]
+        segment = torch.repeat_interleave(torch.arange(len(big), device=self.device), deg_big)
+        noise = torch.randint(0, 1 << 31, segment.shape, device=self.device, generator=generator)
+        order = torch.argsort((segment << 31) | noise)
+        offset = deg_big.cumsum(0) - deg_big
+        first = (offset[:, None] + torch.arange(fanout, device=self.device)).flatten()
+        kept_segment = torch.arange(len(big), device=self.device).repeat_interleave(fanout)
+        edge = start_big[kept_segment] + order[first] - offset[kept_segment]
+        return torch.cat([seg_small, big[kept_segment]]), torch.cat([neighbor_small, self.col[edge]])
+
+    def _all_neighbors(self, segments: Tensor, start: Tensor, deg: Tensor) -> tuple[Tensor, Tensor]:
+        """Every in-neighbour of the nodes whose CSR rows start at ``start`` (labelled ``segments``)."""
+        offset = deg.cumsum(0) - deg
+        edge = torch.repeat_interleave(start - offset, deg) + torch.arange(int(deg.sum()), device=self.device)
+        return torch.repeat_interleave(segments, deg), self.col[edge]
 
     def sample(
         self, seeds: Tensor, fanouts: Sequence[int], generator: torch.Generator | None = None

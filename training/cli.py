@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,13 +47,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_progress:
         cfg.train.progress = False
     data = load_data(cfg.data)
-    log.info(
-        "data %s: %d users, %d items, %d/%d/%d train/valid/test, modalities %s",
-        data.name, data.n_users, data.n_items, len(data.train), len(data.valid), len(data.test),
-        data.modality_dims,
-    )  # fmt: skip
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun: rank 0 logs, exports and prints
+    if main_rank:
+        log.info(
+            "data %s: %d users, %d items, %d/%d/%d train/valid/test, modalities %s",
+            data.name, data.n_users, data.n_items, len(data.train), len(data.valid), len(data.test),
+            data.modality_dims,
+        )  # fmt: skip
     start = time.perf_counter()
     result = train(data, cfg.model, cfg.train)
+    if result is None:  # another rank of a distributed run
+        return 0
     out = export_artifacts(result, data, cfg, args.out)
     summary = {
         "artifacts": str(out),
@@ -105,12 +110,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_EPILOG = """\
+scaling out:
+  data-parallel over N processes (gloo on CPU, NCCL on CUDA, one GPU per process);
+  same steps as one process up to float rounding, rank 0 evaluates and writes --out:
+    torchrun --nproc_per_node N -m training train --config CONFIG --out DIR
+  neighbour-sampled mini-batches (metammf_gcn; memory scales with the sampled
+  subgraph, evaluation stays full-graph), one fanout per GCN layer, -1 = all:
+    --set train.neighbor_sampling=true --set 'train.fanouts=[10, 10]'
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model and write a serving artifact directory")
+    p = sub.add_parser(
+        "train",
+        help="train a model and write a serving artifact directory",
+        description="Train a model and write a serving artifact directory.",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="YAML or TOML run config (sections data, model, train)")
     p.add_argument("--data", help="MMRec data directory (default: built-in synthetic data)")
     p.add_argument("--out", default="artifacts", help="artifact directory to write (default: artifacts)")

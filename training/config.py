@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import tomllib
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.config import ModelConfig
 from training.synthetic import SyntheticConfig
@@ -44,6 +44,42 @@ class TrainConfig(BaseModel):
     eval_batch_size: int = Field(2048, ge=1, description="users per evaluation batch")
     max_seconds: float | None = Field(None, gt=0, description="stop training after this wall time")
     progress: bool = True
+    neighbor_sampling: bool = Field(
+        False,
+        description="metammf_gcn only: each step propagates over a fanout-bounded sampled neighbourhood of "
+        "the batch's users and items instead of the whole graph (evaluation stays full-graph)",
+    )
+    fanouts: list[int] | None = Field(
+        None,
+        description="with neighbor_sampling: neighbours sampled per node at hop 1, 2, ... (one per GCN layer, "
+        "-1 = all); default 10 per layer",
+    )
+
+    @field_validator("fanouts")
+    @classmethod
+    def _positive_fanouts(cls, fanouts: list[int] | None) -> list[int] | None:
+        if fanouts is not None and (not fanouts or any(f == 0 or f < -1 for f in fanouts)):
+            raise ValueError("fanouts must be a non-empty list of positive integers (or -1 for all neighbours)")
+        return fanouts
+
+    def fanouts_for(self, gcn_layers: int) -> list[int]:
+        """The fanout of every hop for a model with ``gcn_layers`` layers."""
+        return list(self.fanouts) if self.fanouts is not None else [10] * gcn_layers
+
+
+def check_neighbor_sampling(model: ModelConfig, train: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for neighbour-sampling settings that cannot work with ``model``."""
+    if not train.neighbor_sampling:
+        return
+    if model.name != "metammf_gcn":
+        raise ConfigError(
+            f"train.neighbor_sampling=true needs model.name=metammf_gcn ({model.name} has no graph to sample)"
+        )
+    if train.fanouts is not None and len(train.fanouts) != model.gcn_layers:
+        raise ConfigError(
+            f"train.fanouts={train.fanouts} has {len(train.fanouts)} entries but model.gcn_layers="
+            f"{model.gcn_layers}: give one fanout per GCN layer (hop 1 first)"
+        )
 
 
 class RunConfig(BaseModel):
@@ -54,6 +90,11 @@ class RunConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        check_neighbor_sampling(self.model, self.train)
+        return self
 
 
 class ConfigError(ValueError):

@@ -1,4 +1,9 @@
-"""Training loop: BPR on resampled triples, Adam, validation early stopping, test at the best epoch."""
+"""Training loop: BPR on resampled triples, Adam, validation early stopping, test at the best epoch.
+
+Single process by default; data-parallel over the processes of a ``torchrun`` launch
+(:mod:`training.distributed`); full-graph or neighbour-sampled mini-batch propagation for MetaMMF_GCN
+(``train.neighbor_sampling``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -16,8 +22,9 @@ from models.base import RecModel
 from models.config import ModelConfig
 from models.metammf_gcn import MetaMMF_GCN
 from models.metammf_mf import MetaMMF_MF
-from training.config import TrainConfig
+from training.config import TrainConfig, check_neighbor_sampling
 from training.data import RecData
+from training.distributed import DistContext, all_reduce_sum, broadcast_flag, data_parallel, local_share, process_group
 from training.evaluate import EvalResult, full_rank_evaluate
 from training.sampling import BPRSampler
 
@@ -76,16 +83,38 @@ def evaluate_split(model: RecModel, data: RecData, split: str, cfg: TrainConfig)
         model.clear_inference_cache()
 
 
-def train(data: RecData, model_config: ModelConfig, cfg: TrainConfig) -> TrainResult:
+def train(data: RecData, model_config: ModelConfig, cfg: TrainConfig) -> TrainResult | None:
     """Train until the validation ``cfg.monitor`` stops improving for ``cfg.patience`` evaluations,
-    then restore the best weights and score the test split with them."""
+    then restore the best weights and score the test split with them.
+
+    Launched by ``torchrun`` with several processes, trains data-parallel (see :mod:`training.distributed`)
+    and returns the result on rank 0 only (``None`` on the other ranks).
+    """
+    check_neighbor_sampling(model_config, cfg)
+    with process_group(cfg.device) as (ctx, device):
+        if ctx.enabled:
+            cfg = cfg.model_copy(update={"device": str(device), "progress": cfg.progress and ctx.is_main})
+        return _train(data, model_config, cfg, ctx, device)
+
+
+def _train(
+    data: RecData, model_config: ModelConfig, cfg: TrainConfig, ctx: DistContext, device: torch.device
+) -> TrainResult | None:
     seed_everything(cfg.seed)
-    device = torch.device(cfg.device)
     model = build_model(data, model_config, cfg.reg_weight).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # Seeded alike on every rank: all ranks draw the same global batches (each computes its share).
     sampler = BPRSampler(data.train, data.n_items, cfg.batch_size, seed=cfg.seed)
     if cfg.monitor not in {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "hit") for k in cfg.ks}:
         raise ValueError(f"train.monitor={cfg.monitor!r} is not one of the computed metrics (ks={cfg.ks})")
+    loss_fn = model.calculate_loss
+    if cfg.neighbor_sampling:
+        # Its own generator (per rank: ranks sample their shares independently), so the global RNG
+        # stream (init, edge dropout) is the same as without sampling.
+        generator = torch.Generator(device).manual_seed(cfg.seed + ctx.rank)
+        fanouts = cfg.fanouts_for(model_config.gcn_layers)
+        loss_fn = partial(model.calculate_sampled_loss, fanouts=fanouts, generator=generator)
+    ddp = data_parallel(model, loss_fn, device) if ctx.enabled else None
 
     best_score, best_epoch, best_state, best_valid = -np.inf, 0, None, {}
     history: list[dict[str, float]] = []
@@ -95,16 +124,25 @@ def train(data: RecData, model_config: ModelConfig, cfg: TrainConfig) -> TrainRe
         model.train()
         start, total_loss = time.perf_counter(), 0.0
         for users, pos, neg in sampler.epoch():
-            batch = [torch.from_numpy(a).to(device) for a in (users, pos, neg)]
-            loss = model.calculate_loss(*batch)
+            if ddp is None:
+                batch = [torch.from_numpy(a).to(device) for a in (users, pos, neg)]
+                loss = loss_fn(*batch)
+            else:
+                share, scale = local_share(len(users), ctx)
+                # An empty share (a batch smaller than the world) still runs forward and backward, for
+                # the collective all-reduce, on the whole batch with weight 0.
+                batch = [torch.from_numpy(a[share] if scale else a).to(device) for a in (users, pos, neg)]
+                loss = ddp(*batch) * scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total_loss += loss.item()
+        if ddp is not None:  # sum over ranks of scale_r * loss_r / world = the loss of the global batches
+            total_loss = all_reduce_sum(total_loss, device) / ctx.world_size
         epoch_seconds = time.perf_counter() - start
         train_seconds += epoch_seconds
         record = {"epoch": epoch, "loss": total_loss / len(sampler), "seconds": epoch_seconds}
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+        if ctx.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             valid = evaluate_split(model, data, "valid", cfg)
             record.update({f"valid_{k}": v for k, v in valid.metrics.items()})
             score = valid.metrics[cfg.monitor]
@@ -115,18 +153,26 @@ def train(data: RecData, model_config: ModelConfig, cfg: TrainConfig) -> TrainRe
                 stale += 1
             bar.set_postfix(loss=f"{record['loss']:.4f}", **{cfg.monitor: f"{score:.4f}"})
         history.append(record)
-        log.info(
-            "epoch %d loss %.4f %s %.4f (best %.4f @ %d) %.2fs",
-            epoch, record["loss"], cfg.monitor, record.get(f"valid_{cfg.monitor}", float("nan")),
-            best_score, best_epoch, epoch_seconds,
-        )  # fmt: skip
+        stop = None
         if stale >= cfg.patience:
-            log.info("early stop: %s did not improve for %d evaluations", cfg.monitor, cfg.patience)
-            break
-        if cfg.max_seconds is not None and train_seconds >= cfg.max_seconds:
-            log.info("stopping: max_seconds=%s reached", cfg.max_seconds)
+            stop = f"early stop: {cfg.monitor} did not improve for {cfg.patience} evaluations"
+        elif cfg.max_seconds is not None and train_seconds >= cfg.max_seconds:
+            stop = f"stopping: max_seconds={cfg.max_seconds} reached"
+        if ctx.is_main:
+            log.info(
+                "epoch %d loss %.4f %s %.4f (best %.4f @ %d) %.2fs",
+                epoch, record["loss"], cfg.monitor, record.get(f"valid_{cfg.monitor}", float("nan")),
+                best_score, best_epoch, epoch_seconds,
+            )  # fmt: skip
+            if stop:
+                log.info("%s", stop)
+        if ddp is not None:  # rank 0 decides (it alone evaluates, and wall times differ between ranks)
+            stop = broadcast_flag(stop is not None, device)
+        if stop:
             break
 
+    if not ctx.is_main:
+        return None
     if best_state is not None:
         model.load_state_dict(best_state)
     valid = evaluate_split(model, data, "valid", cfg)
