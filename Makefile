@@ -1,7 +1,7 @@
 PYTHON ?= .venv/bin/python
 PIP_TORCH ?= torch==2.13.0
 
-.PHONY: install test lint run bench-train format
+.PHONY: install install-locked lock audit test lint run bench-train bench-serve format
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -11,6 +11,26 @@ PIP_TORCH ?= torch==2.13.0
 install: .venv/bin/python
 	.venv/bin/pip install -q "$(PIP_TORCH)" || .venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 	.venv/bin/pip install -q -e ".[dev]"
+
+## install-locked: like install, but every package at the version pinned in requirements-dev.lock
+install-locked: .venv/bin/python
+	.venv/bin/pip install -q "$(PIP_TORCH)" || .venv/bin/pip install -q "$(PIP_TORCH)" --index-url https://download.pytorch.org/whl/cpu
+	.venv/bin/pip install -q -r requirements-dev.lock
+	.venv/bin/pip install -q --no-deps -e .
+
+## lock: rewrite requirements.lock (runtime) and requirements-dev.lock (runtime + dev) from the installed .venv
+lock:
+	$(PYTHON) tools/lock_deps.py
+
+# torch advisories with no fixed release, reviewed and accepted in docs/RELIABILITY.md ("Dependency audit");
+# `make audit AUDIT_IGNORE=` shows them again
+AUDIT_IGNORE ?= PYSEC-2026-139 PYSEC-2025-189 PYSEC-2025-190 PYSEC-2025-191 PYSEC-2025-192 PYSEC-2025-193 \
+	PYSEC-2025-194 PYSEC-2025-195 PYSEC-2025-196 PYSEC-2025-197 PYSEC-2025-210
+
+## audit: pip-audit the pinned runtime dependencies (needs pypi.org or osv.dev; pip-audit installed on demand)
+audit:
+	$(PYTHON) -m pip_audit --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q pip-audit
+	$(PYTHON) -m pip_audit -r requirements.lock --strict --no-deps --disable-pip $(AUDIT_IGNORE:%=--ignore-vuln=%)
 
 ## test: lint, then the whole test suite (what CI runs)
 test: install
@@ -24,3 +44,11 @@ lint:
 ## run: train on the built-in synthetic data if ./artifacts is missing, then serve on http://127.0.0.1:8000
 run: install
 	$(PYTHON) -m service run --artifacts artifacts --train-config configs/synthetic.yaml --host 127.0.0.1 --port 8000
+
+## bench-train: training speed table (bench/train.py --help for options)
+bench-train: install
+	$(PYTHON) bench/train.py --quality
+
+## bench-serve: serving latency/throughput table with wrk (bench/serve.py --help for options)
+bench-serve: install
+	$(PYTHON) bench/serve.py
