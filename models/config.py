@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ModelConfig(BaseModel):
@@ -12,7 +12,9 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["metammf_gcn", "metammf_mf"] = "metammf_gcn"
+    name: str = Field(
+        "metammf_gcn", description="the model: metammf_gcn, metammf_mf or a baseline (models.registry.MODELS)"
+    )
     meta_dim: int = Field(5, ge=1, description="d_s: size of the meta information s_i")
     extractor_hidden: int = Field(64, ge=1, description="hidden width of the meta information extractor MLP")
     fused_dim: int = Field(32, ge=1, description="d_m: output width of the fusion tower")
@@ -42,6 +44,25 @@ class ModelConfig(BaseModel):
         "ego", description="what the L2 term penalises: the ego (layer-0) or the final GCN representations"
     )
     layer_reg: float = Field(0.0, ge=0.0, description="L2 weight on the GraphSAGE and fusion weights")
+    # Baseline-only settings (MetaMMF ignores them); the baselines otherwise reuse the fields above
+    # (embedding_dim, gcn_layers, fusion_layers, leaky_slope, normalize_features, ...).
+    message_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="baselines: NGCF message dropout on each layer's output (0.1 in Wang et al. 2019); "
+        "GAT dropout on the attention coefficients (0.6 in Velickovic et al. 2018); training only",
+    )
+    gat_heads: int = Field(1, ge=1, le=16, description="GAT: attention heads per layer (their outputs averaged)")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from models.registry import MODELS  # the registry imports no model code
+
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(MODELS)}")
+        return name
 
     @property
     def embedding_dim(self) -> int:

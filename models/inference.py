@@ -36,8 +36,14 @@ class InferenceEncoder(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_model(cls, model: RecModel) -> InferenceEncoder:
-        if not isinstance(model, MetaMMF_GCN | MetaMMF_MF):
-            raise TypeError(f"no inference encoder for {type(model).__name__}")
+        # Exact types: subclasses (the static-fusion baselines) have another fusion network.
+        if type(model) not in (MetaMMF_GCN, MetaMMF_MF):
+            name = getattr(getattr(model, "config", None), "name", None)
+            raise TypeError(
+                f"no inference encoder for {type(model).__name__}"
+                + (f" (model {name!r})" if name else "")
+                + ": only MetaMMF models (metammf_gcn, metammf_mf) can be served; baselines are for evaluation only"
+            )
         encoder = cls(model.config, model.items.fusion.in_dim)
         encoder.fusion.load_state_dict(model.items.fusion.state_dict())
         if isinstance(model, MetaMMF_GCN):

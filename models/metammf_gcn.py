@@ -190,6 +190,7 @@ class MetaMMF_GCN(RecModel):
         train_pairs: (n, 2) training (user, item) index pairs: the graph.
         config: model hyper-parameters (``gcn_layers``, ``layer_combine``, fusion settings).
         reg_weight: L2 weight on the batch ego representations.
+        items: the item ego encoder (default: :class:`MultimodalItemEncoder`; see :class:`MetaMMF_MF`).
     """
 
     def __init__(
@@ -199,6 +200,8 @@ class MetaMMF_GCN(RecModel):
         train_pairs: Tensor,
         config: ModelConfig,
         reg_weight: float = 1e-4,
+        *,
+        items: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -206,7 +209,7 @@ class MetaMMF_GCN(RecModel):
         self.reg_weight = reg_weight
         dim = config.embedding_dim
         self.user_embedding = nn.Embedding(n_users, dim)
-        self.items = MultimodalItemEncoder(config, item_features)
+        self.items = items if items is not None else MultimodalItemEncoder(config, item_features)
         self.graph = SAGETower.from_config(config)
         edge_index = bipartite_edge_index(train_pairs.long(), self.n_users, self.n_items)
         self.register_buffer("edge_index", edge_index, persistent=False)

@@ -75,15 +75,25 @@ class MetaMMF_MF(RecModel):
         item_features: (n_items, d_x) concatenated raw multimodal features.
         config: model hyper-parameters.
         reg_weight: L2 weight on the batch representations.
+        items: the item ego encoder (default: :class:`MultimodalItemEncoder`, MetaMMF's fusion); the
+            static-fusion baselines (:mod:`models.static_fusion`) pass theirs, everything else is shared.
     """
 
-    def __init__(self, n_users: int, item_features: Tensor, config: ModelConfig, reg_weight: float = 1e-4):
+    def __init__(
+        self,
+        n_users: int,
+        item_features: Tensor,
+        config: ModelConfig,
+        reg_weight: float = 1e-4,
+        *,
+        items: nn.Module | None = None,
+    ):
         super().__init__()
         self.config = config
         self.n_users, self.n_items = n_users, item_features.shape[0]
         self.reg_weight = reg_weight
         self.user_embedding = nn.Embedding(n_users, config.embedding_dim)
-        self.items = MultimodalItemEncoder(config, item_features)
+        self.items = items if items is not None else MultimodalItemEncoder(config, item_features)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from models.artifacts import ArtifactError, read_manifest
+from models.registry import model_names
 from training.config import ConfigError, DataConfig, RunConfig, load_run_config
 from training.data import DataError, RecData, load_mmrec, save_mmrec
 from training.synthetic import SyntheticConfig, generate_synthetic
@@ -38,6 +39,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from models.registry import is_servable
     from training.export import export_artifacts
     from training.trainer import train
 
@@ -58,9 +60,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(data, cfg.model, cfg.train)
     if result is None:  # another rank of a distributed run
         return 0
-    out = export_artifacts(result, data, cfg, args.out)
+    if is_servable(cfg.model.name):
+        out: str | None = str(export_artifacts(result, data, cfg, args.out))
+    else:
+        log.info(
+            "model %s is a baseline: evaluated only, no serving artifact written to %s (the service serves "
+            "MetaMMF models only)", cfg.model.name, args.out,
+        )  # fmt: skip
+        out = None
     summary = {
-        "artifacts": str(out),
+        "artifacts": out,
         "model": cfg.model.name,
         "best_epoch": result.best_epoch,
         "wall_seconds": round(time.perf_counter() - start, 1),
@@ -136,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or TOML run config (sections data, model, train)")
     p.add_argument("--data", help="MMRec data directory (default: built-in synthetic data)")
     p.add_argument("--out", default="artifacts", help="artifact directory to write (default: artifacts)")
-    p.add_argument("--model", choices=["metammf_gcn", "metammf_mf"], help="shortcut for --set model.name=")
+    p.add_argument("--model", choices=model_names(), help="shortcut for --set model.name= (baselines: no artifact)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (shortcut for --set train.device=)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.rank=8 --set train.lr=0.002")  # fmt: skip

@@ -13,9 +13,23 @@ from safetensors.torch import save_file
 
 from models.artifacts import write_artifacts
 from models.inference import InferenceEncoder, item_states
+from models.registry import is_servable, servable_names
 from training.config import RunConfig
 from training.data import RecData
 from training.trainer import TrainResult
+
+
+class NotServableError(ValueError):
+    """The model cannot be exported as a serving artifact (the service serves MetaMMF models only)."""
+
+
+def check_servable(model_name: str) -> None:
+    """Raise :class:`NotServableError` for a model the service cannot serve (the baselines)."""
+    if not is_servable(model_name):
+        raise NotServableError(
+            f"model {model_name!r} is a baseline and cannot be exported as a serving artifact: the service "
+            f"serves MetaMMF models only ({', '.join(servable_names())}); baselines are trained and evaluated only"
+        )
 
 
 def build_item_index(item_embeddings: np.ndarray) -> faiss.Index:
@@ -39,7 +53,10 @@ def metrics_summary(result: TrainResult) -> dict:
 
 @torch.no_grad()
 def export_artifacts(result: TrainResult, data: RecData, run_config: RunConfig, out: str | Path) -> Path:
-    """Write weights, embeddings, the FAISS index, id maps, seen interactions, metrics and config."""
+    """Write weights, embeddings, the FAISS index, id maps, seen interactions, metrics and config.
+
+    Raises :class:`NotServableError` for a baseline (only MetaMMF models can be served)."""
+    check_servable(run_config.model.name)
     model = result.model.cpu().eval()
     user_emb, item_emb = (t.contiguous() for t in model.get_embedding())
     encoder = InferenceEncoder.from_model(model)

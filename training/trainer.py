@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from models.base import RecModel
 from models.config import ModelConfig
-from models.metammf_gcn import MetaMMF_GCN
-from models.metammf_mf import MetaMMF_MF
+from models.registry import ModelInputs
+from models.registry import build_model as build_registered
 from training.config import TrainConfig, check_neighbor_sampling
 from training.data import RecData
 from training.distributed import DistContext, all_reduce_sum, broadcast_flag, data_parallel, local_share, process_group
@@ -37,14 +37,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def model_inputs(data: RecData) -> ModelInputs:
+    """What models are built from: item features and the training interactions (never valid/test)."""
+    return ModelInputs(
+        n_users=data.n_users,
+        item_features=torch.from_numpy(data.item_features()),
+        modality_dims=data.modality_dims,
+        train_pairs=torch.from_numpy(data.train),
+    )
+
+
 def build_model(data: RecData, config: ModelConfig, reg_weight: float) -> RecModel:
-    """Instantiate the model named by ``config.name`` for ``data``."""
-    features = torch.from_numpy(data.item_features())
-    if config.name == "metammf_mf":
-        return MetaMMF_MF(data.n_users, features, config, reg_weight)
-    if config.name == "metammf_gcn":
-        return MetaMMF_GCN(data.n_users, features, torch.from_numpy(data.train), config, reg_weight)
-    raise ValueError(f"unknown model {config.name!r}")
+    """Instantiate the model named by ``config.name`` for ``data`` (see :mod:`models.registry`)."""
+    return build_registered(model_inputs(data), config, reg_weight)
 
 
 @dataclass

@@ -1,0 +1,50 @@
+"""Helpers shared by the graph baselines: feature standardisation, normalised adjacencies."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch_geometric.utils import degree, to_torch_csr_tensor
+
+from models.metammf_gcn import _SparseMatmul
+
+
+def standardize_features(item_features: Tensor, normalize: bool = True) -> Tensor:
+    """Per-dimension standardised features (statistics over all items, as MetaMMF's fusion network
+    computes them), or the raw features as float32 when ``normalize`` is false."""
+    x = item_features.float()
+    if not normalize:
+        return x
+    return (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+
+
+def symmetric_norm_weights(edge_index: Tensor, num_nodes: int) -> Tensor:
+    r"""Edge weights :math:`1 / \sqrt{|N(s)| |N(t)|}` of the symmetric normalisation
+    :math:`D^{-1/2} A D^{-1/2}` (no self loops), for an undirected ``edge_index``."""
+    source, target = edge_index
+    deg = degree(target, num_nodes).clamp_min(1)
+    return deg[source].rsqrt() * deg[target].rsqrt()
+
+
+def symmetric_norm_adjacency(edge_index: Tensor, num_nodes: int) -> Tensor:
+    """:math:`D^{-1/2} A D^{-1/2}` as a CSR tensor (row = target): the ``adj_t`` PyG layers accept."""
+    weights = symmetric_norm_weights(edge_index, num_nodes)
+    return to_torch_csr_tensor(edge_index.flip(0), weights, size=(num_nodes, num_nodes))
+
+
+class SymmetricPropagation:
+    r"""``x -> D^{-1/2} A D^{-1/2} x`` for an undirected graph, as one sparse product whose backward
+    pass reuses the same (symmetric) matrix: the fast path of :class:`models.metammf_gcn.MeanAggregation`
+    with symmetric instead of row normalisation."""
+
+    def __init__(self, edge_index: Tensor, num_nodes: int) -> None:
+        self.matrix = symmetric_norm_adjacency(edge_index, num_nodes)
+        self.device = edge_index.device
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _SparseMatmul.apply(x, self.matrix, self.matrix)
+
+
+def batch_rows(n_users: int, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
+    """Node indices (users first, then ``n_users`` + item) of a BPR batch, in [users | pos | neg] order."""
+    return torch.cat([users, n_users + pos_items, n_users + neg_items])

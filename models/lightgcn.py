@@ -1,0 +1,87 @@
+r"""LightGCN (He et al., SIGIR 2020): pure collaborative filtering, no item content.
+
+Free ID embeddings :math:`e^{(0)}` of users and items are smoothed over the user-item graph without
+feature transforms or non-linearities (PyG :class:`~torch_geometric.nn.LGConv`):
+
+.. math::
+    e^{(k+1)} = D^{-1/2} A D^{-1/2} e^{(k)}, \qquad
+    e = \frac{1}{K+1} \sum_{k=0}^{K} e^{(k)}, \qquad \hat y_{ui} = e_u^\top e_i
+
+Settings of the paper / official code, and what this implementation uses:
+
+* layer combination: uniform mean :math:`\alpha_k = 1/(K+1)` (as the paper);
+* layers :math:`K`: ``config.gcn_layers`` (the paper reports K = 3 as best; MetaMMF's default is 2);
+* embedding size: ``config.embedding_dim`` (64 by default, the paper's 64);
+* init: normal, std 0.1 (the official PyTorch code);
+* loss: BPR plus ``reg_weight`` times the L2 norm of the batch's *ego* (layer-0) embeddings divided by
+  the batch size (the paper's 1e-4; set it with ``train.reg_weight``); no dropout.
+* optimiser, lr (1e-3), batch size and early stopping are the shared trainer's.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch_geometric.nn import LGConv
+
+from models.base import RecModel, bpr_loss, l2_penalty
+from models.config import ModelConfig
+from models.graph_utils import symmetric_norm_adjacency
+from models.metammf_gcn import bipartite_edge_index
+from models.registry import ModelInputs
+
+
+class LightGCN(RecModel):
+    """LightGCN over the training interactions.
+
+    Args:
+        n_users, n_items: graph size.
+        train_pairs: (n, 2) training (user, item) pairs: the graph.
+        config: ``embedding_dim`` and ``gcn_layers`` are used.
+        reg_weight: L2 weight on the batch ego embeddings.
+    """
+
+    def __init__(self, n_users: int, n_items: int, train_pairs: Tensor, config: ModelConfig, reg_weight: float):
+        super().__init__()
+        self.config = config
+        self.n_users, self.n_items = n_users, n_items
+        self.reg_weight = reg_weight
+        self.embedding = nn.Embedding(n_users + n_items, config.embedding_dim)
+        # Normalisation precomputed once: the layers get the normalised adjacency as PyG's ``adj_t``.
+        self.convs = nn.ModuleList(LGConv(normalize=False) for _ in range(config.gcn_layers))
+        edge_index = bipartite_edge_index(train_pairs.long(), n_users, n_items)
+        self.register_buffer("edge_index", edge_index, persistent=False)
+        self._adj: Tensor | None = None
+        self.reset_parameters()
+
+    @classmethod
+    def from_inputs(cls, inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> LightGCN:
+        return cls(inputs.n_users, inputs.n_items, inputs.train_pairs, config, reg_weight)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.embedding.weight, std=0.1)
+
+    def adjacency(self) -> Tensor:
+        if self._adj is None or self._adj.device != self.edge_index.device:
+            self._adj = symmetric_norm_adjacency(self.edge_index, self.n_users + self.n_items)
+        return self._adj
+
+    def propagate(self) -> Tensor:
+        """Final embeddings of all nodes [users | items]: the mean of e^(0..K)."""
+        adj = self.adjacency()
+        h = self.embedding.weight
+        total = h
+        for conv in self.convs:
+            h = conv(h, adj)
+            total = total + h
+        return total / (len(self.convs) + 1)
+
+    def get_embedding(self) -> tuple[Tensor, Tensor]:
+        final = self.propagate()
+        return final[: self.n_users], final[self.n_users :]
+
+    def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
+        final = self.propagate()
+        rows = (users, self.n_users + pos_items, self.n_users + neg_items)
+        u, pos, neg = (final[r] for r in rows)
+        ego = (self.embedding(r) for r in rows)
+        return bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + self.reg_weight * l2_penalty(*ego)
