@@ -54,6 +54,25 @@ class ModelConfig(BaseModel):
         "GAT dropout on the attention coefficients (0.6 in Velickovic et al. 2018); training only",
     )
     gat_heads: int = Field(1, ge=1, le=16, description="GAT: attention heads per layer (their outputs averaged)")
+    grcn_routing: int = Field(
+        3, ge=0, le=10, description="GRCN: routing iterations refining the user prototypes per modality"
+    )
+    lattice_knn_k: int = Field(10, ge=1, description="LATTICE: neighbours per item in the item-item kNN graphs")
+    lattice_lambda: float = Field(
+        0.9, ge=0.0, le=1.0, description="LATTICE: weight of the initial item graph in the skip connection"
+    )
+    lattice_item_layers: int = Field(1, ge=1, le=4, description="LATTICE: item-item graph convolution layers")
+    invrl_envs: int = Field(2, ge=1, le=16, description="InvRL: number of heterogeneous environments")
+    invrl_irm_weight: float = Field(
+        1e8,
+        ge=0.0,
+        description="InvRL: weight alpha of the invariance penalty (official form, quartic in the "
+        "per-environment gradients, hence large; tune per data set)",
+    )
+    invrl_mask_reg: float = Field(1e-3, ge=0.0, description="InvRL: L2 weight on the feature-mask parameters mu")
+    invrl_refresh_epochs: int = Field(
+        10, ge=1, description="InvRL: epochs between environment re-learning rounds (3 rounds, then fixed)"
+    )
 
     @field_validator("name")
     @classmethod

@@ -102,6 +102,9 @@ MODELS: dict[str, ModelSpec] = {
     "graphsage": ModelSpec("models.graphsage:GraphSAGE", "GraphSAGE (Hamilton et al. 2017), multimodal items"),
     "gat": ModelSpec("models.gat:GAT", "GAT (Velickovic et al. 2018), multimodal items"),
     "mmgcn": ModelSpec("models.mmgcn:MMGCN", "MMGCN (Wei et al. 2019)"),
+    "grcn": ModelSpec("models.grcn:GRCN", "GRCN (Wei et al. 2020), refined user-item graph"),
+    "lattice": ModelSpec("models.lattice:LATTICE", "LATTICE (Zhang et al. 2021), learned item-item graph"),
+    "invrl": ModelSpec("models.invrl:InvRL", "InvRL (Du et al. 2022), invariant feature mask"),
     # ... and the static-fusion variants of its Table 3.
     "early_fusion_mf": ModelSpec("models.static_fusion:early_fusion_mf", "static early fusion, MF backbone"),
     "late_fusion_mf": ModelSpec("models.static_fusion:late_fusion_mf", "static late fusion, MF backbone"),

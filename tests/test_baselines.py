@@ -19,7 +19,10 @@ from models.base import RecModel
 from models.config import ModelConfig
 from models.gat import GAT
 from models.graphsage import GraphSAGE
+from models.grcn import GRCN
 from models.inference import InferenceEncoder
+from models.invrl import InvRL
+from models.lattice import LATTICE
 from models.lightgcn import LightGCN
 from models.metammf_gcn import MetaMMF_GCN
 from models.metammf_mf import MetaMMF_MF
@@ -47,6 +50,9 @@ EXPECTED_CLASS = {
     "graphsage": GraphSAGE,
     "gat": GAT,
     "mmgcn": MMGCN,
+    "grcn": GRCN,
+    "lattice": LATTICE,
+    "invrl": InvRL,
     **{f"{mode}_fusion_mf": StaticFusionMF for mode in ("early", "late", "hybrid")},
     **{f"{mode}_fusion_gcn": StaticFusionGCN for mode in ("early", "late", "hybrid")},
 }
