@@ -40,8 +40,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from models.registry import is_servable
+    from training.coldstart import train_protocol
     from training.export import export_artifacts
-    from training.trainer import train
 
     cfg = resolve_config(args)
     if cfg.data.path is not None:  # absolute, so `evaluate` finds the data from any directory
@@ -57,11 +57,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             data.modality_dims,
         )  # fmt: skip
     start = time.perf_counter()
-    result = train(data, cfg.model, cfg.train)
+    result = train_protocol(cfg, data)  # data.protocol: warm, or cold_items (training.coldstart)
     if result is None:  # another rank of a distributed run
         return 0
-    if is_servable(cfg.model.name):
-        out: str | None = str(export_artifacts(result, data, cfg, args.out))
+    if cfg.data.protocol != "warm":
+        log.info(
+            "data.protocol=%s: the model was trained on the warm items only and is evaluated, not exported",
+            cfg.data.protocol,
+        )
+        out: str | None = None
+    elif is_servable(cfg.model.name):
+        out = str(export_artifacts(result, data, cfg, args.out))
     else:
         log.info(
             "model %s is a baseline: evaluated only, no serving artifact written to %s (the service serves "
@@ -71,6 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = {
         "artifacts": out,
         "model": cfg.model.name,
+        "protocol": cfg.data.protocol,
         "best_epoch": result.best_epoch,
         "wall_seconds": round(time.perf_counter() - start, 1),
         "test": {k: round(v, 4) for k, v in result.test.metrics.items()},

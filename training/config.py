@@ -24,6 +24,13 @@ class DataConfig(BaseModel):
         "error", description="valid/test users without train interactions: fail, keep them, or drop them"
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    protocol: Literal["warm", "cold_items"] = Field(
+        "warm",
+        description="warm: the split as loaded; cold_items: hold out a share of items from training and rank "
+        "them from content alone (training.coldstart)",
+    )
+    cold_item_ratio: float = Field(0.2, gt=0, lt=1, description="cold_items: share of items held out")
+    cold_item_seed: int = Field(0, description="cold_items: seed of the held-out item draw")
 
 
 class TrainConfig(BaseModel):
@@ -94,6 +101,10 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         check_neighbor_sampling(self.model, self.train)
+        if self.data.protocol == "cold_items":
+            from training.coldstart import check_cold_start_model  # imports no model code
+
+            check_cold_start_model(self.model.name)
         return self
 
 

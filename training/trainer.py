@@ -11,6 +11,7 @@ import copy
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -88,9 +89,21 @@ def evaluate_split(model: RecModel, data: RecData, split: str, cfg: TrainConfig)
         model.clear_inference_cache()
 
 
-def train(data: RecData, model_config: ModelConfig, cfg: TrainConfig) -> TrainResult | None:
+def _evaluate_data(model: RecModel, split: str, *, data: RecData, cfg: TrainConfig) -> EvalResult:
+    return evaluate_split(model, data, split, cfg)
+
+
+SplitEvaluator = Callable[[RecModel, str], EvalResult]
+
+
+def train(
+    data: RecData, model_config: ModelConfig, cfg: TrainConfig, evaluate: SplitEvaluator | None = None
+) -> TrainResult | None:
     """Train until the validation ``cfg.monitor`` stops improving for ``cfg.patience`` evaluations,
     then restore the best weights and score the test split with them.
+
+    ``evaluate(model, split)`` scores 'valid' or 'test' (default: :func:`evaluate_split` on ``data``);
+    the cold-start protocol (:mod:`training.coldstart`) passes one that ranks held-out items.
 
     Launched by ``torchrun`` with several processes, trains data-parallel (see :mod:`training.distributed`)
     and returns the result on rank 0 only (``None`` on the other ranks).
@@ -99,12 +112,19 @@ def train(data: RecData, model_config: ModelConfig, cfg: TrainConfig) -> TrainRe
     with process_group(cfg.device) as (ctx, device):
         if ctx.enabled:
             cfg = cfg.model_copy(update={"device": str(device), "progress": cfg.progress and ctx.is_main})
-        return _train(data, model_config, cfg, ctx, device)
+        return _train(data, model_config, cfg, ctx, device, evaluate)
 
 
 def _train(
-    data: RecData, model_config: ModelConfig, cfg: TrainConfig, ctx: DistContext, device: torch.device
+    data: RecData,
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    device: torch.device,
+    evaluate: SplitEvaluator | None = None,
 ) -> TrainResult | None:
+    if evaluate is None:
+        evaluate = partial(_evaluate_data, data=data, cfg=cfg)
     seed_everything(cfg.seed)
     model = build_model(data, model_config, cfg.reg_weight).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -148,7 +168,7 @@ def _train(
         train_seconds += epoch_seconds
         record = {"epoch": epoch, "loss": total_loss / len(sampler), "seconds": epoch_seconds}
         if ctx.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            valid = evaluate_split(model, data, "valid", cfg)
+            valid = evaluate(model, "valid")
             record.update({f"valid_{k}": v for k, v in valid.metrics.items()})
             score = valid.metrics[cfg.monitor]
             if score > best_score:
@@ -180,6 +200,6 @@ def _train(
         return None
     if best_state is not None:
         model.load_state_dict(best_state)
-    valid = evaluate_split(model, data, "valid", cfg)
-    test = evaluate_split(model, data, "test", cfg)
+    valid = evaluate(model, "valid")
+    test = evaluate(model, "test")
     return TrainResult(model, best_epoch, best_valid, valid, test, history, train_seconds)

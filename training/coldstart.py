@@ -1,0 +1,288 @@
+"""Cold-start item protocol (``data.protocol: cold_items``): items never seen in training, scored from content.
+
+Split (:func:`cold_item_split`): a seeded ``cold_item_ratio`` share of all items (``round(ratio * n_items)``,
+drawn with ``numpy.random.default_rng(cold_item_seed)``) is held out. Their interactions leave the
+training set entirely; those that were in train are assigned to valid or test at random (same seed),
+in the valid : test proportion of the data set; their valid/test interactions stay where they were.
+The models are built and trained on the *warm* items only (re-indexed ``0..n_warm-1``), so held-out items
+are neither positives nor sampled negatives, have no graph edges and do not enter the feature statistics.
+Evaluation rows of users without any warm training interaction (cold users as well) are dropped.
+
+Evaluation (:func:`cold_evaluator`): the common protocol of cold-start recommendation (e.g. DUIF,
+CLCRec): each user with a held-out target is ranked against the held-out items *only* (full ranking
+over the cold item set, the metrics of :mod:`training.evaluate`); when scoring test, the user's valid
+cold items are masked, as in the warm protocol. Early stopping monitors the same cold valid metrics.
+
+Scoring unseen items from content (:func:`cold_item_embeddings`), per model family:
+
+* MetaMMF_MF / MetaMMF_GCN and the static-fusion variants: ego ``[fusion(x_i) ; mean item ID
+  embedding]`` (what :class:`models.inference.InferenceEncoder` serves); GCN backbones then run the
+  GraphSAGE layers for a node without neighbours (``SAGETower.isolated``);
+* VBPR: ``[mean gamma_i ; E f_i ; mean beta_i + beta'^T f_i]``;
+* GraphSAGE / GAT: the projected features through the layers as an isolated node (GAT: self loop only);
+* MMGCN: per modality, the projected features with the mean item ID embedding as an isolated node.
+
+User embeddings are the trained model's final ones. Pure ID models (LightGCN, NGCF) cannot score
+items they never saw and are rejected by :func:`check_cold_start_model` (called by the RunConfig
+validator). The popularity ranker lives in :mod:`training.popularity`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.base import RecModel
+from training.data import DataError, RecData
+from training.evaluate import EvalResult, full_rank_evaluate
+
+if TYPE_CHECKING:
+    from training.config import RunConfig, TrainConfig
+    from training.trainer import TrainResult
+
+PROTOCOLS = ("warm", "cold_items")
+CONTENT_MODELS = frozenset(
+    {
+        "metammf_gcn",
+        "metammf_mf",
+        "vbpr",
+        "graphsage",
+        "gat",
+        "mmgcn",
+        *(f"{mode}_fusion_{backbone}" for mode in ("early", "late", "hybrid") for backbone in ("mf", "gcn")),
+    }
+)
+PURE_ID_MODELS = frozenset({"lightgcn", "ngcf"})
+
+
+class ColdStartError(ValueError):
+    """A model that cannot score items it never saw in training."""
+
+
+def check_cold_start_model(name: str) -> None:
+    """Raise :class:`ColdStartError` unless model ``name`` can score held-out items from content."""
+    if name in CONTENT_MODELS:
+        return
+    if name in PURE_ID_MODELS:
+        raise ColdStartError(
+            f"model {name!r} is a pure ID model (no item content): it cannot score items unseen in training, "
+            f"so it has no result under data.protocol=cold_items; use one of: {', '.join(sorted(CONTENT_MODELS))}"
+        )
+    raise ColdStartError(f"model {name!r} has no cold-item scorer in training.coldstart (data.protocol=cold_items)")
+
+
+@dataclass(frozen=True)
+class ColdItemSplit:
+    """The held-out split: ``warm`` trains the model, ``valid``/``test`` are (user, cold index) pairs.
+
+    ``warm`` has every user, the warm items re-indexed in ``warm_items`` order and empty valid/test
+    (evaluation goes through :func:`cold_evaluator`); ``cold_features`` maps modality -> raw features of
+    the held-out items in ``cold_items`` order.
+    """
+
+    warm: RecData
+    warm_items: np.ndarray  # warm index -> original item id
+    cold_items: np.ndarray  # cold index -> original item id
+    valid: np.ndarray
+    test: np.ndarray
+    cold_features: dict[str, np.ndarray]
+    dropped_cold_users: int = 0
+
+    @property
+    def n_cold(self) -> int:
+        return len(self.cold_items)
+
+    def cold_item_features(self) -> np.ndarray:
+        """Concatenated raw features of the held-out items, modalities in the warm data's order."""
+        return np.concatenate([self.cold_features[m] for m in self.warm.features], axis=1).astype(np.float32)
+
+
+def cold_item_split(data: RecData, ratio: float = 0.2, seed: int = 0) -> ColdItemSplit:
+    """Hold out ``round(ratio * n_items)`` items (seeded) from training; see the module docstring."""
+    if not 0 < ratio < 1:
+        raise ValueError(f"cold_item_ratio must be in (0, 1), got {ratio}")
+    rng = np.random.default_rng(seed)
+    n_cold = min(max(1, round(ratio * data.n_items)), data.n_items - 1)
+    cold_items = np.sort(rng.permutation(data.n_items)[:n_cold]).astype(np.int64)
+    is_cold = np.zeros(data.n_items, dtype=bool)
+    is_cold[cold_items] = True
+    warm_items = np.flatnonzero(~is_cold).astype(np.int64)
+    cold_index = np.full(data.n_items, -1, dtype=np.int64)
+    cold_index[cold_items] = np.arange(n_cold)
+    warm_index = np.full(data.n_items, -1, dtype=np.int64)
+    warm_index[warm_items] = np.arange(len(warm_items))
+
+    train_cold = data.train[is_cold[data.train[:, 1]]]
+    n_valid, n_test = len(data.valid), len(data.test)
+    valid_share = n_valid / (n_valid + n_test) if n_valid + n_test else 0.5
+    to_valid = rng.random(len(train_cold)) < valid_share
+    valid = np.concatenate([data.valid[is_cold[data.valid[:, 1]]], train_cold[to_valid]])
+    test = np.concatenate([data.test[is_cold[data.test[:, 1]]], train_cold[~to_valid]])
+
+    train = data.train[~is_cold[data.train[:, 1]]]
+    has_train = np.zeros(data.n_users, dtype=bool)
+    has_train[train[:, 0]] = True
+    dropped = np.unique(np.concatenate([valid[:, 0], test[:, 0]])[~has_train[np.r_[valid[:, 0], test[:, 0]]]])
+    valid, test = valid[has_train[valid[:, 0]]], test[has_train[test[:, 0]]]
+    for name, arr in (("valid", valid), ("test", test)):
+        if len(arr) == 0:
+            raise DataError(f"{data.name}: the cold-item {name} split is empty (ratio {ratio}, seed {seed})")
+
+    def remap(pairs: np.ndarray, index: np.ndarray) -> np.ndarray:
+        out = np.stack([pairs[:, 0], index[pairs[:, 1]]], axis=1).astype(np.int64)
+        return np.ascontiguousarray(out[np.lexsort((out[:, 1], out[:, 0]))])
+
+    empty = np.zeros((0, 2), dtype=np.int64)
+    warm = RecData(
+        name=data.name,
+        n_users=data.n_users,
+        n_items=len(warm_items),
+        train=remap(train, warm_index),
+        valid=empty,
+        test=empty,
+        features={m: np.ascontiguousarray(x[warm_items]) for m, x in data.features.items()},
+    )
+    return ColdItemSplit(
+        warm=warm,
+        warm_items=warm_items,
+        cold_items=cold_items,
+        valid=remap(valid, cold_index),
+        test=remap(test, cold_index),
+        cold_features={m: np.ascontiguousarray(x[cold_items]) for m, x in data.features.items()},
+        dropped_cold_users=len(dropped),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Content-only embeddings of held-out items
+# --------------------------------------------------------------------------------------------------
+
+
+def _standardize_like(model: RecModel, features: Tensor, warm_features: Tensor) -> Tensor:
+    """Held-out features standardised with the warm items' statistics (models.graph_utils.standardize_features)."""
+    if not model.config.normalize_features:
+        return features
+    warm = warm_features.float()
+    return (features - warm.mean(0)) / warm.std(0).clamp_min(1e-6)
+
+
+@torch.no_grad()
+def cold_item_embeddings(model: RecModel, features: Tensor, warm_features: Tensor) -> Tensor:
+    """Final embeddings (n_cold, d) of items unseen in training from their raw features (n_cold, d_x).
+
+    ``warm_features`` are the raw features the model was built from (their statistics standardise the
+    new items for the models that do not store them). See the module docstring for each family.
+    """
+    from models.gat import GAT
+    from models.graphsage import GraphSAGE
+    from models.metammf_gcn import MetaMMF_GCN
+    from models.metammf_mf import MetaMMF_MF
+    from models.mmgcn import MMGCN
+    from models.vbpr import VBPR
+
+    features = features.float()
+    model.eval()
+    if isinstance(model, MetaMMF_MF | MetaMMF_GCN):  # and the static-fusion subclasses
+        mean_id = model.items.id_embedding.weight.mean(0).expand(features.shape[0], -1)
+        ego = torch.cat([model.items.fusion(features), mean_id], dim=1)
+        return model.graph.combine(model.graph.isolated(ego)) if isinstance(model, MetaMMF_GCN) else ego
+    x = _standardize_like(model, features, warm_features)
+    if isinstance(model, VBPR):
+        n = x.shape[0]
+        gamma = model.item_gamma.weight.mean(0).expand(n, -1)
+        bias = model.item_bias.weight.mean(0).expand(n, -1) + model.content_bias(x)
+        return torch.cat([gamma, model.content(x), bias], dim=1)
+    no_edges = torch.zeros((2, 0), dtype=torch.long, device=x.device)
+    if isinstance(model, GraphSAGE):
+        h = model.item_projection(x)
+        for k, conv in enumerate(model.convs):
+            h = conv(h, no_edges)
+            if k < len(model.convs) - 1:
+                h = torch.nn.functional.normalize(torch.relu(h), dim=-1)
+        return h
+    if isinstance(model, GAT):
+        h = model.item_projection(x)
+        for k, conv in enumerate(model.convs):
+            h = conv(h, no_edges)  # GATConv adds the self loop: attention over the node alone
+            if k < len(model.convs) - 1:
+                h = torch.nn.functional.elu(h)
+        return h
+    if isinstance(model, MMGCN):
+        return _mmgcn_isolated(model, x)
+    check_cold_start_model(getattr(model.config, "name", type(model).__name__))
+    raise ColdStartError(f"no cold-item scorer for {type(model).__name__}")
+
+
+def _mmgcn_isolated(model: RecModel, x: Tensor) -> Tensor:
+    """MMGCN's layers for item nodes without neighbours (the aggregation term is 0, LeakyReLU(0) = 0)."""
+    leaky = torch.nn.functional.leaky_relu
+    mean_id = model.id_embedding[model.n_users :].mean(0, keepdim=True)
+    reps, start = [], 0
+    for n, graph in enumerate(model.graphs):
+        dim = getattr(model, f"features_{n}").shape[1]
+        feats, start = x[:, start : start + dim], start + dim
+        h = torch.nn.functional.normalize(graph.projection(feats) if graph.projection is not None else feats, dim=1)
+        for linear, combine in zip(graph.linear, graph.combine, strict=True):
+            h_hat = leaky(linear(h), graph.leaky_slope) + mean_id
+            h = leaky(combine(h.new_zeros(h.shape[0], combine.in_features)) + h_hat, graph.leaky_slope)
+        reps.append(h)
+    return sum(reps[1:], reps[0]) / len(reps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation and training under the protocol
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate_cold_scores(
+    score_fn: Callable[[Tensor], Tensor],
+    split: ColdItemSplit,
+    which: str,
+    ks: Sequence[int],
+    batch_size: int = 2048,
+    device: str | torch.device = "cpu",
+) -> EvalResult:
+    """Rank the held-out items for ``which`` ('valid' or 'test'); test masks the user's valid cold items."""
+    targets = split.valid if which == "valid" else split.test
+    exclude = [] if which == "valid" else [split.valid]
+    return full_rank_evaluate(
+        score_fn, targets, exclude, split.warm.n_users, split.n_cold, ks=ks, batch_size=batch_size, device=device
+    )
+
+
+def cold_evaluator(split: ColdItemSplit, cfg: TrainConfig) -> Callable[[RecModel, str], EvalResult]:
+    """``evaluate(model, split_name)`` for :func:`training.trainer.train` under the cold-item protocol."""
+    features = torch.from_numpy(split.cold_item_features())
+    warm_features = torch.from_numpy(split.warm.item_features())
+
+    def evaluate(model: RecModel, which: str) -> EvalResult:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model.eval()
+            users = model.get_embedding()[0].detach()
+            items = cold_item_embeddings(model, features.to(device), warm_features.to(device))
+        return evaluate_cold_scores(lambda u: users[u] @ items.T, split, which, cfg.ks, cfg.eval_batch_size, cfg.device)
+
+    return evaluate
+
+
+def split_for(cfg: RunConfig, data: RecData) -> ColdItemSplit:
+    """The cold-item split a RunConfig's ``data`` section asks for."""
+    return cold_item_split(data, cfg.data.cold_item_ratio, cfg.data.cold_item_seed)
+
+
+def train_protocol(cfg: RunConfig, data: RecData) -> TrainResult | None:
+    """Train ``cfg.model`` on ``data`` under ``cfg.data.protocol`` (a :class:`training.trainer.TrainResult`;
+    under cold_items its valid/test results rank the held-out items)."""
+    from training.trainer import train
+
+    if cfg.data.protocol == "warm":
+        return train(data, cfg.model, cfg.train)
+    check_cold_start_model(cfg.model.name)
+    split = split_for(cfg, data)
+    return train(split.warm, cfg.model, cfg.train, evaluate=cold_evaluator(split, cfg.train))

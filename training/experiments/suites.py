@@ -1,0 +1,306 @@
+"""What each experiment trains and writes (one function per table/figure of the paper).
+
+Every suite takes a :class:`Context` (runner, base config, number of seeds, output directory), runs its
+variants for seeds ``train.seed + 0 .. seeds - 1`` through the cache, and writes under
+``<out>/<suite>/``: ``table.md``, ``summary.json`` (the table's numbers, p-values included) and PNGs.
+
+* ``table2``: every registered model plus the popularity ranker, warm protocol (Table 2);
+* ``coldstart``: MetaMMF_MF/GCN, VBPR, the static-fusion variants and popularity on held-out items;
+* ``depth``: fusion tower depth N = 1..4 with the MF and GCN backbones (Table 3);
+* ``rank``: CP rank R in {4, 8, 16, 32} and the full tensor: metrics, epochs to converge, seconds per
+  epoch (Figure 5, Table 4);
+* ``static``: with and without the static weights W of W_i = W + T x3 s_i (Table 5);
+* ``tsne``: t-SNE of sampled users and their items, with the mean silhouette coefficient (Figure 4).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.registry import model_names
+from training.config import RunConfig
+from training.experiments import plots
+from training.experiments.runner import Runner, RunRecord, RunSpec
+from training.experiments.stats import mean_std, silhouette_score
+from training.experiments.tables import Comparison, Table, metric_keys, results_table
+from training.experiments.tsne import sample_users, tsne, user_item_points
+from training.popularity import POPULARITY
+
+log = logging.getLogger(__name__)
+
+LABELS = {
+    "metammf_gcn": "MetaMMF_GCN",
+    "metammf_mf": "MetaMMF_MF",
+    "vbpr": "VBPR",
+    "lightgcn": "LightGCN",
+    "ngcf": "NGCF",
+    "graphsage": "GraphSAGE",
+    "gat": "GAT",
+    "mmgcn": "MMGCN",
+    POPULARITY: "Popularity",
+    **{
+        f"{mode}_fusion_{b}": f"{mode.capitalize()} fusion ({b.upper()})"
+        for mode in ("early", "late", "hybrid")
+        for b in ("mf", "gcn")
+    },
+}
+METAMMF = ("metammf_mf", "metammf_gcn")
+STATIC_FUSION = [f"{mode}_fusion_{b}" for b in ("mf", "gcn") for mode in ("early", "late", "hybrid")]
+COLDSTART_MODELS = [*METAMMF, "vbpr", *STATIC_FUSION, POPULARITY]
+RANKS: list[int | str] = [4, 8, 16, 32, "full"]
+DEPTHS = [1, 2, 3, 4]
+
+
+def label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+@dataclass
+class Context:
+    """What a suite needs: the run cache, the base config (``--config``/``--set``), seeds, options."""
+
+    runner: Runner
+    base: RunConfig
+    seeds: int = 1
+    out: Path = Path("results")
+    test: str = "ttest"
+    models: list[str] | None = None
+    plots: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def variant(self, seed_index: int, changes: dict[str, Any]) -> RunConfig:
+        """The base config with dotted ``changes`` (e.g. ``{"model.rank": 8}``) and seed ``base + index``."""
+        dump = self.base.model_dump()
+        dump["train"]["seed"] = self.base.train.seed + seed_index
+        for dotted, value in changes.items():
+            section, key = dotted.split(".", 1)
+            dump[section][key] = value
+        return RunConfig.model_validate(dump)
+
+    def group(self, row: str, changes: dict[str, Any], *, embeddings: bool = False) -> list[RunRecord]:
+        """One run per seed of the variant ``changes`` (``model.name: popularity`` = the popularity ranker)."""
+        changes = dict(changes)
+        scorer = POPULARITY if changes.get("model.name") == POPULARITY else None
+        if scorer:
+            changes.pop("model.name")
+        records = []
+        for i in range(self.seeds):
+            spec = RunSpec(self.variant(i, changes), scorer)
+            records.append(self.runner.run(spec, embeddings=embeddings, label=f"{row} seed {i}"))
+        return records
+
+    def directory(self, suite: str) -> Path:
+        path = self.out / suite
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def top_k(self) -> int:
+        return max(self.base.train.ks)
+
+
+def _write(ctx: Context, suite: str, table: Table, figures: list[Path]) -> list[Path]:
+    out = ctx.directory(suite)
+    (out / "table.md").write_text(table.markdown)
+    summary = {**table.summary, "seeds": ctx.seeds, "figures": [p.name for p in figures]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    return [out / "table.md", out / "summary.json", *figures]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {value!r}")
+
+
+def _figure(ctx: Context, draw: Callable[[], Path]) -> list[Path]:
+    if not ctx.plots:
+        return []
+    if not plots.available():
+        log.warning("matplotlib is not installed: no figures (pip install -e .[experiments])")
+        return []
+    return [draw()]
+
+
+def _caption(ctx: Context, what: str, protocol: str, measure: str = "test metrics") -> str:
+    data = ctx.base.data.path or f"built-in synthetic ({ctx.base.data.synthetic.n_users} users)"
+    bold = "; best per column in bold" if measure == "test metrics" else ""
+    return (
+        f"{what}. Data: {data}; protocol: {protocol}; {measure}, mean ± std over {ctx.seeds} seed(s) "
+        f"(train.seed {ctx.base.train.seed}..{ctx.base.train.seed + ctx.seeds - 1}){bold}."
+    )
+
+
+def _model_table(ctx: Context, suite: str, models: list[str], protocol: str, what: str) -> list[Path]:
+    groups = {label(m): ctx.group(label(m), {"model.name": m, "data.protocol": protocol}) for m in models}
+    baselines = [label(m) for m in models if m not in METAMMF]
+    comparisons = [Comparison("MetaMMF_GCN", baselines, "MetaMMF_GCN vs strongest baseline")]
+    table = results_table(
+        groups,
+        metric_keys(ctx.base.train.ks),
+        comparisons=comparisons,
+        test=ctx.test,
+        caption=_caption(ctx, what, protocol),
+    )
+    curves = {row: records[0].history for row, records in groups.items() if records[0].history}
+    figures = _figure(
+        ctx, lambda: plots.learning_curves(curves, f"recall@{ctx.top_k}", ctx.directory(suite) / "learning_curves.png")
+    )
+    return _write(ctx, suite, table, figures)
+
+
+def table2(ctx: Context) -> list[Path]:
+    """All registered models and the popularity ranker, warm protocol (the paper's Table 2)."""
+    models = ctx.models or [*model_names(), POPULARITY]
+    return _model_table(ctx, "table2", models, "warm", "Table 2: overall performance")
+
+
+def coldstart(ctx: Context) -> list[Path]:
+    """Held-out items ranked from content (training.coldstart)."""
+    models = ctx.models or COLDSTART_MODELS
+    ratio = ctx.base.data.cold_item_ratio
+    what = f"Cold-start items: {ratio:.0%} of items held out, ranked among the held-out items only"
+    return _model_table(ctx, "coldstart", models, "cold_items", what)
+
+
+def _sweep_rows(ctx: Context, backbones: list[str], values: list, changes_of) -> dict[str, dict[Any, list[RunRecord]]]:
+    return {b: {v: ctx.group(f"{label(b)} {v}", {"model.name": b, **changes_of(v)}) for v in values} for b in backbones}
+
+
+def _sweep_series(rows: dict[str, dict[Any, list[RunRecord]]], value: Callable[[RunRecord], float]):
+    series = {}
+    for backbone, by_value in rows.items():
+        stats = [mean_std([value(r) for r in records]) for records in by_value.values()]
+        series[label(backbone)] = ([m for m, _ in stats], [s for _, s in stats])
+    return series
+
+
+def depth(ctx: Context) -> list[Path]:
+    """Fusion tower depth N = 1..4, MF and GCN backbones (the paper's Table 3)."""
+    backbones = ctx.models or list(METAMMF)
+    rows = _sweep_rows(ctx, backbones, DEPTHS, lambda d: {"model.fusion_layers": d})
+    groups = {f"{label(b)} N={d}": records for b, by in rows.items() for d, records in by.items()}
+    table = results_table(
+        groups,
+        metric_keys(ctx.base.train.ks),
+        test=ctx.test,
+        caption=_caption(ctx, "Table 3: depth N of the fusion network", ctx.base.data.protocol),
+    )
+    k = ctx.top_k
+    panels = [(f"test {m}@{k}", _sweep_series(rows, lambda r, m=m: r.test[f"{m}@{k}"])) for m in ("recall", "ndcg")]
+    figures = _figure(
+        ctx, lambda: plots.sweep(DEPTHS, "fusion layers N", panels, ctx.directory("depth") / "depth_sweep.png")
+    )
+    return _write(ctx, "depth", table, figures)
+
+
+def _rank_changes(r: int | str) -> dict[str, Any]:
+    return {"model.tensor": "full"} if r == "full" else {"model.tensor": "cp", "model.rank": r}
+
+
+def rank(ctx: Context) -> list[Path]:
+    """CP rank R in {4, 8, 16, 32} and the full tensor: metrics, epochs to converge, seconds per epoch
+    (the paper's Figure 5 and Table 4).
+
+    Epochs to converge: the epoch of the best validation score (the one early stopping keeps); seconds
+    per epoch: training time only (no evaluation), averaged over the epochs run."""
+    backbones = ctx.models or list(METAMMF)
+    rows = _sweep_rows(ctx, backbones, RANKS, _rank_changes)
+    groups = {f"{label(b)} R={r}": records for b, by in rows.items() for r, records in by.items()}
+    extras = {"epochs to converge": lambda r: r.best_epoch, "seconds / epoch": lambda r: r.seconds_per_epoch}
+    table = results_table(
+        groups,
+        metric_keys(ctx.base.train.ks),
+        extras=extras,
+        test=ctx.test,
+        caption=_caption(ctx, "Table 4 / Figure 5: rank R of the meta tensor", ctx.base.data.protocol),
+    )
+    k = ctx.top_k
+    panels = [
+        (f"test recall@{k}", _sweep_series(rows, lambda r: r.test[f"recall@{k}"])),
+        (f"test ndcg@{k}", _sweep_series(rows, lambda r: r.test[f"ndcg@{k}"])),
+        ("epochs to converge", _sweep_series(rows, lambda r: r.best_epoch)),
+        ("seconds / epoch", _sweep_series(rows, lambda r: r.seconds_per_epoch)),
+    ]
+    out = ctx.directory("rank")
+    figures = _figure(ctx, lambda: plots.sweep(RANKS, "rank R", panels, out / "rank_sweep.png"))
+    curves = {f"{label(b)} R={r}": records[0].history for b, by in rows.items() for r, records in by.items()}
+    figures += _figure(ctx, lambda: plots.learning_curves(curves, f"recall@{k}", out / "learning_curves.png"))
+    return _write(ctx, "rank", table, figures)
+
+
+def static(ctx: Context) -> list[Path]:
+    """With and without the static weights W (the paper's Table 5)."""
+    backbones = ctx.models or list(METAMMF)
+    groups, comparisons = {}, []
+    for b in backbones:
+        with_w, without_w = label(b), f"{label(b)} w/o static W"
+        groups[with_w] = ctx.group(with_w, {"model.name": b, "model.static_weights": True})
+        groups[without_w] = ctx.group(without_w, {"model.name": b, "model.static_weights": False})
+        comparisons.append(Comparison(with_w, [without_w], f"{label(b)}: with vs without W"))
+    table = results_table(
+        groups,
+        metric_keys(ctx.base.train.ks),
+        comparisons=comparisons,
+        test=ctx.test,
+        caption=_caption(ctx, "Table 5: static weights W in W_i = W + T x3 s_i", ctx.base.data.protocol),
+    )
+    return _write(ctx, "static", table, [])
+
+
+def tsne_study(ctx: Context) -> list[Path]:
+    """t-SNE of sampled users and their items per model, with the mean silhouette coefficient (labels:
+    the user; in the 2-D t-SNE map and in the embedding space) (the paper's Figure 4)."""
+    models = ctx.models or ["metammf_gcn", "early_fusion_gcn"]
+    n_users, sample_seed = ctx.options.get("users", 10), ctx.options.get("sample_seed", 0)
+    data, _ = ctx.runner.data(ctx.base.data)
+    users = sample_users(data, n_users, sample_seed)
+    groups, stats, panels = {}, {}, []
+    for m in models:
+        records = ctx.group(label(m), {"model.name": m, "data.protocol": "warm"}, embeddings=True)
+        groups[label(m)] = records
+        map_scores, space_scores = [], []
+        for i, record in enumerate(records):
+            points, labels, is_user = user_item_points(data, users, *record.embeddings())
+            coords = tsne(points, seed=sample_seed)
+            map_scores.append(silhouette_score(coords, labels))
+            space_scores.append(silhouette_score(points, labels))
+            if i == 0:
+                panels.append((f"{label(m)} (silhouette {map_scores[-1]:.3f})", coords, labels, is_user))
+        stats[label(m)] = {"tsne": mean_std(map_scores), "embedding": mean_std(space_scores)}
+    lines = [
+        _caption(
+            ctx,
+            f"Figure 4: t-SNE of {len(users)} sampled users and their items (any split), labelled by user",
+            "warm",
+            "mean silhouette coefficient",
+        ),
+        "",
+        "| Model | silhouette (t-SNE 2-D) | silhouette (embedding space) |",
+        "|---|---|---|",
+    ]
+    for row, s in stats.items():
+        cells = [f"{s[k][0]:.4f} ± {s[k][1]:.4f}" if ctx.seeds > 1 else f"{s[k][0]:.4f}" for k in ("tsne", "embedding")]
+        lines.append(f"| {row} | {' | '.join(cells)} |")
+    summary = {"rows": {row: {k: {"mean": v[0], "std": v[1]} for k, v in s.items()} for row, s in stats.items()}}
+    summary["users"] = users.tolist()
+    figures = _figure(ctx, lambda: plots.embedding_scatter(panels, ctx.directory("tsne") / "tsne.png"))
+    return _write(ctx, "tsne", Table("\n".join(lines) + "\n", summary), figures)
+
+
+SUITES: dict[str, Callable[[Context], list[Path]]] = {
+    "table2": table2,
+    "coldstart": coldstart,
+    "depth": depth,
+    "rank": rank,
+    "static": static,
+    "tsne": tsne_study,
+}
