@@ -172,11 +172,11 @@ class RunRecord:
 
     @cached_property
     def test_per_user(self) -> dict[str, np.ndarray]:
-        with np.load(self.path / "test_per_user.npz") as npz:
+        with np.load(self.path / "test_per_user.npz", allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        with np.load(self.path / "embeddings.npz") as npz:
+        with np.load(self.path / "embeddings.npz", allow_pickle=False) as npz:
             return npz["users"], npz["items"]
 
     @classmethod
