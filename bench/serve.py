@@ -1,19 +1,46 @@
-"""Serving benchmark: p50/p99 latency and throughput of the real HTTP service, measured with `wrk`.
+"""Serving benchmark: latency, throughput and recall of the real HTTP service, per catalogue size and index.
 
-Builds (once, cached under bench/.cache) a synthetic artifact with --items items, starts
-``python -m service run`` on a free loopback port against Redis (``--redis-url``, a fresh namespace), and
-runs wrk against a no-op endpoint (GET /healthz), GET /recommend/{random user} and POST /items (new ids),
-in the same run, so the ratios are side by side. Prints a Markdown table.
+For each ``--items`` size and each ``--index`` kind, starts ``python -m service run`` (``MMF_INDEX=<kind>``;
+other ``MMF_*`` variables of the caller pass through, e.g. ``MMF_HNSW_EF_SEARCH=256``) on a free loopback
+port against Redis (``--redis-url``, a fresh namespace, deleted afterwards) and measures, in this order:
+
+1. **build time** of the index (the service reports it in ``GET /info``) and **recall@20** against exact
+   search: ``GET /recommend/{user}?k=20`` for ``--recall-users`` training users (1000) compared with the
+   exact top 20 computed here with numpy (inner product over every item, the user's known interactions
+   excluded, as the service does); recall = mean |answer ∩ exact| / 20.
+2. **peak throughput** with ``wrk`` (closed loop: ``--connections`` connections, each sending the next
+   request when the answer arrives; p50/p99 as wrk reports them; each run after an unmeasured 2 s one, so
+   that one-off costs of a fresh process are not counted): a no-op endpoint (``GET /healthz``),
+   ``GET /recommend/{random user}?k=20`` and ``POST /items`` (new ids, so the index grows), in the same run,
+   so the ratios are side by side.
+3. **/recommend and POST /items at half of their peak**: wrk cannot fix a request rate (and wrk2 is not
+   available), so an open loop generator here sends request *i* at ``start + i / rate`` with ``rate`` = half
+   the peak wrk measured, over up to ``--open-connections`` keep-alive connections, and measures each latency
+   from the request's *due* time (a late answer delays nobody else's schedule and its lateness counts; no
+   coordinated omission). It speaks minimal HTTP/1.1 over asyncio streams (uvloop when installed) instead of
+   using httpx, so that the client costs little CPU next to the server on a small machine. (wrk's p99 at peak
+   is mostly queueing: --connections requests wait behind each other.)
+
+Artifacts are built once and cached under ``bench/.cache``. Up to ``--train-items`` (100k) items the
+artifact is trained (one epoch: latency does not depend on model quality; recall does, see the README); a
+larger catalogue extends the trained one: ``--items - --train-items`` more synthetic items (the training
+data's generator, its projections and group signatures replayed from its seed, with other draws) are fused
+by the trained model's meta learner exactly as ``POST /items`` fuses a new item (ID part: the mean item ID
+embedding), and written as a new artifact with the same users and interactions. So the
+1M-item catalogue is 100k trained items plus 900k "new" ones, which is what a large online catalogue looks
+like to this service. Prints two Markdown tables.
 
     python bench/serve.py --items 100000 --duration 10
-    python bench/serve.py --items 100000 --items 1000000 --connections 4 --workers 2
+    python bench/serve.py --items 100000 --items 1000000 --index flat --index hnsw --index ivf
 
-Needs `wrk` (Debian/Ubuntu: apt-get install wrk). Loopback only; every run is bounded by --duration.
+Needs `wrk` (Debian/Ubuntu: apt-get install wrk). Loopback only; every run is bounded by --duration (the
+index build at start-up is not: hnsw over 1M items takes minutes on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -24,6 +51,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -33,21 +61,35 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CACHE = ROOT / "bench" / ".cache"
+KINDS = ("flat", "hnsw", "ivf")
 
 
-def build_artifact(n_items: int, n_users: int) -> Path:
-    """A MetaMMF_GCN artifact over ``n_items`` synthetic items, trained for one epoch (latency does not
-    depend on model quality)."""
+# ---------------------------------------------------------------------------------------------------------
+# Artifacts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def synthetic_config(n_items: int, n_users: int, seed: int = 0):
+    from training.synthetic import SyntheticConfig
+
+    return SyntheticConfig(n_users=n_users, n_items=n_items, interactions_per_user=5.0, seed=seed)
+
+
+def build_artifact(n_items: int, n_users: int, train_items: int = 100_000) -> Path:
+    """The artifact for ``n_items`` items: trained if ``n_items <= train_items``, else the trained
+    ``train_items`` artifact extended with fused synthetic items (module docstring)."""
+    if n_items > train_items:
+        return extend_artifact(build_artifact(train_items, n_users, train_items), n_items, n_users)
     out = CACHE / f"serve-{n_items}-{n_users}"
     if (out / "manifest.json").is_file():
         return out
     from models.config import ModelConfig
     from training.config import DataConfig, RunConfig, TrainConfig
     from training.export import export_artifacts
-    from training.synthetic import SyntheticConfig, generate_synthetic
+    from training.synthetic import generate_synthetic
     from training.trainer import train
 
-    synth = SyntheticConfig(n_users=n_users, n_items=n_items, interactions_per_user=5.0, seed=0)
+    synth = synthetic_config(n_items, n_users)
     run = RunConfig(
         data=DataConfig(synthetic=synth),
         model=ModelConfig(),
@@ -57,6 +99,110 @@ def build_artifact(n_items: int, n_users: int) -> Path:
     data = generate_synthetic(synth)
     result = train(data, run.model, run.train)
     return export_artifacts(result, data, run, out)
+
+
+def synthetic_item_features(cfg, n_new: int, seed: int, chunk: int) -> Iterator[np.ndarray]:
+    """Features of ``n_new`` more items from the generator of ``cfg`` (its projections and group signatures,
+    reproduced by replaying its random stream), with other draws; yields (chunk, sum of dims) float32."""
+    from training.synthetic import _item_content
+
+    rng = np.random.default_rng(cfg.seed)  # replays generate_synthetic_with_truth up to the features
+    group = rng.permutation(np.arange(cfg.n_items) % cfg.n_groups).astype(np.int64)
+    _item_content(cfg, rng, group)
+    k, maps = cfg.latent_dim, []
+    for name, dim in cfg.modality_dims.items():
+        maps.append((name, rng.standard_normal((k, dim)) / np.sqrt(k), rng.standard_normal((cfg.n_groups, dim))))
+        rng.standard_normal((cfg.n_items, dim))  # the training items' noise
+    order = sorted(range(len(maps)), key=lambda m: maps[m][0])  # RecData keeps modalities sorted by name
+    new_rng = np.random.default_rng(seed)
+    for start in range(0, n_new, chunk):
+        part = cfg.model_copy(update={"n_items": min(chunk, n_new - start)})
+        new_group = new_rng.integers(0, cfg.n_groups, part.n_items)
+        _, content = _item_content(part, new_rng, new_group)
+        blocks = []
+        for m in order:
+            _, proj, signature = maps[m]
+            x = content[m] @ proj + cfg.signature_strength * signature[new_group]
+            blocks.append(x + cfg.noise_std * new_rng.standard_normal(x.shape))
+        yield np.concatenate(blocks, axis=1).astype(np.float32)
+
+
+def extend_artifact(base: Path, n_items: int, n_users: int, chunk: int = 20_000) -> Path:
+    """``base`` plus ``n_items - len(base items)`` synthetic items fused by ``base``'s model."""
+    import torch
+    from safetensors.torch import save_file
+
+    from models.artifacts import Bundle, write_artifacts
+    from training.export import build_item_index
+
+    out = CACHE / f"{base.name}-extended-{n_items}"
+    if (out / "manifest.json").is_file():
+        return out
+    bundle = Bundle(base)
+    n_base = len(bundle.item_ids)
+    extra = n_items - n_base
+    print(f"extending {base.name} with {extra} fused synthetic items into {out} ...", file=sys.stderr)
+    finals, states = [bundle.item_embeddings], [bundle.item_states]
+    with torch.no_grad():
+        for features in synthetic_item_features(synthetic_config(n_base, n_users), extra, seed=1, chunk=chunk):
+            final, state = bundle.encoder.encode_items(torch.from_numpy(features))
+            finals.append(final.numpy())
+            states.append(state.numpy())
+    item_embeddings = np.ascontiguousarray(np.concatenate(finals))
+    del finals
+    item_states = np.ascontiguousarray(np.concatenate(states, axis=1))
+    del states
+    popularity = np.concatenate([bundle.item_popularity, np.zeros(extra, np.float32)])
+    catalog = json.loads((base / "catalog.json").read_text())
+    catalog["items"] = [str(i) for i in range(n_items)]
+
+    def write(tmp: Path) -> None:
+        import faiss
+
+        for name in ("config.json", "metrics.json", "model.safetensors", "encoder.safetensors",
+                     "interactions.npy", "per_user_valid.npz", "per_user_test.npz"):  # fmt: skip
+            if (base / name).is_file():
+                shutil.copyfile(base / name, tmp / name)
+        save_file(
+            {
+                "user_embeddings": torch.from_numpy(np.ascontiguousarray(bundle.user_embeddings)),
+                "item_embeddings": torch.from_numpy(item_embeddings),
+                "item_states": torch.from_numpy(item_states),
+                "item_popularity": torch.from_numpy(popularity),
+            },
+            tmp / "embeddings.safetensors",
+        )
+        faiss.write_index(build_item_index(item_embeddings), str(tmp / "items.faiss"))
+        (tmp / "catalog.json").write_text(json.dumps(catalog))
+
+    return write_artifacts(out, write, {"model": bundle.model_config.name, "extended_from": bundle.artifact_id})
+
+
+def exact_top(artifact: Path, users: list[int], k: int) -> list[set[str]]:
+    """Exact top-k item ids of training users by inner product, their known interactions excluded."""
+    from safetensors.numpy import load_file
+
+    emb = load_file(artifact / "embeddings.safetensors")
+    items, user_emb = emb["item_embeddings"], emb["user_embeddings"]
+    catalog = json.loads((artifact / "catalog.json").read_text())
+    pairs = np.load(artifact / "interactions.npy", allow_pickle=False)
+    seen: dict[int, list[int]] = {}
+    for u, i in pairs.tolist():
+        seen.setdefault(u, []).append(i)
+    out = []
+    for start in range(0, len(users), 100):
+        batch = users[start : start + 100]
+        scores = user_emb[batch] @ items.T
+        for j, u in enumerate(batch):
+            scores[j, seen.get(u, [])] = -np.inf
+        top = np.argpartition(-scores, k, axis=1)[:, :k]
+        out += [{catalog["items"][i] for i in row} for row in top.tolist()]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Load generators
+# ---------------------------------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -79,7 +225,8 @@ def lua_scripts(tmp: Path, n_users: int, modalities: dict[str, int], api_key: st
     escaped = features.replace('"', '\\"')  # the JSON object as the inside of a Lua string literal
     post.write_text(
         "local counter = 0\n"
-        'local prefix = (tostring({}):gsub("table: ", ""))  -- unique per wrk thread\n'
+        "-- unique per wrk thread and run (the warm-up run must not post the same ids)\n"
+        'local prefix = (tostring({}):gsub("table: ", "")) .. "-" .. os.time()\n'
         'wrk.method = "POST"\n'
         f'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["X-API-Key"] = "{api_key}"\n'
@@ -113,32 +260,109 @@ def parse_wrk(output: str) -> dict[str, float]:
 
 
 def run_wrk(url: str, script: Path | None, duration: int, connections: int, threads: int) -> dict[str, float]:
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout", "5s"]
+    """A 2 s warm-up run (not measured: first calls, and the first online add growing FAISS's storage),
+    then the measured one."""
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", "--latency", "--timeout", "5s"]
     if script is not None:
         cmd += ["-s", str(script)]
-    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    subprocess.run([*cmd, "-d2s", url], capture_output=True, text=True, check=True)
+    out = subprocess.run([*cmd, f"-d{duration}s", url], capture_output=True, text=True, check=True).stdout
     return parse_wrk(out)
 
 
-def bench_items(n_items: int, args: argparse.Namespace) -> list[dict]:
-    artifact = build_artifact(n_items, args.users)
+async def _open_loop(host: str, port: int, request, rate: float, duration: float, connections: int) -> dict:
+    loop = asyncio.get_running_loop()
+    n = max(1, int(rate * duration))
+    queue: asyncio.Queue = asyncio.Queue()
+    latencies: list[float] = []
+    errors = 0
+
+    async def connection() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while (job := await queue.get()) is not None:
+                due, raw = job
+                writer.write(raw)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+                await reader.readexactly(length)
+                latencies.append(loop.time() - due)
+                errors += head[9:10] != b"2"  # "HTTP/1.1 2xx"
+        finally:
+            writer.close()
+
+    workers = [asyncio.create_task(connection()) for _ in range(connections)]
+    start = loop.time() + 0.1
+    for i in range(n):
+        due = start + i / rate
+        if (delay := due - loop.time()) > 0:
+            await asyncio.sleep(delay)
+        queue.put_nowait((due, request(i)))
+    for _ in workers:
+        queue.put_nowait(None)
+    await asyncio.gather(*workers)
+    elapsed = loop.time() - start
+    lat = np.array(latencies) * 1e3
+    return {
+        "rps": len(lat) / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "requests": len(lat),
+        "errors": errors + (n - len(lat)),
+    }
+
+
+def open_loop(base: str, request, rate: float, duration: float, connections: int) -> dict:
+    """Requests at a fixed rate (open loop), latency from each request's due time (module docstring).
+    ``request(i)`` gives the raw HTTP/1.1 bytes of request i."""
+    host, port = base.removeprefix("http://").split(":")
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    return runner(_open_loop(host, int(port), request, rate, duration, connections))
+
+
+def http_get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+
+
+def http_post(path: str, body: bytes, api_key: str) -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nX-API-Key: {api_key}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    return head.encode() + body
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One service
+# ---------------------------------------------------------------------------------------------------------
+
+
+def bench_service(artifact: Path, n_items: int, kind: str, args: argparse.Namespace) -> tuple[list[dict], dict]:
     catalog = json.loads((artifact / "catalog.json").read_text())
     modalities = {m["name"]: m["dim"] for m in catalog["modalities"]}
+    n_users = len(catalog["users"])
     api_key, namespace, port = uuid.uuid4().hex, f"bench-{uuid.uuid4().hex[:8]}", free_port()
     env = {
         **os.environ,
         "MMF_REDIS_URL": args.redis_url,
         "MMF_NAMESPACE": namespace,
         "MMF_API_KEY": api_key,
-        "OMP_NUM_THREADS": "1",
+        "MMF_INDEX": kind,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
     cmd = [sys.executable, "-m", "service", "run", "--artifacts", str(artifact), "--port", str(port),
            "--workers", str(args.workers), "--log-level", "warning"]  # fmt: skip
+    print(f"[{n_items} items, {kind}] starting the service ...", file=sys.stderr)
     server = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    rows = []
+    rows: list[dict] = []
+    summary: dict = {"items": n_items, "index": kind}
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + args.start_timeout
         while True:
             try:
                 if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
@@ -148,50 +372,110 @@ def bench_items(n_items: int, args: argparse.Namespace) -> list[dict]:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError("service did not become ready")
             time.sleep(0.5)
+        info = httpx.get(f"{base}/info", timeout=10).json()["index"]
+        summary.update(params=info["params"], build_s=info["build_seconds"])
+
+        users = np.random.default_rng(1).choice(n_users, min(args.recall_users, n_users), replace=False).tolist()
+        truth = exact_top(artifact, users, 20)
+        hits = []
+        with httpx.Client(base_url=base, timeout=30) as http:
+            for u, expected in zip(users, truth, strict=True):
+                answer = http.get(f"/recommend/{catalog['users'][u]}", params={"k": 20}).json()
+                hits.append(len(expected & {i["item_id"] for i in answer["items"]}) / 20)
+        summary["recall"] = float(np.mean(hits))
+        print(f"  build {summary['build_s']:.1f}s, recall@20 {summary['recall']:.4f}", file=sys.stderr)
+
         with tempfile.TemporaryDirectory() as tmp:
-            scripts = lua_scripts(Path(tmp), len(catalog["users"]), modalities, api_key)
+            scripts = lua_scripts(Path(tmp), n_users, modalities, api_key)
             runs = [
                 ("GET /healthz (no-op)", None, f"{base}/healthz"),
                 ("GET /recommend/{user}?k=20", scripts["recommend"], base),
-                ("POST /items", scripts["post"], base),
             ]
             for name, script, url in runs:
                 result = run_wrk(url, script, args.duration, args.connections, args.threads)
-                rows.append({"items": n_items, "endpoint": name, **result})
+                rows.append({"items": n_items, "index": kind, "endpoint": name, **result})
                 print(f"  {name}: {result}", file=sys.stderr)
+            rate = rows[-1]["rps"] / 2
+            rng = np.random.default_rng(2)
+            paths = [http_get(f"/recommend/{catalog['users'][u]}?k=20") for u in rng.integers(0, n_users, 10_000)]
+            result = open_loop(base, lambda i: paths[i % len(paths)], rate, args.duration, args.open_connections)
+            name = f"GET /recommend/{{user}}?k=20 at half peak ({rate:.0f}/s, open loop)"
+            rows.append({"items": n_items, "index": kind, "endpoint": name, **result})
+            print(f"  {name}: {result}", file=sys.stderr)
+            result = run_wrk(base, scripts["post"], args.duration, args.connections, args.threads)
+            rows.append({"items": n_items, "index": kind, "endpoint": "POST /items", **result})
+            print(f"  POST /items: {result}", file=sys.stderr)
+            rate = rows[-1]["rps"] / 2
+            features = json.dumps({m: np.round(rng.normal(size=d), 4).tolist() for m, d in modalities.items()})
+
+            def post(i: int) -> bytes:
+                return http_post("/items", f'{{"item_id": "half-{i}", "features": {features}}}'.encode(), api_key)
+
+            result = open_loop(base, post, rate, args.duration, args.open_connections)
+            name = f"POST /items at half peak ({rate:.0f}/s, open loop)"
+            rows.append({"items": n_items, "index": kind, "endpoint": name, **result})
+            print(f"  {name}: {result}", file=sys.stderr)
+        healthz, rec, half, post, post_half = rows
+        summary.update(
+            ratio=rec["rps"] / healthz["rps"], half_p99=half["p99_ms"], post_p99=post["p99_ms"],
+            post_half_p99=post_half["p99_ms"],
+        )  # fmt: skip
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        server.wait(timeout=60)
         import redis
 
         client = redis.from_url(args.redis_url)
         keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
         for start in range(0, len(keys), 1000):
             client.delete(*keys[start : start + 1000])
-    return rows
+    return rows, summary
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, action="append", help="catalogue size (repeatable; default 100000)")
+    parser.add_argument("--index", choices=KINDS, action="append", help="index kind (repeatable; default all)")
     parser.add_argument("--users", type=int, default=20000, help="users in the synthetic artifact")
-    parser.add_argument("--duration", type=int, default=10, help="seconds per endpoint")
+    parser.add_argument("--train-items", type=int, default=100_000, help="larger catalogues extend a trained one")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--connections", type=int, default=4, help="concurrent wrk connections")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--open-connections", type=int, default=32, help="connections of the open-loop run")
+    parser.add_argument("--recall-users", type=int, default=1000, help="users whose top 20 is checked")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers")
+    parser.add_argument("--start-timeout", type=float, default=3600, help="seconds to wait for readiness")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("error: wrk not found (apt-get install wrk)", file=sys.stderr)
         return 2
-    rows = [row for n in (args.items or [100_000]) for row in bench_items(n, args)]
-    print(f"\nwrk: {args.connections} connections, {args.threads} thread(s), {args.duration}s per endpoint, "
-          f"{args.workers} uvicorn worker(s), {os.cpu_count()} CPU(s)\n")  # fmt: skip
-    print("| items | endpoint | requests/s | p50 ms | p99 ms | errors |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    rows, summaries = [], []
+    for n in args.items or [100_000]:
+        artifact = build_artifact(n, args.users, args.train_items)
+        for kind in args.index or list(KINDS):
+            r, s = bench_service(artifact, n, kind, args)
+            rows += r
+            summaries.append(s)
+    load = os.getloadavg()
+    print(f"\nwrk: {args.connections} connection(s), {args.threads} thread(s), {args.duration}s per measurement; "
+          f"{args.workers} uvicorn worker(s); {os.cpu_count()} CPU(s); load average at the end "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")  # fmt: skip
+    print("| items | index | endpoint | requests/s | p50 ms | p99 ms | errors |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        cells = [f"{r['items']:,}", r["endpoint"], f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}"]
-        print("| " + " | ".join([*cells, str(r["errors"])]) + " |")
+        cells = [f"{r['items']:,}", r["index"], r["endpoint"], f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}",
+                 f"{r['p99_ms']:.2f}", str(r["errors"])]  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
+    print("\n| items | index | parameters | build s | recall@20 | /recommend ÷ no-op throughput | "
+          "/recommend p99 ms at half peak | POST /items p99 ms at peak / half peak |")  # fmt: skip
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for s in summaries:
+        params = ", ".join(f"{k}={v}" for k, v in s["params"].items()) or "exact"
+        post = f"{s['post_p99']:.2f} / {s['post_half_p99']:.2f}"
+        cells = [f"{s['items']:,}", s["index"], params, f"{s['build_s']:.1f}", f"{s['recall']:.3f}",
+                 f"{s['ratio']:.0%}", f"{s['half_p99']:.2f}", post]  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
     return 1 if any(r["errors"] for r in rows) else 0
 
 

@@ -3,7 +3,8 @@
 Checked: every online item stored in Redis is in the index exactly once, at its row (a training item's own
 row, else the row Redis allocated for it); no deleted item is in the index; index ids are unique, and rows
 allocated in Redis too; the index size is training items - deleted training items + live online items; the
-indexed vector of an online item is the one stored (when fused by the same artifact) and finite.
+indexed vector of an online item is the one stored (when fused by the same artifact) and finite; the FAISS
+index agrees with its own row bookkeeping (vectors held, live and deleted slots).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def check_consistency(engine: Engine, state: RedisState, max_listed: int = 20) -
         if item is not None:
             stored[item_id] = item
 
+    problems += engine.index_problems()
     ids = engine.index_ids()
     counts = Counter(ids.tolist())
     problems += [f"row {r} is in the index {n} times" for r, n in counts.items() if n > 1]
@@ -89,4 +91,5 @@ def check_consistency(engine: Engine, state: RedisState, max_listed: int = 20) -
         "deleted_training_items": deleted_training,
         "online_items": len([i for i in stored if i not in training_set]),
         "deleted_online_items": len([i for i in deleted if i not in training_set and i not in stored]),
+        "index_kind": engine.index.kind,
     }

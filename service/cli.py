@@ -84,10 +84,12 @@ def preflight(settings, bundle, redis_url: str) -> None:
     a traceback from the lifespan."""
     import redis
 
+    from service.index import IndexConfig
     from service.runtime import redis_client
     from service.state import RedisState
     from service.sync import IncompatibleState
 
+    IndexConfig.from_settings(settings).check(len(bundle.item_ids))  # IndexConfigError: one line, exit 2
     client = redis_client(redis_url)
     try:
         state = RedisState(client, settings.namespace, origin="preflight")
@@ -124,6 +126,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from service.check import check_consistency
     from service.embedded_redis import EmbeddedRedis
     from service.engine import Engine
+    from service.index import IndexConfig
     from service.loading import load_bundle
     from service.runtime import redis_client
     from service.settings import Settings
@@ -139,7 +142,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     client = redis_client(url)
     try:
         state = RedisState(client, settings.namespace, origin="check")
-        engine = Engine(bundle)
+        engine = Engine(bundle, IndexConfig.from_settings(settings))
         try:
             load_state(engine, state)
             report = check_consistency(engine, state)
@@ -197,12 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="MetaMMF recommendation service. Settings come from MMF_* environment variables (README).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="serve the API; trains on the built-in data first if no artifacts exist")
+    p = sub.add_parser(
+        "run",
+        help="serve the API; trains on the built-in data first if no artifacts exist",
+        description="Serve the API. The item index is chosen with MMF_INDEX: flat (default, exact), hnsw or "
+        "ivf (approximate, for large catalogues; MMF_HNSW_M, MMF_HNSW_EF_CONSTRUCTION, MMF_HNSW_EF_SEARCH, "
+        "MMF_IVF_NLIST, MMF_IVF_NPROBE); each worker builds it from the artifact at start-up. "
+        "MMF_FAISS_THREADS (default 1): FAISS threads per request. Other settings: README.",
+    )
     p.add_argument("--artifacts", help="artifact directory (default: $MMF_ARTIFACTS or ./artifacts)")
     p.add_argument("--train-config", help="run config used when artifacts must be trained first")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (share one Redis)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="uvicorn worker processes (share one Redis; each holds its own index)")  # fmt: skip
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("check", help="check that Redis and a freshly built index agree (exit 1 if not)")

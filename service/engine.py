@@ -1,5 +1,6 @@
-"""In-process recommendation engine: the trained embeddings, a FAISS index that also holds items added
-online, per-user exclusions, and the meta learner that fuses new items on the fly.
+"""In-process recommendation engine: the trained embeddings, an item index (:mod:`service.index`: exact or
+approximate FAISS) that also holds items added online, per-user exclusions, and the meta learner that fuses
+new items on the fly.
 
 The engine is pure in-memory state; :mod:`service.state` makes it durable and shared. All mutations and
 searches hold one lock, since FAISS allows concurrent searches but not searches during add/remove.
@@ -12,11 +13,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 
 from models.artifacts import Bundle
+from service.index import IndexConfig, ItemIndex
 
 
 class InputError(ValueError):
@@ -44,7 +45,7 @@ class Recommendation:
 class Engine:
     """Serves one artifact version plus the online items and interactions applied to it."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, index_config: IndexConfig | None = None) -> None:
         self.bundle = bundle
         self.artifact_id = bundle.artifact_id
         # Tags the events of writes this engine applied itself (its follower skips them); a new engine
@@ -55,7 +56,8 @@ class Engine:
         self.n_states = bundle.item_states.shape[0]
         self.modalities = bundle.modalities  # name -> dim, in feature concatenation order
         self._lock = threading.RLock()
-        self.index = faiss.clone_index(bundle.index)
+        # Built from the item embeddings (the artifact's items.faiss is the same vectors, exact); rows are ids.
+        self.index = ItemIndex(index_config or IndexConfig(), bundle.item_embeddings)
         self.user_rows = {u: i for i, u in enumerate(bundle.user_ids)}
         self._training_rows = {it: i for i, it in enumerate(bundle.item_ids)}
         self.item_rows = dict(self._training_rows)
@@ -67,6 +69,11 @@ class Engine:
         self.online_states: dict[int, np.ndarray] = {}
         self.online_items: set[str] = set()
         self.popularity: dict[int, float] = dict(enumerate(bundle.item_popularity.tolist()))
+        # The most popular rows, best first by (-count, row), deleted ones included (filtered when read):
+        # kept up to date as counts grow, rebuilt from ``popularity`` only when too short (see popular()).
+        self._top_rows: list[int] | None = None
+        self._top_limit = 0  # how many rows _top_rows keeps
+        self._top_complete = False  # whether _top_rows ranks every row of ``popularity``
         # Items each training user already interacted with (train, valid and test of the data set).
         inter = bundle.interactions
         order = np.argsort(inter[:, 0], kind="stable")
@@ -146,24 +153,26 @@ class Engine:
         with self._lock:
             old = self.item_rows.get(item_id)
             if old is not None:
-                self.index.remove_ids(np.array([old], dtype=np.int64))
+                self.index.remove(old)
                 if old != row:
                     self.row_items.pop(old, None)
-            self.index.add_with_ids(embedding.reshape(1, -1).astype(np.float32), np.array([row], dtype=np.int64))
+            self.index.add(row, embedding)
             self.item_rows[item_id] = row
             self.known_rows[item_id] = row
             self.row_items[row] = item_id
             self.online_embeddings[row] = embedding.astype(np.float32)
             self.online_states[row] = states.astype(np.float32)
             self.online_items.add(item_id)
-            self.popularity.setdefault(row, 0.0)
+            if row not in self.popularity:
+                self.popularity[row] = 0.0
+                self._rank_changed(row)
 
     def delete(self, item_id: str) -> bool:
         with self._lock:
             row = self.item_rows.pop(item_id, None)
             if row is None:
                 return False
-            self.index.remove_ids(np.array([row], dtype=np.int64))
+            self.index.remove(row)
             self.row_items.pop(row, None)
             self.online_embeddings.pop(row, None)
             self.online_states.pop(row, None)
@@ -180,16 +189,22 @@ class Engine:
             if row not in seen:
                 seen.add(row)
                 self.popularity[row] = self.popularity.get(row, 0.0) + 1.0
+                self._rank_changed(row)
 
     # -- reading --------------------------------------------------------------------------------------
     def index_ids(self) -> np.ndarray:
-        """Ids (rows) of every vector in the FAISS index, duplicates included (there should be none)."""
+        """Rows of every live vector in the index, duplicates included (there should be none)."""
         with self._lock:
-            return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+            return self.index.rows()
 
     def index_vector(self, row: int) -> np.ndarray:
         with self._lock:
-            return self.index.reconstruct(int(row))
+            return self.index.vector(int(row))
+
+    def index_problems(self) -> list[str]:
+        """Disagreements inside the index (FAISS against its row bookkeeping)."""
+        with self._lock:
+            return self.index.problems()
 
     def seen_rows(self, user_id: str) -> set[int]:
         rows = set(self.online_seen.get(user_id, ()))
@@ -199,25 +214,17 @@ class Engine:
         return rows
 
     def _search(self, query: np.ndarray, k: int, exclude: set[int]) -> tuple[list[str], list[float]]:
-        """Top-k by inner product, skipping ``exclude`` and FAISS's -1 padding; widens the search when
-        exclusions eat into the first k, or when a tie straddles the k-th place. Ties are ordered by row,
-        so replicas holding the same items answer the same list whatever order FAISS stored them in."""
+        """Top-k by inner product, skipping ``exclude``; ties ordered by row, so replicas holding the same
+        items answer the same list whatever order the index stored them in (see :class:`ItemIndex`)."""
         with self._lock:
-            total = self.n_items
-            want = min(k + len(exclude) + 1, total)
-            while True:
-                scores, rows = self.index.search(query.reshape(1, -1).astype(np.float32), max(want, 1))
-                picked = [
-                    (r, float(s))
-                    for r, s in zip(rows[0].tolist(), scores[0].tolist(), strict=True)
-                    if r >= 0 and r not in exclude and r in self.row_items
-                ]
-                complete = want >= total or (len(picked) > k and picked[-1][1] < picked[k - 1][1])
-                if complete:
-                    picked.sort(key=lambda p: (-p[1], p[0]))
-                    picked = picked[:k]
-                    return [self.row_items[r] for r, _ in picked], [s for _, s in picked]
-                want = min(2 * want, total)
+            picked = self.index.search(query, k, exclude)
+            return [self.row_items[r] for r, _ in picked], [s for _, s in picked]
+
+    def quick_recommend(self, user_id: str) -> bool:
+        """Whether ``recommend(user_id)`` is a bounded search that can run on the event loop: a training user
+        and an approximate index (or a small one). Others (a flat scan of a large catalogue, a new user's
+        tower pass) run in a worker thread."""
+        return user_id in self.user_rows and self.index.bounded_search
 
     def recommend(self, user_id: str, k: int) -> Recommendation:
         seen = self.seen_rows(user_id)
@@ -238,9 +245,57 @@ class Engine:
     def popular(self, k: int, exclude: set[int] = frozenset()) -> Recommendation:
         """Most-interacted items (training counts plus online interactions), ties by row."""
         with self._lock:
-            ranked = sorted(self.popularity.items(), key=lambda kv: (-kv[1], kv[0]))
-            picked = [(self.row_items[r], c) for r, c in ranked if r not in exclude and r in self.row_items][:k]
+            if self._top_rows is None or self._top_limit < k + len(exclude):
+                self._rank(max(self.TOP_ROWS, 2 * (k + len(exclude))))
+            while True:
+                picked = []
+                for r in self._top_rows:
+                    if r not in exclude and r in self.row_items:
+                        picked.append((self.row_items[r], self.popularity[r]))
+                        if len(picked) == k:
+                            break
+                if len(picked) == k or self._top_complete:
+                    break
+                self._rank(2 * self._top_limit)  # too many of the best are deleted or excluded: keep more
         return Recommendation("popular", [p[0] for p in picked], [float(p[1]) for p in picked])
+
+    TOP_ROWS = 4096
+
+    def _rank(self, limit: int) -> None:
+        """The best ``limit`` rows of ``popularity`` by (-count, row), with numpy (a sort of every row in
+        Python took about a second per request for a million items)."""
+        rows = np.fromiter(self.popularity.keys(), dtype=np.int64, count=len(self.popularity))
+        counts = np.fromiter(self.popularity.values(), dtype=np.float64, count=len(self.popularity))
+        if limit < len(rows):
+            keep = np.argpartition(-counts, limit - 1)[:limit]
+            cut = counts[keep].min()
+            keep = np.flatnonzero(counts >= cut)  # every row tied with the last kept one, for the row order
+            rows, counts = rows[keep], counts[keep]
+        order = np.lexsort((rows, -counts))[:limit]
+        self._top_rows, self._top_limit = rows[order].tolist(), limit
+        self._top_complete = len(self._top_rows) == len(self.popularity)
+
+    def _rank_changed(self, row: int) -> None:
+        """Keep the ranking right after ``row``'s count grew (or a new row appeared with count 0)."""
+        top = self._top_rows
+        if top is None:
+            return
+        key = (-self.popularity[row], row)
+        if row in top:
+            top.remove(row)
+        elif not self._top_complete and top and key > (-self.popularity[top[-1]], top[-1]):
+            return  # still ranks below every kept row, as it did: not kept
+        lo, hi = 0, len(top)  # insert by (-count, row)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if (-self.popularity[top[mid]], top[mid]) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        top.insert(lo, row)
+        if len(top) > self._top_limit:
+            top.pop()
+            self._top_complete = False
 
     def similar(self, item_id: str, k: int) -> tuple[list[str], list[float]]:
         with self._lock:

@@ -95,6 +95,13 @@ class Deleted(BaseModel):
     deleted: bool
 
 
+class IndexInfo(BaseModel):
+    kind: str = Field(description="flat (exact), hnsw or ivf (approximate)")
+    params: dict[str, int] = Field(description="effective parameters of the kind")
+    build_seconds: float = Field(description="time this replica took to build it from the artifact")
+    dead_slots: int = Field(description="deleted or replaced vectors still held (hnsw, ivf: until the next build)")
+
+
 class Info(BaseModel):
     artifact_id: str = Field(description="artifact served by this replica")
     stored_artifact_id: str | None = Field(
@@ -107,6 +114,7 @@ class Info(BaseModel):
     n_users: int
     n_items: int
     embedding_dim: int
+    index: IndexInfo = Field(description="the item index this replica searches (MMF_INDEX)")
 
 
 class Error(BaseModel):
@@ -143,6 +151,7 @@ class CheckOut(BaseModel):
     deleted_training_items: int
     online_items: int
     deleted_online_items: int
+    index_kind: str | None = None
 
 
 class Health(BaseModel):

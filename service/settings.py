@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,3 +26,21 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (JSON list)")
     follow_block_ms: int = Field(200, ge=10, description="how long a replica blocks on the Redis event stream")
     stream_max_len: int = Field(1_000_000, ge=1000, description="approximate cap on the event stream length")
+    # -- the item index (service/index.py) -----------------------------------------------------------------
+    index: Literal["flat", "hnsw", "ivf"] = Field(
+        "flat", description="item index: flat (exact inner product), hnsw or ivf (approximate, for large catalogues)"
+    )
+    hnsw_m: int = Field(32, ge=2, le=256, description="hnsw: graph links per item")
+    hnsw_ef_construction: int = Field(80, ge=1, le=4096, description="hnsw: candidate list size while building")
+    hnsw_ef_search: int = Field(128, ge=1, le=65536, description="hnsw: candidate list size per query")
+    ivf_nlist: int = Field(0, ge=0, le=1 << 20, description="ivf: k-means lists; 0 = about 4 sqrt(items)")
+    ivf_nprobe: int = Field(128, ge=1, le=1 << 20, description="ivf: lists scanned per query (at most nlist)")
+    faiss_threads: int = Field(1, ge=1, le=256, description="FAISS OpenMP threads per request (search, add)")
+    index_build_threads: int = Field(0, ge=0, le=256, description="threads building the index; 0 = every CPU")
+
+    @model_validator(mode="after")
+    def _ivf_probes(self) -> Settings:
+        # Only when both are set: the default nprobe is simply capped at a small nlist.
+        if self.ivf_nlist and "ivf_nprobe" in self.model_fields_set and self.ivf_nprobe > self.ivf_nlist:
+            raise ValueError(f"MMF_IVF_NPROBE={self.ivf_nprobe} is more than MMF_IVF_NLIST={self.ivf_nlist}")
+        return self

@@ -42,10 +42,22 @@ return redis.call('GET', KEYS[1])
 """
 
 
-_NEXT_ROW = """
-local row = redis.call('INCR', KEYS[1])
-if row < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]); row = tonumber(ARGV[1]) end
-return row
+# Rows of ARGV[2..] (item ids) in the hash KEYS[1]; an id without one gets the next value of the counter
+# KEYS[2], never below ARGV[1] (the counter may be gone: Redis lost its data). Atomic, one round trip.
+_ALLOCATE_ROWS = """
+local base = tonumber(ARGV[1])
+local rows = {}
+for i = 2, #ARGV do
+  local row = redis.call('HGET', KEYS[1], ARGV[i])
+  if not row then
+    row = redis.call('INCR', KEYS[2])
+    if row < base then redis.call('SET', KEYS[2], ARGV[1]); row = base end
+    row = string.format('%d', row)
+    redis.call('HSET', KEYS[1], ARGV[i], row)
+  end
+  rows[#rows + 1] = row
+end
+return rows
 """
 
 
@@ -84,6 +96,7 @@ class RedisState:
         self.ns = namespace
         self.origin = origin
         self.stream_max_len = stream_max_len
+        self._allocate = client.register_script(_ALLOCATE_ROWS)  # EVALSHA, loaded again after a Redis restart
 
     def key(self, *parts: str) -> str:
         return ":".join((self.ns, *parts))
@@ -107,17 +120,11 @@ class RedisState:
 
     # -- writes -----------------------------------------------------------------------------------
     def allocate_rows(self, item_ids: list[str]) -> list[int]:
-        """Stable index rows for online items: an id keeps its row forever, even across replicas."""
-        known = self.r.hmget(self.key("item_rows"), item_ids)
-        rows = []
-        for item_id, row in zip(item_ids, known, strict=True):
-            if row is None:
-                # INCR, but never below the base: the counter may be gone (Redis lost its data)
-                candidate = self.r.eval(_NEXT_ROW, 1, self.key("next_row"), ONLINE_ROW_BASE)
-                self.r.hsetnx(self.key("item_rows"), item_id, candidate)  # loser of a race adopts the winner's
-                row = self.r.hget(self.key("item_rows"), item_id)
-            rows.append(int(row))
-        return rows
+        """Stable index rows for online items: an id keeps its row forever, even across replicas (one
+        atomic script: two replicas allocating for the same new id get the same row)."""
+        keys = [self.key("item_rows"), self.key("next_row")]
+        rows = self._allocate(keys=keys, args=[ONLINE_ROW_BASE, *item_ids])
+        return [int(row) for row in rows]
 
     def put_items(self, items: list[StoredItem], origin: str | None = None) -> None:
         pipe = self.r.pipeline(transaction=True)

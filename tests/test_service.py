@@ -420,8 +420,9 @@ def test_redis_crash_loses_no_acknowledged_write(artifact: Artifact, tmp_path: P
                 wait_until(lambda: fresh.get("/items/from-survivor").status_code == 200)
 
 
-def test_two_replicas_stay_in_sync(make_client, artifact: Artifact) -> None:
-    with make_client() as a, make_client() as b:
+@pytest.mark.parametrize("index", ["flat", "hnsw", "ivf"])
+def test_two_replicas_stay_in_sync(make_client, artifact: Artifact, index: str) -> None:
+    with make_client(index=index) as a, make_client(index=index) as b:
         post_item(a, "repl", artifact.features(80))
         wait_until(lambda: b.get("/items/repl").status_code == 200)
         assert "repl" in rec_ids(b, "0") and "repl" in similar_ids(b, "3")

@@ -1,0 +1,421 @@
+"""The item index the engine searches: exact (``flat``) or approximate (``hnsw``, ``ivf``), all with FAISS.
+
+Every kind is built from the artifact's item embeddings when an engine is built (start-up, hot reload,
+rebuild); the artifact's own ``items.faiss`` (exact) stays as it is. The metric is the inner product.
+
+* ``flat``: ``IndexFlatIP``, exact.
+* ``hnsw``: ``IndexHNSWFlat`` with ``METRIC_INNER_PRODUCT`` (``faiss.index_factory(d, "HNSW{M},Flat")``):
+  ``MMF_HNSW_M`` links per node, ``MMF_HNSW_EF_CONSTRUCTION`` at build, ``MMF_HNSW_EF_SEARCH`` per query.
+* ``ivf``: ``IndexIVFFlat`` over ``MMF_IVF_NLIST`` k-means lists (default about 4 sqrt(items)),
+  ``MMF_IVF_NPROBE`` of them scanned per query. Lists made for the inner product serve embeddings of
+  very different norms badly (benchmark's 100k embeddings, 1024 lists, 128 probed: recall@20 0.49), so
+  the lists are built in L2 over vectors augmented with one coordinate ``sqrt(B^2 - |x|^2)`` (B: largest
+  norm at build; queries get 0), where the L2 order is the inner-product order (Bachrach et al., RecSys
+  2014): recall@20 0.89 there. The answers are scored again by exact inner product. An item added later
+  with a norm above B is also kept in an exact side list that every query scores.
+
+Items are FAISS ids 0, 1, 2, ... ("slots", in insertion order), mapped to engine rows here. HNSW cannot
+remove a vector, so deleting or replacing an item only marks its slot dead, for every kind: searches pass
+FAISS a bitmap of the live slots with the caller's excluded rows cleared (``IDSelectorBitmap`` in the
+kind's ``SearchParameters``), so neither dead nor excluded items take places in the top k, and an item
+that is added again gets a new slot (no duplicates). (An approximate search with at most OVERFETCH_MAX
+dead and excluded slots asks for that many more answers and drops them instead: cheaper.) ``flat``
+compacts its dead slots when they pass a quarter of the index; ``hnsw`` and ``ivf`` keep them until the
+next build (restart, reload or rebuild).
+
+An approximate search that finds fewer than the requested items while the index holds more (a small IVF
+list, an HNSW walk through excluded nodes) is redone exactly (HNSW: its flat storage, IVF: every list), so
+an answer is never short. Ties are broken by row, so replicas with the same items agree whatever order
+their slots are in (for ``hnsw`` the graph itself depends on insertion order and build threads, so two
+replicas can differ in which near neighbours they find).
+
+Not thread-safe: the engine calls it under its lock. FAISS's OpenMP thread count is per calling thread, so
+every call sets it (``MMF_FAISS_THREADS`` for searches and online adds, ``MMF_INDEX_BUILD_THREADS`` for
+the build).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import faiss
+import numpy as np
+
+KINDS = ("flat", "hnsw", "ivf")
+
+
+class IndexConfigError(RuntimeError):
+    """Index settings that cannot work for the artifact (e.g. more IVF lists than items)."""
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    kind: str = "flat"
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 128
+    ivf_nlist: int = 0  # 0: about 4 sqrt(items)
+    ivf_nprobe: int = 128
+    search_threads: int = 1
+    build_threads: int = 0  # 0: every CPU
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise IndexConfigError(f"index kind {self.kind!r} is not one of {', '.join(KINDS)} (MMF_INDEX)")
+        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe", "search_threads"):
+            if getattr(self, name) < 1:
+                raise IndexConfigError(f"MMF_{name.upper()} must be at least 1, got {getattr(self, name)}")
+        if self.hnsw_m < 2:
+            raise IndexConfigError(f"MMF_HNSW_M must be at least 2, got {self.hnsw_m}")
+        if self.ivf_nlist < 0 or self.build_threads < 0:
+            raise IndexConfigError("MMF_IVF_NLIST and MMF_INDEX_BUILD_THREADS must be >= 0 (0: automatic)")
+
+    @classmethod
+    def from_settings(cls, settings) -> IndexConfig:
+        return cls(
+            kind=settings.index,
+            hnsw_m=settings.hnsw_m,
+            hnsw_ef_construction=settings.hnsw_ef_construction,
+            hnsw_ef_search=settings.hnsw_ef_search,
+            ivf_nlist=settings.ivf_nlist,
+            ivf_nprobe=settings.ivf_nprobe,
+            search_threads=settings.faiss_threads,
+            build_threads=settings.index_build_threads,
+        )
+
+    def nlist(self, n_items: int) -> int:
+        """IVF lists for ``n_items``: the setting, or about 4 sqrt(n) with at least 39 items per list
+        (FAISS's minimum for k-means), at least 1. (Many small lists and many probes found more of the
+        exact top 20 per microsecond than few large ones on the benchmark's embeddings: bench/serve.py.)"""
+        if self.ivf_nlist:
+            return self.ivf_nlist
+        return max(1, min(round(4 * math.sqrt(n_items)), n_items // 39))
+
+    def check(self, n_items: int) -> None:
+        """Raises IndexConfigError if this config cannot index ``n_items`` training items."""
+        if self.kind == "ivf" and self.ivf_nlist and self.ivf_nlist > n_items:
+            raise IndexConfigError(
+                f"MMF_IVF_NLIST={self.ivf_nlist} lists need at least as many training items, the artifact has "
+                f"{n_items} (unset it, or 0, for about 4 sqrt(items))"
+            )
+
+    def params(self, n_items: int) -> dict:
+        """The parameters that apply to this kind (effective values)."""
+        if self.kind == "hnsw":
+            return {"m": self.hnsw_m, "ef_construction": self.hnsw_ef_construction, "ef_search": self.hnsw_ef_search}
+        if self.kind == "ivf":
+            nlist = self.nlist(n_items)
+            return {"nlist": nlist, "nprobe": min(self.ivf_nprobe, nlist)}
+        return {}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_omp = threading.local()
+
+
+def use_omp_threads(n: int) -> None:
+    """Set FAISS's OpenMP thread count for the calling thread (an OpenMP setting is per thread: one made in
+    the main thread does not reach the request threads). Remembered per thread, so that the common case,
+    every search with the same count, costs no call into OpenMP."""
+    if getattr(_omp, "threads", None) != n:
+        faiss.omp_set_num_threads(n)
+        _omp.threads = n
+
+
+@contextlib.contextmanager
+def omp_threads(n: int) -> Iterator[None]:
+    """``use_omp_threads(n)`` for a block, then back to the thread's previous count (index builds)."""
+    previous = faiss.omp_get_max_threads()
+    use_omp_threads(n)
+    try:
+        yield
+    finally:
+        use_omp_threads(previous)
+
+
+class ItemIndex:
+    """Live items (engine rows) and their vectors in one FAISS index of the configured kind."""
+
+    FLAT_COMPACT_MIN = 1024
+    INLINE_FLAT_MAX = 20_000
+    OVERFETCH_MAX = 64
+
+    def __init__(self, config: IndexConfig, vectors: np.ndarray, rows: Iterable[int] | None = None) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        n, self.dim = vectors.shape
+        config.check(n)
+        self.config, self.kind = config, config.kind
+        self.params = config.params(n)
+        rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(list(rows), dtype=np.int64)
+        self._slot_rows = np.full(max(16, n), -1, dtype=np.int64)
+        self._bits = np.zeros(len(self._slot_rows) // 8 + 1, dtype=np.uint8)  # live slots, FAISS bit order
+        self._row_slot: dict[int, int] = {}
+        self._n_slots = 0
+        self._n_dead = 0
+        self._overflow: dict[int, np.ndarray] = {}  # ivf: slot -> vector, for vectors longer than the bound
+        self._overflow_matrix: tuple[np.ndarray, np.ndarray] | None = None  # the same as arrays, cached
+        self._query_bits: np.ndarray | None = None  # per-query selector bitmap (see _selector)
+        self._sel = None
+        self._params: dict[tuple, faiss.SearchParameters] = {}
+        self._query_aug = np.zeros((1, self.dim + 1), dtype=np.float32)  # ivf: the query, augmented with 0
+        start = time.perf_counter()
+        with omp_threads(config.build_threads or os.cpu_count() or 1):
+            self._index = self._new_index(vectors)
+            self._append(rows, vectors)
+        self.build_seconds = time.perf_counter() - start
+
+    # -- building --------------------------------------------------------------------------------------
+    def _new_index(self, vectors: np.ndarray) -> faiss.Index:
+        d = self.dim
+        if self.kind == "flat":
+            return faiss.index_factory(d, "Flat", faiss.METRIC_INNER_PRODUCT)
+        if self.kind == "hnsw":
+            index = faiss.index_factory(d, f"HNSW{self.config.hnsw_m},Flat", faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = self.config.hnsw_ef_construction
+            self._storage = faiss.downcast_index(index.storage)
+            return index
+        norms2 = np.einsum("ij,ij->i", vectors, vectors)
+        self._bound2 = float(norms2.max()) if len(norms2) else 1.0
+        index = faiss.index_factory(d + 1, f"IVF{self.params['nlist']},Flat", faiss.METRIC_L2)
+        index.cp.max_points_per_centroid = 64  # k-means on a sample of at most 64 vectors per list: fast enough
+        index.train(self._augment(vectors))
+        index.make_direct_map()  # reconstruct() by slot, for re-scoring and the consistency check
+        return index
+
+    def _augment(self, vectors: np.ndarray) -> np.ndarray:
+        norms2 = np.einsum("ij,ij->i", vectors, vectors)
+        extra = np.sqrt(np.maximum(self._bound2 - norms2, 0.0)).astype(np.float32)
+        return np.hstack([vectors, extra[:, None]])
+
+    def _append(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        n = len(rows)
+        if n == 0:
+            return
+        first = self._n_slots
+        self._reserve(first + n)
+        if self.kind == "ivf":
+            self._index.add(self._augment(vectors))
+            norms2 = np.einsum("ij,ij->i", vectors, vectors)
+            for i in np.flatnonzero(norms2 > self._bound2 * (1 + 1e-6)).tolist():
+                self._overflow[first + i] = vectors[i].copy()
+                self._overflow_matrix = None
+        else:
+            self._index.add(vectors)
+        slots = np.arange(first, first + n)
+        self._slot_rows[first : first + n] = rows
+        np.bitwise_or.at(self._bits, slots >> 3, (1 << (slots & 7)).astype(np.uint8))
+        if not self._row_slot:  # the initial build (rows are distinct): at C speed
+            self._row_slot = dict(zip(rows.tolist(), slots.tolist(), strict=True))
+        else:
+            for row, slot in zip(rows.tolist(), slots.tolist(), strict=True):
+                old = self._row_slot.get(row)
+                if old is not None:  # never expected: the engine removes a row before adding it again
+                    self._kill(old)
+                self._row_slot[row] = slot
+        self._n_slots = first + n
+
+    def _reserve(self, size: int) -> None:
+        if size <= len(self._slot_rows):
+            return
+        capacity = max(size, 2 * len(self._slot_rows))
+        self._slot_rows = np.concatenate([self._slot_rows, np.full(capacity - len(self._slot_rows), -1, np.int64)])
+        self._bits = np.concatenate([self._bits, np.zeros(capacity // 8 + 1 - len(self._bits), np.uint8)])
+
+    def _kill(self, slot: int) -> None:
+        self._bits[slot >> 3] &= np.uint8(~(1 << (slot & 7)) & 0xFF)
+        self._slot_rows[slot] = -1
+        if self._overflow.pop(slot, None) is not None:
+            self._overflow_matrix = None
+        self._n_dead += 1
+
+    # -- changes ---------------------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        """Live items."""
+        return len(self._row_slot)
+
+    @property
+    def bounded_search(self) -> bool:
+        """Whether a search costs well under a millisecond whatever the catalogue size: hnsw, ivf, or a flat
+        index of at most INLINE_FLAT_MAX vectors."""
+        return self.kind != "flat" or self._n_slots <= self.INLINE_FLAT_MAX
+
+    @property
+    def dead_slots(self) -> int:
+        return self._n_dead
+
+    def __contains__(self, row: int) -> bool:
+        return row in self._row_slot
+
+    def add(self, row: int, vector: np.ndarray) -> None:
+        """Add ``row`` (replacing its vector if it is there)."""
+        self.remove(row)
+        use_omp_threads(self.config.search_threads)
+        self._append(np.array([row], dtype=np.int64), np.asarray(vector, dtype=np.float32).reshape(1, -1))
+
+    def remove(self, row: int) -> bool:
+        slot = self._row_slot.pop(row, None)
+        if slot is None:
+            return False
+        self._kill(slot)
+        if self.kind == "flat" and self._n_dead > max(self.FLAT_COMPACT_MIN, self._n_slots // 4):
+            self._compact()
+        return True
+
+    def _compact(self) -> None:
+        """flat only: a new index of the live vectors, slots renumbered."""
+        live = np.flatnonzero(self._slot_rows[: self._n_slots] >= 0)
+        xb = faiss.rev_swig_ptr(self._index.get_xb(), self._n_slots * self.dim).reshape(self._n_slots, self.dim)
+        vectors, rows = xb[live].copy(), self._slot_rows[live].copy()
+        self._index = faiss.index_factory(self.dim, "Flat", faiss.METRIC_INNER_PRODUCT)
+        self._slot_rows[:] = -1
+        self._bits[:] = 0
+        self._row_slot, self._n_slots, self._n_dead = {}, 0, 0
+        self._append(rows, vectors)
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def rows(self) -> np.ndarray:
+        """The row of every live slot, in slot order (a row twice would be a bug)."""
+        live = np.unpackbits(self._bits, bitorder="little")[: self._n_slots].astype(bool)
+        return self._slot_rows[: self._n_slots][live]
+
+    def vector(self, row: int) -> np.ndarray:
+        """The vector FAISS holds for ``row`` (KeyError if it is not live)."""
+        slot = self._row_slot[row]
+        return self._index.reconstruct(slot)[: self.dim]
+
+    def problems(self) -> list[str]:
+        """Disagreements between FAISS and the slot bookkeeping (empty when consistent)."""
+        out = []
+        if self._index.ntotal != self._n_slots:
+            out.append(f"FAISS holds {self._index.ntotal} vectors, the slot map {self._n_slots}")
+        live = np.unpackbits(self._bits, bitorder="little")[: self._n_slots].astype(bool)
+        if int(live.sum()) != len(self._row_slot):
+            out.append(f"{int(live.sum())} live slots, {len(self._row_slot)} live rows")
+        if np.any(live != (self._slot_rows[: self._n_slots] >= 0)):
+            out.append("live-slot bitmap and slot rows disagree")
+        rows = np.fromiter(self._row_slot.keys(), dtype=np.int64, count=len(self._row_slot))
+        slots = np.fromiter(self._row_slot.values(), dtype=np.int64, count=len(self._row_slot))
+        outside = slots >= self._n_slots
+        wrong = rows[outside | (self._slot_rows[np.where(outside, 0, slots)] != rows)]
+        out += [f"row {r} maps to slot {self._row_slot[r]}, which holds another row" for r in wrong[:5].tolist()]
+        return out
+
+    def search(self, query: np.ndarray, k: int, exclude: Iterable[int] = ()) -> list[tuple[int, float]]:
+        """Top-k (row, inner product) among live rows not in ``exclude``, by score then row.
+
+        Asks FAISS for k+1 and widens while the (k+1)-th ties with the k-th, so that a tie straddling the
+        k-th place is resolved by row."""
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
+        exclude = exclude if isinstance(exclude, set | frozenset) else set(exclude)
+        excluded = [s for s in (self._row_slot.get(r) for r in exclude) if s is not None]
+        available = len(self._row_slot) - len(excluded)
+        if k <= 0 or available <= 0:
+            return []
+        want, exact = min(k + 1, available), self.kind == "flat"
+        # Skipping excluded and dead slots: an approximate search with few of them asks for that many more
+        # and drops them here (cheaper than a selector consulted at every vector visited); otherwise FAISS
+        # gets a bitmap of the allowed slots.
+        extra = len(excluded) + self._n_dead
+        overfetch = bool(extra) and not exact and extra <= self.OVERFETCH_MAX
+        filtered = bool(extra) and not overfetch
+        if filtered:
+            self._fill_selector(excluded)
+        use_omp_threads(self.config.search_threads)
+        while True:
+            if overfetch:
+                found = self._candidates(q, want + extra, False, exact)
+                found = [p for p in found if p[0] >= 0 and p[0] not in exclude]
+            else:
+                found = self._candidates(q, want, filtered, exact)
+            if len(found) < want and not exact:
+                exact = True  # the approximate search ran dry: the exact one finds every item
+                if overfetch:
+                    overfetch, filtered = False, True
+                    self._fill_selector(excluded)
+                continue
+            found.sort(key=lambda p: (-p[1], p[0]))
+            if want >= available or len(found) <= k or found[k][1] < found[k - 1][1]:
+                return found[:k]
+            want = min(2 * want, available)
+
+    def _fill_selector(self, excluded: list[int]) -> None:
+        """The live-slot bitmap with the excluded slots cleared, in the selector's buffer."""
+        bits = self._selector()
+        nbytes = (self._n_slots + 7) // 8
+        np.copyto(bits[:nbytes], self._bits[:nbytes])
+        for s in excluded:
+            bits[s >> 3] &= ~(1 << (s & 7)) & 0xFF
+
+    def _selector(self) -> np.ndarray:
+        """The per-query bitmap buffer (as long as the live-slot bitmap) behind a FAISS IDSelectorBitmap,
+        and the search parameters using it; made again when the bitmap grew."""
+        if self._query_bits is None or len(self._query_bits) != len(self._bits):
+            self._query_bits = np.zeros_like(self._bits)
+            self._sel = faiss.IDSelectorBitmap(len(self._query_bits), faiss.swig_ptr(self._query_bits))
+            self._params = {}
+        return self._query_bits
+
+    def _search_params(self, filtered: bool, exact: bool, want: int):
+        """Cached SearchParameters of this kind (one FAISS object per combination, not one per query)."""
+        if self.kind == "hnsw" and not exact:
+            key = ("hnsw", filtered, max(self.config.hnsw_ef_search, want))
+            make = lambda: faiss.SearchParametersHNSW(efSearch=key[2])  # noqa: E731
+        elif self.kind == "ivf":
+            key = ("ivf", filtered, self.params["nlist"] if exact else self.params["nprobe"])
+            make = lambda: faiss.SearchParametersIVF(nprobe=key[2])  # noqa: E731
+        else:  # flat, or hnsw's flat storage
+            key = ("flat", filtered, 0)
+            make = faiss.SearchParameters
+        params = self._params.get(key)
+        if params is None:
+            params = make()
+            if filtered:
+                params.sel = self._sel
+            if len(self._params) > 64:
+                self._params.clear()
+            self._params[key] = params
+        return params
+
+    def _candidates(self, q: np.ndarray, want: int, filtered: bool, exact: bool) -> list[tuple[int, float]]:
+        """Up to ``want`` best (row, score) pairs of live, non-excluded slots (approximate unless ``exact``)."""
+        params = self._search_params(filtered, exact, want)
+        if self.kind == "ivf":
+            return self._ivf_candidates(q, want, params, filtered)
+        index = self._storage if self.kind == "hnsw" and exact else self._index
+        scores, slots = index.search(q, want, params=params)
+        found = slots[0] >= 0
+        rows = self._slot_rows[slots[0][found]].tolist()
+        return list(zip(rows, scores[0][found].tolist(), strict=True))
+
+    def _ivf_candidates(self, q: np.ndarray, want: int, params, filtered: bool) -> list[tuple[int, float]]:
+        """IVF answers re-scored by exact inner product, plus the best vectors of the exact side list."""
+        self._query_aug[0, : self.dim] = q[0]
+        _, slots = self._index.search(self._query_aug, want, params=params)
+        slots = slots[0][slots[0] >= 0]
+        scores: dict[int, float] = {}
+        if len(slots):
+            exact_scores = self._index.reconstruct_batch(slots)[:, : self.dim] @ q[0]
+            scores = dict(zip(slots.tolist(), exact_scores.tolist(), strict=True))
+        if self._overflow:  # longer than the bound: scored exactly, always
+            if self._overflow_matrix is None:
+                slots_o = np.fromiter(self._overflow, dtype=np.int64, count=len(self._overflow))
+                self._overflow_matrix = (slots_o, np.stack(list(self._overflow.values())))
+            slots_o, matrix = self._overflow_matrix
+            if filtered:
+                bits = self._query_bits
+                keep = ((bits[slots_o >> 3] >> (slots_o & 7)) & 1).astype(bool)
+                slots_o, matrix = slots_o[keep], matrix[keep]
+            over = matrix @ q[0]
+            best = np.argsort(-over, kind="stable")[:want]
+            scores.update(zip(slots_o[best].tolist(), over[best].tolist(), strict=True))
+        rows = self._slot_rows[np.fromiter(scores, dtype=np.int64, count=len(scores))].tolist()
+        return list(zip(rows, scores.values(), strict=True))

@@ -1,0 +1,373 @@
+"""The item index options (``MMF_INDEX=flat|hnsw|ivf``, service/index.py): recall of the approximate kinds
+against exact search, every engine behaviour through the HTTP API for each kind (add, replace, delete,
+re-add, exclusions, ties, consistency check), invalid settings, and ``python -m service run --workers 2``
+with an approximate index (writes through one worker served by the other).
+
+Real FAISS and real Redis; no timing assertions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from service.index import KINDS, IndexConfig, IndexConfigError, ItemIndex
+from service.settings import Settings
+from tests.service_support import (
+    AUTH,
+    KEY,
+    Artifact,
+    assert_sorted_scores,
+    assert_topk,
+    free_port,
+    online_embedding,
+    post_item,
+    rec,
+    rec_ids,
+    similar_ids,
+    user_scores,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def clustered(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` item vectors around 40 centres with log-normal norms (like trained embeddings: clustered,
+    norms spread over a factor of about 3), and 300 queries drawn the same way."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(40, d)) * 1.5
+    items = centres[rng.integers(0, 40, n)] + rng.normal(size=(n, d))
+    items *= rng.lognormal(0.0, 0.3, size=(n, 1))
+    queries = centres[rng.integers(0, 40, 300)] + rng.normal(size=(300, d))
+    return items.astype(np.float32), queries.astype(np.float32)
+
+
+def exact_top(items: np.ndarray, query: np.ndarray, k: int, exclude: set[int]) -> list[int]:
+    scores = items @ query
+    order = [r for r in np.argsort(-scores, kind="stable") if r not in exclude]
+    return [int(r) for r in order[:k]]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The index on its own
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_settings_defaults_are_the_index_defaults() -> None:
+    assert IndexConfig.from_settings(Settings()) == IndexConfig()
+    assert Settings().index == "flat"
+
+
+@pytest.mark.parametrize(("kind", "params"), [("hnsw", {}), ("ivf", {}), ("ivf", {"ivf_nprobe": 8})])
+def test_recall_against_flat_with_default_parameters(kind: str, params: dict) -> None:
+    """recall@20 >= 0.95 against exact search, with exclusions, on 4000 clustered 64-d vectors. (At this
+    size ivf's defaults, 102 lists and nprobe 128, scan every list: 8 probes is checked too.)"""
+    items, queries = clustered(4000, 64, seed=3)
+    exact = ItemIndex(IndexConfig(kind="flat"), items)
+    approx = ItemIndex(IndexConfig(kind=kind, **params), items)
+    if params:
+        assert approx.params["nprobe"] < approx.params["nlist"]
+    rng = np.random.default_rng(4)
+    recalls = []
+    for q in queries:
+        exclude = set(rng.choice(len(items), 10, replace=False).tolist())
+        truth = [r for r, _ in exact.search(q, 20, exclude)]
+        assert truth == exact_top(items, q, 20, exclude)
+        got = approx.search(q, 20, exclude)
+        rows = [r for r, _ in got]
+        assert len(rows) == 20 and len(set(rows)) == 20 and not set(rows) & exclude
+        np.testing.assert_allclose([s for _, s in got], items[rows] @ q, rtol=1e-4, atol=1e-4)  # exact scores
+        recalls.append(len(set(rows) & set(truth)) / 20)
+    assert np.mean(recalls) >= 0.95, (kind, np.mean(recalls))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_index_changes_ties_and_bookkeeping(kind: str) -> None:
+    items, queries = clustered(3000, 32, seed=5)
+    index = ItemIndex(IndexConfig(kind=kind, build_threads=1), items)  # one thread: a deterministic graph
+    q = queries[0]
+    top = [r for r, _ in index.search(q, 10)]
+    # delete: gone from answers, the next ones move up
+    for r in top[:3]:
+        assert index.remove(r)
+    assert not index.remove(top[0])
+    after = [r for r, _ in index.search(q, 7)]
+    assert after == top[3:10]
+    # re-add: found again, once
+    index.add(top[0], items[top[0]])
+    again = [r for r, _ in index.search(q, 8)]
+    assert again == [top[0], *top[3:10]]
+    # replace (same row, new vector), and an online row far above the training rows
+    online = (1 << 32) + 7
+    index.add(online, q * 3)  # longer than every indexed vector (ivf keeps it in its exact side list)
+    assert index.search(q, 1)[0][0] == online
+    index.add(online, -q)
+    assert online not in [r for r, _ in index.search(q, 100)]
+    np.testing.assert_allclose(index.vector(online), -q)
+    # ties are ordered by row, whatever order the slots are in
+    twins = [(1 << 32) + 100 + n for n in (5, 1, 3, 2, 4)]
+    for row in twins:
+        index.add(row, q * 5)
+    assert [r for r, _ in index.search(q, 3)] == sorted(twins)[:3]
+    assert [r for r, _ in index.search(q, 3, exclude={sorted(twins)[0]})] == sorted(twins)[1:4]
+    # k larger than what is left: every live item exactly once, excluded ones left out
+    everything = index.search(q, 10_000, exclude={1, 2})
+    rows = [r for r, _ in everything]
+    expected = (set(range(3000)) - set(top[1:3]) - {1, 2}) | {online, *twins}
+    assert len(rows) == len(set(rows)) == len(expected) and set(rows) == expected
+    assert index.ntotal == 3000 - 2 + 1 + len(twins)
+    assert sorted(index.rows().tolist()) == sorted(set(range(3000)) - set(top[1:3]) | {online, *twins})
+    assert index.problems() == []
+    assert index.dead_slots == 4  # 3 deletes + 1 replacement
+
+
+def test_flat_compacts_dead_slots() -> None:
+    items, queries = clustered(3000, 16, seed=6)
+    index = ItemIndex(IndexConfig(kind="flat"), items)
+    for row in range(0, 2400):  # well past a quarter of the slots dead: compacted on the way
+        index.remove(row)
+        if row % 2 == 0:
+            index.add(row, items[row])
+    assert index.dead_slots < 1100 and index.problems() == []
+    live = sorted(set(range(0, 2400, 2)) | set(range(2400, 3000)))
+    assert sorted(index.rows().tolist()) == live
+    for q in queries[:20]:
+        assert [r for r, _ in index.search(q, 10)] == [live[i] for i in exact_top(items[live], q, 10, set())]
+
+
+def test_approximate_search_never_answers_short() -> None:
+    """With most items excluded, the approximate walk finds too few: the index searches exactly instead."""
+    items, queries = clustered(2000, 32, seed=7)
+    for kind in ("hnsw", "ivf"):
+        index = ItemIndex(IndexConfig(kind=kind, hnsw_ef_search=16, ivf_nprobe=1, build_threads=1), items)
+        keep = set(range(0, 2000, 97))
+        got = index.search(queries[0], 15, exclude=set(range(2000)) - keep)
+        assert [r for r, _ in got] == [sorted(keep)[i] for i in exact_top(items[sorted(keep)], queries[0], 15, set())]
+
+
+def test_invalid_index_settings_are_clear_errors(artifact: Artifact, make_client) -> None:
+    with pytest.raises(ValidationError, match="'flat', 'hnsw' or 'ivf'"):
+        Settings(index="annoy")
+    for field, value in (("hnsw_m", 1), ("hnsw_ef_search", 0), ("ivf_nprobe", 0), ("ivf_nlist", -1),
+                         ("faiss_threads", 0)):  # fmt: skip
+        with pytest.raises(ValidationError, match=field):
+            Settings(**{field: value})
+    with pytest.raises(ValidationError, match="MMF_IVF_NPROBE=64 is more than MMF_IVF_NLIST=8"):
+        Settings(ivf_nlist=8, ivf_nprobe=64)
+    with pytest.raises(IndexConfigError, match="not one of flat, hnsw, ivf"):
+        IndexConfig(kind="annoy")
+    # more lists than the artifact has items: refused at start-up with the reason
+    too_many = f"MMF_IVF_NLIST=5000 .* the artifact has {len(artifact.item_ids)}"
+    with pytest.raises(IndexConfigError, match=too_many), make_client(index="ivf", ivf_nlist=5000):
+        pass
+
+
+def test_cli_refuses_invalid_index_settings(artifact: Artifact, redis_url: str, ns: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMF_")}
+    env.update(MMF_REDIS_URL=redis_url, MMF_NAMESPACE=ns, OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "service", "run", "--artifacts", str(artifact.path), "--port", str(free_port())]
+    for extra, needle in (({"MMF_INDEX": "annoy"}, "'flat', 'hnsw' or 'ivf'"),
+                          ({"MMF_INDEX": "ivf", "MMF_IVF_NLIST": "5000"}, "MMF_IVF_NLIST=5000")):  # fmt: skip
+        done = subprocess.run(args, cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr and needle in done.stderr.split("\nerror: ", 1)[-1], done.stderr
+    helped = subprocess.run([sys.executable, "-m", "service", "run", "--help"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "MMF_INDEX" in helped.stdout
+
+
+# ------------------------------------------------------------------------------------------------------
+# Through the HTTP API, for each kind
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_items_lifecycle_through_the_api(make_client, artifact: Artifact, kind: str) -> None:
+    """Add, replace, delete and re-add items (a training one and online ones) with each index kind: answers
+    are the exact top-k over the live items (the test catalogue is small enough for the approximate kinds to
+    be exact with their default parameters), never a duplicate or a deleted item, and /admin/check agrees."""
+    user = "0"
+    with make_client(index=kind) as c:
+        info = c.get("/info").json()["index"]
+        assert info["kind"] == kind and info["build_seconds"] >= 0
+        assert_topk(rec(c, user, 20)["items"], user_scores(artifact, user), 20)
+
+        best = artifact.expected_top(user, 1)[0]
+        post_item(c, "new-a", artifact.features(int(best)))  # the features of the user's best item
+        post_item(c, "new-b", artifact.features(60))
+        extra = {i: online_embedding(c, i) for i in ("new-a", "new-b")}
+        items = rec(c, user, 30)["items"]
+        assert "new-a" in [i["item_id"] for i in items]
+        assert_topk(items, user_scores(artifact, user, extra), 30)
+
+        post_item(c, "new-a", artifact.features(61))  # replace: new vector, same id, no duplicate
+        extra["new-a"] = online_embedding(c, "new-a")
+        post_item(c, best, artifact.features(62))  # replace a training item
+        extra[best] = online_embedding(c, best)
+        ids = rec_ids(c, user)
+        assert len(ids) == len(set(ids)) and ids.count("new-a") == 1
+        assert_topk(rec(c, user, 1000)["items"], user_scores(artifact, user, extra), 1000)
+
+        for item in ("new-a", best, "7"):
+            assert c.delete(f"/items/{item}", headers=AUTH).status_code == 200
+        gone = {"new-a", best, "7"}
+        for u in ("0", "1", "nobody"):
+            assert not gone & set(rec_ids(c, u))
+        assert not gone & set(similar_ids(c, "new-b"))
+        assert c.get("/admin/check", headers=AUTH).json()["ok"]
+
+        post_item(c, "new-a", artifact.features(63))  # re-added: found again, once
+        post_item(c, "7", artifact.features(7))
+        extra = {i: online_embedding(c, i) for i in ("new-a", "new-b", "7")}
+        scores = {i: s for i, s in user_scores(artifact, user, extra).items() if i != best}
+        items = rec(c, user, 1000)["items"]
+        assert_sorted_scores(items)
+        assert_topk(items, scores, 1000)
+        assert "new-a" in similar_ids(c, "new-b") and "7" in similar_ids(c, "new-b")
+        report = c.get("/admin/check", headers=AUTH).json()
+        assert report["ok"], report["problems"]
+        assert report["index_kind"] == kind and report["index_size"] == len(artifact.item_ids) + 2 - 1
+        assert c.get("/info").json()["n_items"] == len(artifact.item_ids) + 1
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_reload_rebuilds_the_approximate_index(make_client, artifact: Artifact, kind: str) -> None:
+    with make_client(index=kind) as c:
+        post_item(c, "kept", artifact.features(40))
+        assert c.delete("/items/kept", headers=AUTH).status_code == 200
+        post_item(c, "kept", artifact.features(41))
+        assert c.get("/info").json()["index"]["dead_slots"] == 1
+        r = c.post("/admin/reload", json={}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        info = c.get("/info").json()
+        assert info["index"]["kind"] == kind and info["index"]["dead_slots"] == 0  # rebuilt: no dead slot
+        assert "kept" in rec_ids(c, "0") and c.get("/admin/check", headers=AUTH).json()["ok"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# python -m service run --workers 2 with an approximate index
+# ------------------------------------------------------------------------------------------------------
+
+
+def per_worker(base: str, path: str, workers: int = 2, tries: int = 200) -> dict[float, httpx.Response]:
+    """``GET path`` answered by each worker: a fresh connection per try (the kernel spreads connections over
+    the workers), the worker told apart by the build time of its engine (``/info`` loaded_at) asked on the
+    same keep-alive connection."""
+    seen: dict[float, httpx.Response] = {}
+    for _ in range(tries):
+        with httpx.Client(base_url=base, timeout=10) as http:
+            worker = http.get("/info").json()["loaded_at"]
+            if worker not in seen:
+                seen[worker] = http.get(path, headers=AUTH)
+        if len(seen) == workers:
+            return seen
+    raise AssertionError(f"only {len(seen)} of {workers} workers answered in {tries} connections")
+
+
+def test_two_workers_with_hnsw_stay_consistent(artifact: Artifact, redis_url: str, ns: str, tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMF_")}
+    env.update(MMF_REDIS_URL=redis_url, MMF_NAMESPACE=ns, MMF_API_KEY=KEY, MMF_INDEX="hnsw", OMP_NUM_THREADS="1")
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service", "run", "--artifacts", str(artifact.path), "--port", str(port),
+             "--workers", "2"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "server not ready in time"
+            with contextlib.suppress(httpx.HTTPError, AssertionError):  # AssertionError: one worker still starting
+                if {r.json()["index"]["kind"] for r in per_worker(base, "/info", tries=20).values()} == {"hnsw"}:
+                    break
+            time.sleep(0.2)
+
+        def everywhere(path: str, check) -> None:
+            """``check`` holds for the answer of every worker, within a few seconds (replication)."""
+            end = time.monotonic() + 10
+            while not all(check(r) for r in per_worker(base, path).values()):
+                assert time.monotonic() < end, f"{path}: not consistent on every worker"
+                time.sleep(0.1)
+
+        with httpx.Client(base_url=base, timeout=10) as http:  # writes through whichever worker answers
+            for item, row in (("w-a", 50), ("w-b", 51), ("w-c", 52)):
+                r = http.post("/items", json={"item_id": item, "features": artifact.features(row)}, headers=AUTH)
+                assert r.status_code == 201, r.text
+            assert http.delete("/items/w-b", headers=AUTH).status_code == 200
+            assert http.delete("/items/3", headers=AUTH).status_code == 200
+            r = http.post("/items", json={"item_id": "w-b", "features": artifact.features(53)}, headers=AUTH)
+            assert r.status_code == 201 and r.json()["created"] is True  # re-added
+            assert http.post("/interactions", json={"user_id": "0", "item_id": "w-a"}, headers=AUTH).status_code == 201
+
+        def served(r: httpx.Response) -> bool:
+            ids = [i["item_id"] for i in r.json()["items"]]
+            return len(ids) == len(set(ids)) and {"w-b", "w-c"} <= set(ids) and not {"w-a", "3"} & set(ids)
+
+        everywhere("/recommend/0?k=1000", served)
+        everywhere("/items/w-a/similar?k=1000", lambda r: "w-b" in {i["item_id"] for i in r.json()["items"]})
+        everywhere("/info", lambda r: r.json()["n_items"] == len(artifact.item_ids) + 3 - 1)
+        for worker, report in per_worker(base, "/admin/check").items():
+            assert report.json()["ok"] and report.json()["index_kind"] == "hnsw", (worker, report.json())
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The popular ranking (no index, but on the read path: kept incrementally instead of sorted per request)
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_popular_ranking_stays_exact(artifact: Artifact) -> None:
+    """Interactions, new items, deletions and re-adds, checked after each step against a full sort, with a
+    ranking cache of 8 rows so that every path (incremental update, eviction, re-ranking) runs."""
+    from service.engine import Engine
+    from service.loading import load_bundle
+
+    engine = Engine(load_bundle(artifact.path))
+    engine.TOP_ROWS = 8
+    rng = np.random.default_rng(9)
+
+    def expected(k: int, exclude: set[int]) -> list[str]:
+        ranked = sorted(engine.popularity.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [engine.row_items[r] for r, _ in ranked if r not in exclude and r in engine.row_items][:k]
+
+    emb, states = engine.fuse(engine.feature_matrix([artifact.features(5)]))
+    ids = list(artifact.item_ids)
+    for step in range(300):
+        action = rng.random()
+        if action < 0.7:
+            engine.record_interaction(f"u{rng.integers(0, 50)}", ids[rng.integers(0, len(ids))])
+        elif action < 0.8:
+            new = f"n{step}"
+            engine.upsert(new, (1 << 32) + step, emb[0], states[0])
+            ids.append(new)
+        elif action < 0.9:
+            engine.delete(ids[rng.integers(0, len(ids))])
+        else:
+            item = ids[rng.integers(0, len(ids))]
+            if not engine.has_item(item) and engine.training_row(item) is not None:
+                engine.upsert(item, engine.training_row(item), emb[0], states[0])  # re-added
+        k = int(rng.integers(1, 30))
+        exclude = set(rng.choice(len(artifact.item_ids), 5).tolist())
+        got = engine.popular(k, exclude)
+        assert got.item_ids == expected(k, exclude), step
+        assert got.scores == [engine.popularity[engine.item_rows[i]] for i in got.item_ids]
+    assert engine.popular(1000).item_ids == expected(1000, set())
