@@ -21,6 +21,8 @@ of :class:`~models.metammf_gcn.MeanAggregation` (the same result as ``SAGEConv.f
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,14 +35,15 @@ from models.metammf_gcn import MeanAggregation, bipartite_edge_index
 from models.registry import ModelInputs
 
 
-class GraphSAGE(RecModel):
-    """GraphSAGE-mean with projected multimodal item features and free user embeddings.
+class ProjectedFeatureGraph(RecModel):
+    """Graph layers over users (free embeddings) and items (projected multimodal features): what GraphSAGE
+    and GAT share. Subclasses build ``convs`` and define one layer and the activation between layers.
 
     Args:
         n_users: number of users.
         item_features: (n_items, d_x) concatenated raw features.
         train_pairs: (n, 2) training (user, item) pairs: the graph.
-        config: ``embedding_dim``, ``gcn_layers``, ``normalize_features`` are used.
+        config: ``embedding_dim``, ``gcn_layers``, ``normalize_features`` (and the subclass's fields).
         reg_weight: L2 weight on the batch ego states.
     """
 
@@ -57,15 +60,26 @@ class GraphSAGE(RecModel):
         )
         self.user_embedding = nn.Embedding(n_users, dim)
         self.item_projection = nn.Linear(item_features.shape[1], dim)
-        self.convs = nn.ModuleList(SAGEConv(dim, dim, aggr="mean") for _ in range(config.gcn_layers))
+        self.convs = self.build_convs(dim, config)
         edge_index = bipartite_edge_index(train_pairs.long(), self.n_users, self.n_items)
         self.register_buffer("edge_index", edge_index, persistent=False)
-        self._aggregation: MeanAggregation | None = None
         self.reset_parameters()
 
     @classmethod
-    def from_inputs(cls, inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> GraphSAGE:
+    def from_inputs(cls, inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> ProjectedFeatureGraph:
         return cls(inputs.n_users, inputs.item_features, inputs.train_pairs, config, reg_weight)
+
+    @abstractmethod
+    def build_convs(self, dim: int, config: ModelConfig) -> nn.ModuleList:
+        """The ``config.gcn_layers`` graph layers, ``dim`` wide."""
+
+    @abstractmethod
+    def layer(self, k: int, h: Tensor, isolated: bool) -> Tensor:
+        """Layer ``k`` over the training graph, or for nodes without neighbours when ``isolated``."""
+
+    @abstractmethod
+    def activate(self, h: Tensor) -> Tensor:
+        """What follows every layer but the last."""
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.user_embedding.weight, std=0.1)
@@ -73,21 +87,17 @@ class GraphSAGE(RecModel):
         for conv in self.convs:
             conv.reset_parameters()
 
-    def aggregation(self) -> MeanAggregation:
-        if self._aggregation is None or self._aggregation.device != self.edge_index.device:
-            self._aggregation = MeanAggregation(self.edge_index, self.n_users + self.n_items)
-        return self._aggregation
-
     def ego(self) -> Tensor:
         """Input states h^0 of all nodes [users | items]."""
         return torch.cat([self.user_embedding.weight, self.item_projection(self.features)])
 
-    def propagate(self, h: Tensor) -> Tensor:
-        aggregate = self.aggregation()
-        for k, conv in enumerate(self.convs):
-            h = conv.lin_l(aggregate(h)) + conv.lin_r(h)  # what SAGEConv(aggr="mean") computes
+    def propagate(self, h: Tensor, isolated: bool = False) -> Tensor:
+        """Final states from input states ``h``: of all graph nodes, or of nodes without neighbours (items
+        unseen in training) when ``isolated``."""
+        for k in range(len(self.convs)):
+            h = self.layer(k, h, isolated)
             if k < len(self.convs) - 1:
-                h = F.normalize(F.relu(h), dim=-1)
+                h = self.activate(h)
         return h
 
     def get_embedding(self) -> tuple[Tensor, Tensor]:
@@ -102,3 +112,37 @@ class GraphSAGE(RecModel):
         return bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + self.reg_weight * l2_penalty(
             *ego[rows].split(len(users))
         )
+
+
+def no_edges(like: Tensor) -> Tensor:
+    """An empty edge_index on ``like``'s device."""
+    return torch.zeros((2, 0), dtype=torch.long, device=like.device)
+
+
+class GraphSAGE(ProjectedFeatureGraph):
+    """GraphSAGE-mean with projected multimodal item features and free user embeddings (arguments: see
+    :class:`ProjectedFeatureGraph`; ``config.embedding_dim``, ``gcn_layers``, ``normalize_features`` are used).
+    """
+
+    def __init__(
+        self, n_users: int, item_features: Tensor, train_pairs: Tensor, config: ModelConfig, reg_weight: float
+    ):
+        self._aggregation: MeanAggregation | None = None
+        super().__init__(n_users, item_features, train_pairs, config, reg_weight)
+
+    def build_convs(self, dim: int, config: ModelConfig) -> nn.ModuleList:
+        return nn.ModuleList(SAGEConv(dim, dim, aggr="mean") for _ in range(config.gcn_layers))
+
+    def aggregation(self) -> MeanAggregation:
+        if self._aggregation is None or self._aggregation.device != self.edge_index.device:
+            self._aggregation = MeanAggregation(self.edge_index, self.n_users + self.n_items)
+        return self._aggregation
+
+    def layer(self, k: int, h: Tensor, isolated: bool) -> Tensor:
+        conv = self.convs[k]
+        if isolated:
+            return conv(h, no_edges(h))
+        return conv.lin_l(self.aggregation()(h)) + conv.lin_r(h)  # what SAGEConv(aggr="mean") computes
+
+    def activate(self, h: Tensor) -> Tensor:
+        return F.normalize(F.relu(h), dim=-1)

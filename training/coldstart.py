@@ -197,21 +197,8 @@ def cold_item_embeddings(model: RecModel, features: Tensor, warm_features: Tenso
         gamma = model.item_gamma.weight.mean(0).expand(n, -1)
         bias = model.item_bias.weight.mean(0).expand(n, -1) + model.content_bias(x)
         return torch.cat([gamma, model.content(x), bias], dim=1)
-    no_edges = torch.zeros((2, 0), dtype=torch.long, device=x.device)
-    if isinstance(model, GraphSAGE):
-        h = model.item_projection(x)
-        for k, conv in enumerate(model.convs):
-            h = conv(h, no_edges)
-            if k < len(model.convs) - 1:
-                h = torch.nn.functional.normalize(torch.relu(h), dim=-1)
-        return h
-    if isinstance(model, GAT):
-        h = model.item_projection(x)
-        for k, conv in enumerate(model.convs):
-            h = conv(h, no_edges)  # GATConv adds the self loop: attention over the node alone
-            if k < len(model.convs) - 1:
-                h = torch.nn.functional.elu(h)
-        return h
+    if isinstance(model, GraphSAGE | GAT):  # GAT without edges: attention over the node's self loop
+        return model.propagate(model.item_projection(x), isolated=True)
     if isinstance(model, MMGCN):
         return _mmgcn_isolated(model, x)
     check_cold_start_model(getattr(model.config, "name", type(model).__name__))
