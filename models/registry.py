@@ -73,6 +73,7 @@ class ModelSpec:
     target: str  # "module:attribute": a RecModel class with ``from_inputs``, or a builder function
     summary: str
     servable: bool = False  # exportable as a serving artifact (MetaMMF only)
+    layers_field: str | None = None  # the ModelConfig field holding its layer count (tuned), if any
 
     def builder(self) -> Builder:
         module, _, attr = self.target.partition(":")
@@ -93,25 +94,37 @@ def _metammf_gcn(inputs: ModelInputs, config: ModelConfig, reg_weight: float) ->
 
 
 MODELS: dict[str, ModelSpec] = {
-    "metammf_gcn": ModelSpec("models.registry:_metammf_gcn", "MetaMMF, GraphSAGE backbone", servable=True),
+    "metammf_gcn": ModelSpec(
+        "models.registry:_metammf_gcn", "MetaMMF, GraphSAGE backbone", servable=True, layers_field="gcn_layers"
+    ),
     "metammf_mf": ModelSpec("models.registry:_metammf_mf", "MetaMMF, MF backbone", servable=True),
     # Baselines (the paper's Table 2) ...
     "vbpr": ModelSpec("models.vbpr:VBPR", "VBPR (He & McAuley 2016)"),
-    "lightgcn": ModelSpec("models.lightgcn:LightGCN", "LightGCN (He et al. 2020), pure CF"),
-    "ngcf": ModelSpec("models.ngcf:NGCF", "NGCF (Wang et al. 2019), pure CF"),
-    "graphsage": ModelSpec("models.graphsage:GraphSAGE", "GraphSAGE (Hamilton et al. 2017), multimodal items"),
-    "gat": ModelSpec("models.gat:GAT", "GAT (Velickovic et al. 2018), multimodal items"),
-    "mmgcn": ModelSpec("models.mmgcn:MMGCN", "MMGCN (Wei et al. 2019)"),
-    "grcn": ModelSpec("models.grcn:GRCN", "GRCN (Wei et al. 2020), refined user-item graph"),
-    "lattice": ModelSpec("models.lattice:LATTICE", "LATTICE (Zhang et al. 2021), learned item-item graph"),
+    "lightgcn": ModelSpec("models.lightgcn:LightGCN", "LightGCN (He et al. 2020), pure CF", layers_field="gcn_layers"),
+    "ngcf": ModelSpec("models.ngcf:NGCF", "NGCF (Wang et al. 2019), pure CF", layers_field="gcn_layers"),
+    "graphsage": ModelSpec(
+        "models.graphsage:GraphSAGE", "GraphSAGE (Hamilton et al. 2017), multimodal items", layers_field="gcn_layers"
+    ),
+    "gat": ModelSpec("models.gat:GAT", "GAT (Velickovic et al. 2018), multimodal items", layers_field="gcn_layers"),
+    "mmgcn": ModelSpec("models.mmgcn:MMGCN", "MMGCN (Wei et al. 2019)", layers_field="gcn_layers"),
+    "grcn": ModelSpec("models.grcn:GRCN", "GRCN (Wei et al. 2020), refined user-item graph", layers_field="gcn_layers"),
+    "lattice": ModelSpec(
+        "models.lattice:LATTICE", "LATTICE (Zhang et al. 2021), learned item-item graph", layers_field="gcn_layers"
+    ),
     "invrl": ModelSpec("models.invrl:InvRL", "InvRL (Du et al. 2022), invariant feature mask"),
     # ... and the static-fusion variants of its Table 3.
     "early_fusion_mf": ModelSpec("models.static_fusion:early_fusion_mf", "static early fusion, MF backbone"),
     "late_fusion_mf": ModelSpec("models.static_fusion:late_fusion_mf", "static late fusion, MF backbone"),
     "hybrid_fusion_mf": ModelSpec("models.static_fusion:hybrid_fusion_mf", "static hybrid fusion, MF backbone"),
-    "early_fusion_gcn": ModelSpec("models.static_fusion:early_fusion_gcn", "static early fusion, GCN backbone"),
-    "late_fusion_gcn": ModelSpec("models.static_fusion:late_fusion_gcn", "static late fusion, GCN backbone"),
-    "hybrid_fusion_gcn": ModelSpec("models.static_fusion:hybrid_fusion_gcn", "static hybrid fusion, GCN backbone"),
+    "early_fusion_gcn": ModelSpec(
+        "models.static_fusion:early_fusion_gcn", "static early fusion, GCN backbone", layers_field="gcn_layers"
+    ),
+    "late_fusion_gcn": ModelSpec(
+        "models.static_fusion:late_fusion_gcn", "static late fusion, GCN backbone", layers_field="gcn_layers"
+    ),
+    "hybrid_fusion_gcn": ModelSpec(
+        "models.static_fusion:hybrid_fusion_gcn", "static hybrid fusion, GCN backbone", layers_field="gcn_layers"
+    ),
 }
 
 

@@ -276,7 +276,7 @@ def test_cached_rerun_does_not_retrain(tmp_path: Path) -> None:
     first = Runner(tmp_path, train_fn=counter).run(spec)
     assert counter.calls == 1
     assert {p.name for p in first.path.iterdir()} >= {
-        "metrics.json", "config.json", "test_per_user.npz", "valid_per_user.npz"
+        "metrics.json", "config.json", "test_per_user.npz", "valid_per_user.npz", "embeddings.npz"
     }  # fmt: skip
     mtime = (first.path / "metrics.json").stat().st_mtime_ns
     runner = Runner(tmp_path, train_fn=counter)  # a new process: only the files remain
@@ -290,9 +290,13 @@ def test_cached_rerun_does_not_retrain(tmp_path: Path) -> None:
     assert runner.key(quiet) == first.key
     runner.run(RunSpec(tiny_config(**{"model.name": "metammf_mf", "train.seed": 7})))
     assert counter.calls == 2
-    # Asking for embeddings trains a cached run without them once more, then keeps them.
+    # Runs keep their embeddings; a cached run without them (an older cache) is trained once more.
     users, items = runner.run(spec, embeddings=True).embeddings()
-    assert counter.calls == 3 and users.shape[0] == 60 and items.shape[0] == 50
+    assert counter.calls == 2 and users.shape[0] == 60 and items.shape[0] == 50
+    (first.path / "embeddings.npz").unlink()
+    runner.run(spec)
+    assert counter.calls == 2
+    runner.run(spec, embeddings=True)
     runner.run(spec, embeddings=True)
     assert counter.calls == 3
     assert not [p for p in (tmp_path / "runs").iterdir() if p.name.startswith(".tmp")]
@@ -414,4 +418,42 @@ def test_sweep_suites_write_tables_and_plots(tmp_path: Path) -> None:
     tsne_summary = json.loads((tmp_path / "tsne" / "summary.json").read_text())
     assert -1.0 <= tsne_summary["rows"]["MetaMMF_MF"]["tsne"]["mean"] <= 1.0
     # depth N=1 and rank R=4 are the base config: the same cached run.
-    assert ctx.runner.trained == 4 + 4 + 1 + 1 + 1  # depth 4, rank 4 new, static 1 new, tsne 1, coldstart 1
+    assert ctx.runner.trained == 4 + 4 + 1 + 1  # depth 4, rank 4 new, static 1 new, tsne 0 (kept), coldstart 1
+
+
+def test_tune_grid_chooses_on_validation_and_tuned_suites_use_it(tmp_path: Path, tiny_yaml: Path, capsys) -> None:
+    out = tmp_path / "results"
+    argv = ["tune", "--config", str(tiny_yaml), "--out", str(out), "--models", "lightgcn,vbpr"]
+    argv += ["--grid", "train.lr=0.001,0.02", "--grid", "train.reg_weight=0.001", "--grid", "layers=1,2"]
+    assert experiments_cli.main(argv) == 0
+    assert "tune: 6 run(s) trained" in capsys.readouterr().out  # lightgcn 2 x 2, vbpr (no layers) 2
+    summary = json.loads((out / "tune" / "summary.json").read_text())
+    best = json.loads((out / "tune" / "best.json").read_text())
+    for model in ("lightgcn", "vbpr"):
+        rows = summary["rows"][model]
+        assert len(rows) == (4 if model == "lightgcn" else 2)
+        chosen = max(rows, key=lambda row: row["valid"])
+        assert best[model] == {k: v for k, v in chosen["changes"].items() if k != "model.name"}
+    assert set(best["lightgcn"]) == {"train.lr", "train.reg_weight", "model.gcn_layers"}
+    assert set(best["vbpr"]) == {"train.lr", "train.reg_weight"}
+    markdown = (out / "tune" / "table.md").read_text()
+    assert markdown.count("**") == 2 * 2 * 7  # the chosen row of each model, every cell bold
+    # --tuned: table2 trains each model with its chosen settings: the tuning run (seed 0) is reused.
+    table2 = ["table2", "--config", str(tiny_yaml), "--out", str(out), "--models", "lightgcn,vbpr", "--tuned"]
+    assert experiments_cli.main(table2) == 0
+    assert "table2: 0 run(s) trained" in capsys.readouterr().out
+    assert "settings tuned per model" in (out / "table2" / "table.md").read_text()
+    row = json.loads((out / "table2" / "summary.json").read_text())["rows"]["LightGCN"]
+    chosen = max(summary["rows"]["lightgcn"], key=lambda r: r["valid"])
+    assert row["recall@20"]["mean"] == pytest.approx(chosen["test_recall"])
+
+
+def test_tuned_without_a_tune_run_and_bad_grids_are_refused(tmp_path: Path, tiny_yaml: Path, capsys) -> None:
+    base = ["--config", str(tiny_yaml), "--out", str(tmp_path)]
+    assert experiments_cli.main(["table2", *base, "--tuned"]) == 2
+    assert "run the tune suite" in capsys.readouterr().err
+    for bad in ("train.lr", "lr=0.1", "train.lr="):
+        assert experiments_cli.main(["tune", *base, "--grid", bad]) == 2
+        assert "--grid" in capsys.readouterr().err
+    assert experiments_cli.main(["tune", *base, "--models", "vbpr", "--grid", "train.lr=-1"]) == 2
+    assert "lr" in capsys.readouterr().err

@@ -13,8 +13,8 @@ The key is a hash of
 
 A finished run directory holds ``config.json``, ``metrics.json`` (test/valid metrics, best epoch, epochs
 run, per-epoch history, seconds), ``test_per_user.npz`` and ``valid_per_user.npz`` (per-user metrics,
-:meth:`~training.evaluate.EvalResult.save_per_user`) and, when asked for, ``embeddings.npz`` (final user
-and item embeddings). It is written to a temporary directory and renamed into place, so an interrupted
+:meth:`~training.evaluate.EvalResult.save_per_user`) and, for trained models, ``embeddings.npz`` (final
+user and item embeddings). It is written to a temporary directory and renamed into place, so an interrupted
 experiment leaves no half-written run and re-running it trains only what is missing (resumable).
 """
 
@@ -286,9 +286,9 @@ class Runner:
         )
         test.save_per_user(out / "test_per_user.npz")
         valid.save_per_user(out / "valid_per_user.npz")
-        if embeddings:
-            if model is None:
-                raise ValueError(f"scorer {spec.scorer!r} has no embeddings")
+        if embeddings and model is None:
+            raise ValueError(f"scorer {spec.scorer!r} has no embeddings")
+        if model is not None:  # always kept (a few MB): a later t-SNE study need not train the run again
             with torch.no_grad():
                 model.eval()
                 users, items = (t.detach().cpu().numpy() for t in model.get_embedding())

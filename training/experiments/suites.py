@@ -10,11 +10,14 @@ variants for seeds ``train.seed + 0 .. seeds - 1`` through the cache, and writes
 * ``rank``: CP rank R in {4, 8, 16, 32} and the full tensor: metrics, epochs to converge, seconds per
   epoch (Figure 5, Table 4);
 * ``static``: with and without the static weights W of W_i = W + T x3 s_i (Table 5);
-* ``tsne``: t-SNE of sampled users and their items, with the mean silhouette coefficient (Figure 4).
+* ``tsne``: t-SNE of sampled users and their items, with the mean silhouette coefficient (Figure 4);
+* ``tune``: a grid over learning rate, L2 weight and layer count per model, chosen on the validation
+  split; ``--tuned`` makes the other suites train every model with its chosen settings.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -25,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from models.registry import model_names
+from models.registry import get_spec, model_names
 from training.config import RunConfig
 from training.experiments import plots
 from training.experiments.runner import Runner, RunRecord, RunSpec
@@ -57,6 +60,13 @@ STATIC_FUSION = [f"{mode}_fusion_{b}" for b in ("mf", "gcn") for mode in ("early
 COLDSTART_MODELS = [*METAMMF, "vbpr", *STATIC_FUSION, POPULARITY]
 RANKS: list[int | str] = [4, 8, 16, 32, "full"]
 DEPTHS = [1, 2, 3, 4]
+LAYERS = "layers"  # grid key: the model's own layer count (ModelSpec.layers_field); skipped where it has none
+DEFAULT_GRID: dict[str, list[Any]] = {
+    "train.lr": [0.001, 0.005],
+    "train.reg_weight": [0.0001, 0.001, 0.01],
+    LAYERS: [2, 3],
+}
+TUNED_FILE = Path("tune") / "best.json"
 
 
 def label(name: str) -> str:
@@ -75,11 +85,17 @@ class Context:
     models: list[str] | None = None
     plots: bool = True
     options: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=lambda: dict(DEFAULT_GRID))
+    tuned: dict[str, dict[str, Any]] | None = None  # model -> chosen settings (``tune``), used by variant()
 
     def variant(self, seed_index: int, changes: dict[str, Any]) -> RunConfig:
-        """The base config with dotted ``changes`` (e.g. ``{"model.rank": 8}``) and seed ``base + index``."""
+        """The base config with dotted ``changes`` (e.g. ``{"model.rank": 8}``) and seed ``base + index``;
+        with :attr:`tuned`, the model's tuned settings apply first (``changes`` win over them)."""
         dump = self.base.model_dump()
         dump["train"]["seed"] = self.base.train.seed + seed_index
+        model = changes.get("model.name", self.base.model.name)
+        if self.tuned is not None:
+            changes = {**self.tuned.get(model, {}), **changes}
         for dotted, value in changes.items():
             section, key = dotted.split(".", 1)
             dump[section][key] = value
@@ -133,9 +149,10 @@ def _figure(ctx: Context, draw: Callable[[], Path]) -> list[Path]:
 def _caption(ctx: Context, what: str, protocol: str, measure: str = "test metrics") -> str:
     data = ctx.base.data.path or f"built-in synthetic ({ctx.base.data.synthetic.n_users} users)"
     bold = "; best per column in bold" if measure == "test metrics" else ""
+    settings = f"; settings tuned per model on the validation split ({TUNED_FILE})" if ctx.tuned is not None else ""
     return (
         f"{what}. Data: {data}; protocol: {protocol}; {measure}, mean ± std over {ctx.seeds} seed(s) "
-        f"(train.seed {ctx.base.train.seed}..{ctx.base.train.seed + ctx.seeds - 1}){bold}."
+        f"(train.seed {ctx.base.train.seed}..{ctx.base.train.seed + ctx.seeds - 1}){settings}{bold}."
     )
 
 
@@ -259,7 +276,7 @@ def static(ctx: Context) -> list[Path]:
 def tsne_study(ctx: Context) -> list[Path]:
     """t-SNE of sampled users and their items per model, with the mean silhouette coefficient (labels:
     the user; in the 2-D t-SNE map and in the embedding space) (the paper's Figure 4)."""
-    models = ctx.models or ["metammf_gcn", "early_fusion_gcn"]
+    models = ctx.models or ["vbpr", "metammf_mf", "invrl", "metammf_gcn"]
     n_users, sample_seed = ctx.options.get("users", 10), ctx.options.get("sample_seed", 0)
     data, _ = ctx.runner.data(ctx.base.data)
     users = sample_users(data, n_users, sample_seed)
@@ -296,7 +313,86 @@ def tsne_study(ctx: Context) -> list[Path]:
     return _write(ctx, "tsne", Table("\n".join(lines) + "\n", summary), figures)
 
 
+def grid_points(grid: dict[str, list[Any]], model: str) -> list[dict[str, Any]]:
+    """Every combination of ``grid`` for ``model``: the ``layers`` key becomes the model's own layer
+    field (``model.gcn_layers``, ...) and is left out for models without one."""
+    field_name = get_spec(model).layers_field
+    keys = {k: (f"model.{field_name}" if k == LAYERS else k) for k in grid if k != LAYERS or field_name}
+    return [
+        {"model.name": model, **dict(zip(keys.values(), values, strict=True))}
+        for values in itertools.product(*(grid[k] for k in keys))
+    ]
+
+
+def load_tuned(out: Path) -> dict[str, dict[str, Any]]:
+    """The settings ``tune`` chose per model (``<out>/tune/best.json``)."""
+    path = out / TUNED_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: run the tune suite with the same --out first")
+    return json.loads(path.read_text())
+
+
+def tune(ctx: Context) -> list[Path]:
+    """Grid search per model (default: learning rate x L2 weight x layer count), each point trained for
+    --seeds seeds and ranked by the validation metric that early stopping monitors; writes the chosen
+    settings to tune/best.json for ``--tuned``."""
+    models = ctx.models or model_names()
+    monitor, k = ctx.base.train.monitor, ctx.top_k
+    grid = ctx.grid
+    shown = [key for key in grid if len({str(v) for v in grid[key]}) > 1]
+    header = ["Model", *shown, f"valid {monitor}", f"test recall@{k}", f"test ndcg@{k}", "best epoch"]
+    lines = [
+        f"Tuning grid: {', '.join(f'{key} in {grid[key]}' for key in grid)}. Chosen per model by mean "
+        f"validation {monitor} over {ctx.seeds} seed(s) (bold); data: "
+        f"{ctx.base.data.path or 'built-in synthetic'}.",
+        "",
+        f"| {' | '.join(header)} |",
+        f"|{'---|' * len(header)}",
+    ]
+    best: dict[str, dict[str, Any]] = {}
+    scores: dict[str, list[dict[str, Any]]] = {}
+    for model in models:
+        rows = []
+        for point in grid_points(grid, model):
+            name = ", ".join(f"{key.split('.', 1)[1]}={value}" for key, value in point.items() if key != "model.name")
+            records = ctx.group(f"{label(model)} {name}", point)
+            rows.append(
+                {
+                    "changes": point,
+                    "valid": mean_std([r.info["valid"][monitor] for r in records])[0],
+                    "test_recall": mean_std([r.test[f"recall@{k}"] for r in records])[0],
+                    "test_ndcg": mean_std([r.test[f"ndcg@{k}"] for r in records])[0],
+                    "best_epoch": mean_std([r.best_epoch for r in records])[0],
+                }
+            )
+        chosen = max(rows, key=lambda row: row["valid"])
+        best[model] = {key: value for key, value in chosen["changes"].items() if key != "model.name"}
+        scores[model] = rows
+        for row in rows:
+            values = []
+            for key in shown:
+                resolved = f"model.{get_spec(model).layers_field}" if key == LAYERS else key
+                values.append(str(row["changes"].get(resolved, "-")))
+            cells = [
+                label(model),
+                *values,
+                f"{row['valid']:.4f}",
+                f"{row['test_recall']:.4f}",
+                f"{row['test_ndcg']:.4f}",
+                f"{row['best_epoch']:.0f}",
+            ]
+            if row is chosen:
+                cells = [f"**{c}**" for c in cells]
+            lines.append(f"| {' | '.join(cells)} |")
+    out = ctx.directory("tune")
+    existing = json.loads((out / "best.json").read_text()) if (out / "best.json").is_file() else {}
+    (out / "best.json").write_text(json.dumps({**existing, **best}, indent=1))
+    table = Table("\n".join(lines) + "\n", {"grid": grid, "monitor": monitor, "rows": scores, "best": best})
+    return [*_write(ctx, "tune", table, []), out / "best.json"]
+
+
 SUITES: dict[str, Callable[[Context], list[Path]]] = {
+    "tune": tune,
     "table2": table2,
     "coldstart": coldstart,
     "depth": depth,
