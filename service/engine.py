@@ -58,6 +58,7 @@ class Engine:
         self._lock = threading.RLock()
         # Built from the item embeddings (the artifact's items.faiss is the same vectors, exact); rows are ids.
         self.index = ItemIndex(index_config or IndexConfig(), bundle.item_embeddings)
+        self.index.calibrate(bundle.user_embeddings)  # approximate kinds: search wide enough for the target recall
         self.user_rows = {u: i for i, u in enumerate(bundle.user_ids)}
         self._training_rows = {it: i for i, it in enumerate(bundle.item_ids)}
         self.item_rows = dict(self._training_rows)

@@ -29,6 +29,15 @@ an answer is never short. Ties are broken by row, so replicas with the same item
 their slots are in (for ``hnsw`` the graph itself depends on insertion order and build threads, so two
 replicas can differ in which near neighbours they find).
 
+Recall calibration (``MMF_ANN_TARGET_RECALL``, default 0.95; 0 turns it off): the search width of an
+approximate index that suits one set of embeddings misses many neighbours in another (the benchmark's
+1M items: ``ivf`` with 128 of 4000 lists probed found 0.76 of the exact top 20, ``hnsw`` with
+efSearch 128 found 0.51). So after a build, ``calibrate`` searches a sample of real queries (the
+artifact's user embeddings) exactly and approximately and doubles ``nprobe`` / ``efSearch`` from the
+configured value (a floor, never lowered) until the mean recall@20 of the sample reaches the target
+(``nprobe`` up to every list; ``efSearch`` up to EF_SEARCH_MAX). The width chosen and the recall
+measured are in ``params`` (``GET /info``); the bench measures recall again on other users.
+
 Not thread-safe: the engine calls it under its lock. FAISS's OpenMP thread count is per calling thread, so
 every call sets it (``MMF_FAISS_THREADS`` for searches and online adds, ``MMF_INDEX_BUILD_THREADS`` for
 the build).
@@ -37,6 +46,7 @@ the build).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import threading
@@ -46,6 +56,8 @@ from dataclasses import asdict, dataclass
 
 import faiss
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 KINDS = ("flat", "hnsw", "ivf")
 
@@ -64,6 +76,8 @@ class IndexConfig:
     ivf_nprobe: int = 128
     search_threads: int = 1
     build_threads: int = 0  # 0: every CPU
+    target_recall: float = 0.95  # calibrate the search width to this recall@20 on sample queries; 0: off
+    calibration_queries: int = 500
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -75,6 +89,10 @@ class IndexConfig:
             raise IndexConfigError(f"MMF_HNSW_M must be at least 2, got {self.hnsw_m}")
         if self.ivf_nlist < 0 or self.build_threads < 0:
             raise IndexConfigError("MMF_IVF_NLIST and MMF_INDEX_BUILD_THREADS must be >= 0 (0: automatic)")
+        if not 0.0 <= self.target_recall <= 1.0:
+            raise IndexConfigError(f"MMF_ANN_TARGET_RECALL must be in [0, 1], got {self.target_recall}")
+        if self.calibration_queries < 1:
+            raise IndexConfigError(f"MMF_ANN_CALIBRATION_QUERIES must be at least 1, got {self.calibration_queries}")
 
     @classmethod
     def from_settings(cls, settings) -> IndexConfig:
@@ -87,6 +105,8 @@ class IndexConfig:
             ivf_nprobe=settings.ivf_nprobe,
             search_threads=settings.faiss_threads,
             build_threads=settings.index_build_threads,
+            target_recall=settings.ann_target_recall,
+            calibration_queries=settings.ann_calibration_queries,
         )
 
     def nlist(self, n_items: int) -> int:
@@ -147,6 +167,8 @@ class ItemIndex:
     FLAT_COMPACT_MIN = 1024
     INLINE_FLAT_MAX = 20_000
     OVERFETCH_MAX = 64
+    EF_SEARCH_MAX = 4096
+    CALIBRATION_K = 20
 
     def __init__(self, config: IndexConfig, vectors: np.ndarray, rows: Iterable[int] | None = None) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -189,6 +211,57 @@ class ItemIndex:
         index.train(self._augment(vectors))
         index.make_direct_map()  # reconstruct() by slot, for re-scoring and the consistency check
         return index
+
+    # -- recall calibration ----------------------------------------------------------------------------
+    def calibrate(self, queries: np.ndarray, seed: int = 0) -> None:
+        """Widen the approximate search until its mean recall@CALIBRATION_K against exact search over a
+        sample of ``queries`` reaches ``config.target_recall`` (see the module docstring). Call right
+        after the build, before any change (the exact answers are computed over the built vectors)."""
+        target = self.config.target_recall
+        if self.kind == "flat" or target <= 0 or len(queries) == 0 or self.ntotal <= self.CALIBRATION_K:
+            return
+        start = time.perf_counter()
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(len(queries), min(self.config.calibration_queries, len(queries)), replace=False)
+        q = np.ascontiguousarray(queries[np.sort(pick)], dtype=np.float32)
+        k = self.CALIBRATION_K
+        with omp_threads(self.config.build_threads or os.cpu_count() or 1):
+            truth = self._exact_top(q, k)
+            name, limit = ("nprobe", self.params["nlist"]) if self.kind == "ivf" else ("ef_search", self.EF_SEARCH_MAX)
+            width = self.params[name]
+            while True:
+                recall = self._sample_recall(q, truth, k, width)
+                if recall >= target or width >= limit:
+                    break
+                width = min(2 * width, limit)
+        if recall < target:
+            log.warning(
+                "%s index: recall@%d %.3f at the widest search (%s=%d), below MMF_ANN_TARGET_RECALL=%.2f; "
+                "build it finer (hnsw: MMF_HNSW_M, MMF_HNSW_EF_CONSTRUCTION; ivf: MMF_IVF_NLIST) or use flat",
+                self.kind, k, recall, name, width, target,
+            )  # fmt: skip
+        self.params = {**self.params, name: width, "calibrated_recall": round(recall, 4)}
+        self._params = {}
+        self.build_seconds += time.perf_counter() - start
+
+    def _exact_top(self, q: np.ndarray, k: int) -> np.ndarray:
+        """Slots of the exact top ``k`` per query (inner product over the stored vectors)."""
+        if self.kind == "hnsw":
+            return self._storage.search(q, k)[1]
+        # every list probed: exact, and in the augmented L2 space the order is the inner-product order
+        return self._ivf_search(q, k, self.params["nlist"])
+
+    def _ivf_search(self, q: np.ndarray, k: int, nprobe: int) -> np.ndarray:
+        aug = np.hstack([q, np.zeros((len(q), 1), np.float32)])
+        return self._index.search(aug, k, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
+
+    def _sample_recall(self, q: np.ndarray, truth: np.ndarray, k: int, width: int) -> float:
+        if self.kind == "ivf":
+            found = self._ivf_search(q, k, width)
+        else:
+            found = self._index.search(q, k, params=faiss.SearchParametersHNSW(efSearch=max(width, k)))[1]
+        hits = [len(np.intersect1d(a[a >= 0], b)) for a, b in zip(found, truth, strict=True)]
+        return float(np.mean(hits)) / k
 
     def _augment(self, vectors: np.ndarray) -> np.ndarray:
         norms2 = np.einsum("ij,ij->i", vectors, vectors)
@@ -367,7 +440,7 @@ class ItemIndex:
     def _search_params(self, filtered: bool, exact: bool, want: int):
         """Cached SearchParameters of this kind (one FAISS object per combination, not one per query)."""
         if self.kind == "hnsw" and not exact:
-            key = ("hnsw", filtered, max(self.config.hnsw_ef_search, want))
+            key = ("hnsw", filtered, max(self.params["ef_search"], want))
             make = lambda: faiss.SearchParametersHNSW(efSearch=key[2])  # noqa: E731
         elif self.kind == "ivf":
             key = ("ivf", filtered, self.params["nlist"] if exact else self.params["nprobe"])

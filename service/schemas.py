@@ -97,7 +97,10 @@ class Deleted(BaseModel):
 
 class IndexInfo(BaseModel):
     kind: str = Field(description="flat (exact), hnsw or ivf (approximate)")
-    params: dict[str, int] = Field(description="effective parameters of the kind")
+    params: dict[str, int | float] = Field(
+        description="effective parameters of the kind; hnsw and ivf: calibrated_recall, the recall@20 against "
+        "exact search measured on sample user queries after the build (MMF_ANN_TARGET_RECALL)"
+    )
     build_seconds: float = Field(description="time this replica took to build it from the artifact")
     dead_slots: int = Field(description="deleted or replaced vectors still held (hnsw, ivf: until the next build)")
 

@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     ivf_nprobe: int = Field(128, ge=1, le=1 << 20, description="ivf: lists scanned per query (at most nlist)")
     faiss_threads: int = Field(1, ge=1, le=256, description="FAISS OpenMP threads per request (search, add)")
     index_build_threads: int = Field(0, ge=0, le=256, description="threads building the index; 0 = every CPU")
+    ann_target_recall: float = Field(
+        0.95,
+        ge=0.0,
+        le=1.0,
+        description="hnsw, ivf: after a build, widen ef_search / nprobe (from the settings above, never lower) "
+        "until recall@20 against exact search on sample user queries reaches this; 0 = off",
+    )
+    ann_calibration_queries: int = Field(500, ge=1, le=100_000, description="user queries sampled for calibration")
 
     @model_validator(mode="after")
     def _ivf_probes(self) -> Settings:

@@ -90,6 +90,52 @@ def test_recall_against_flat_with_default_parameters(kind: str, params: dict) ->
     assert np.mean(recalls) >= 0.95, (kind, np.mean(recalls))
 
 
+@pytest.mark.parametrize(("kind", "floor"), [("ivf", {"ivf_nprobe": 2}), ("hnsw", {"hnsw_m": 8, "hnsw_ef_search": 8})])
+def test_calibration_widens_the_search_to_the_target_recall(kind: str, floor: dict) -> None:
+    """Unclustered 64-d vectors (hard for any ANN index): a narrow configured width misses many of the exact
+    top 20; calibration on sample queries widens it until the target, and the recall holds on other queries."""
+    rng = np.random.default_rng(11)
+    items = rng.normal(size=(12_000, 64)).astype(np.float32)
+    sample, held_out = rng.normal(size=(400, 64)).astype(np.float32), rng.normal(size=(150, 64)).astype(np.float32)
+
+    def recall(index: ItemIndex) -> float:
+        hits = [len({r for r, _ in index.search(q, 20)} & set(exact_top(items, q, 20, set()))) for q in held_out]
+        return float(np.mean(hits)) / 20
+
+    narrow = ItemIndex(IndexConfig(kind=kind, target_recall=0.0, **floor), items)
+    narrow.calibrate(sample)  # off: nothing changes
+    assert "calibrated_recall" not in narrow.params and recall(narrow) < 0.8
+    width = "nprobe" if kind == "ivf" else "ef_search"
+    config = IndexConfig(kind=kind, target_recall=0.95, calibration_queries=300, **floor)
+    index = ItemIndex(config, items)
+    index.calibrate(sample)
+    assert index.params[width] > narrow.params[width]
+    assert index.params["calibrated_recall"] >= 0.95
+    assert recall(index) >= 0.93  # other queries: about the target
+    # The configured width is a floor: a wide enough one is kept as it is.
+    wide = ItemIndex(IndexConfig(kind=kind, target_recall=0.5, **{**floor, f"{kind}_{width}": 2048}), items)
+    wide.calibrate(sample)
+    assert wide.params[width] == min(2048, wide.params.get("nlist", 2048))
+
+
+def test_calibration_that_cannot_reach_the_target_says_so(monkeypatch, caplog) -> None:
+    rng = np.random.default_rng(12)
+    items, queries = rng.normal(size=(3000, 32)).astype(np.float32), rng.normal(size=(100, 32)).astype(np.float32)
+    monkeypatch.setattr(ItemIndex, "EF_SEARCH_MAX", 16)
+    index = ItemIndex(IndexConfig(kind="hnsw", hnsw_m=2, hnsw_ef_search=4, target_recall=1.0), items)
+    with caplog.at_level("WARNING", logger="service.index"):
+        index.calibrate(queries)
+    assert index.params["ef_search"] == 16 and index.params["calibrated_recall"] < 1.0
+    assert "below MMF_ANN_TARGET_RECALL=1.00" in caplog.text
+
+
+def test_flat_index_is_not_calibrated() -> None:
+    items, queries = clustered(500, 16, seed=1)
+    index = ItemIndex(IndexConfig(kind="flat", target_recall=0.99), items)
+    index.calibrate(queries)
+    assert index.params == {}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_index_changes_ties_and_bookkeeping(kind: str) -> None:
     items, queries = clustered(3000, 32, seed=5)
@@ -199,6 +245,8 @@ def test_items_lifecycle_through_the_api(make_client, artifact: Artifact, kind: 
     with make_client(index=kind) as c:
         info = c.get("/info").json()["index"]
         assert info["kind"] == kind and info["build_seconds"] >= 0
+        if kind != "flat":  # calibrated at the build (MMF_ANN_TARGET_RECALL, default 0.95)
+            assert info["params"]["calibrated_recall"] >= 0.95
         assert_topk(rec(c, user, 20)["items"], user_scores(artifact, user), 20)
 
         best = artifact.expected_top(user, 1)[0]
