@@ -26,7 +26,7 @@ from training.data import RecData
 from training.experiments import cli as experiments_cli
 from training.experiments.runner import Runner, RunRecord, RunSpec, code_modules, data_fingerprint, run_key
 from training.experiments.stats import paired_pvalue, paired_ttest, silhouette_score, wilcoxon_signed_rank
-from training.experiments.suites import SUITES, Context
+from training.experiments.suites import STATIC_FUSION, SUITES, Context, table2_models
 from training.experiments.tables import Comparison, metric_keys, results_table
 from training.experiments.tsne import _tsne_numpy, sample_users, user_item_points
 from training.popularity import content_popularity, evaluate_popularity
@@ -419,6 +419,21 @@ def test_sweep_suites_write_tables_and_plots(tmp_path: Path) -> None:
     assert -1.0 <= tsne_summary["rows"]["MetaMMF_MF"]["tsne"]["mean"] <= 1.0
     # depth N=1 and rank R=4 are the base config: the same cached run.
     assert ctx.runner.trained == 4 + 4 + 1 + 1  # depth 4, rank 4 new, static 1 new, tsne 0 (kept), coldstart 1
+
+
+def test_fusion_suite_compares_each_backbone_with_its_static_variants(tmp_path: Path) -> None:
+    models = ["early_fusion_mf", "hybrid_fusion_mf", "metammf_mf"]
+    ctx = Context(Runner(tmp_path), tiny_config(), seeds=2, out=tmp_path, models=models)
+    SUITES["fusion"](ctx)
+    markdown = (tmp_path / "fusion" / "table.md").read_text()
+    assert "MetaMMF_MF vs the strongest static fusion (MF)" in markdown and "(GCN)" not in markdown
+    summary = json.loads((tmp_path / "fusion" / "summary.json").read_text())
+    [comparison] = summary["comparisons"]
+    assert {c["baseline"] for c in comparison["columns"].values()} <= {"Early fusion (MF)", "Hybrid fusion (MF)"}
+    assert all(0.0 <= p <= 1.0 for p in _table_pvalues(markdown))
+    assert ctx.runner.trained == 6
+    # Table 2 leaves the static variants to this suite.
+    assert not set(table2_models()) & set(STATIC_FUSION) and "popularity" in table2_models()
 
 
 def test_tune_grid_chooses_on_validation_and_tuned_suites_use_it(tmp_path: Path, tiny_yaml: Path, capsys) -> None:

@@ -4,7 +4,8 @@ Every suite takes a :class:`Context` (runner, base config, number of seeds, outp
 variants for seeds ``train.seed + 0 .. seeds - 1`` through the cache, and writes under
 ``<out>/<suite>/``: ``table.md``, ``summary.json`` (the table's numbers, p-values included) and PNGs.
 
-* ``table2``: every registered model plus the popularity ranker, warm protocol (Table 2);
+* ``table2``: the baselines, MetaMMF and the popularity ranker, warm protocol (Table 2);
+* ``fusion``: static early/late/hybrid fusion against MetaMMF, MF and GCN backbones (Table 3);
 * ``coldstart``: MetaMMF_MF/GCN, VBPR, the static-fusion variants and popularity on held-out items;
 * ``depth``: fusion tower depth N = 1..4 with the MF and GCN backbones (Table 3);
 * ``rank``: CP rank R in {4, 8, 16, 32} and the full tensor: metrics, epochs to converge, seconds per
@@ -175,9 +176,35 @@ def _model_table(ctx: Context, suite: str, models: list[str], protocol: str, wha
 
 
 def table2(ctx: Context) -> list[Path]:
-    """All registered models and the popularity ranker, warm protocol (the paper's Table 2)."""
-    models = ctx.models or [*model_names(), POPULARITY]
-    return _model_table(ctx, "table2", models, "warm", "Table 2: overall performance")
+    """The baselines, MetaMMF_MF/GCN and the popularity ranker, warm protocol (the paper's Table 2; the
+    static-fusion variants are the ``fusion`` suite)."""
+    return _model_table(ctx, "table2", ctx.models or table2_models(), "warm", "Table 2: overall performance")
+
+
+def table2_models() -> list[str]:
+    """Every registered model but the static-fusion variants, and the popularity ranker."""
+    return [*(m for m in model_names() if m not in STATIC_FUSION), POPULARITY]
+
+
+def fusion(ctx: Context) -> list[Path]:
+    """Static early, late and hybrid fusion against MetaMMF's dynamic fusion, MF and GCN backbones (the
+    fusion comparison of the paper's Table 3)."""
+    models = ctx.models or [*STATIC_FUSION, *METAMMF]
+    groups = {label(m): ctx.group(label(m), {"model.name": m, "data.protocol": "warm"}) for m in models}
+    comparisons = [
+        Comparison(label(dynamic), [label(m) for m in STATIC_FUSION if m.endswith(backbone) and m in models],
+            f"{label(dynamic)} vs the strongest static fusion ({backbone.upper()})")
+        for dynamic, backbone in (("metammf_mf", "mf"), ("metammf_gcn", "gcn"))
+        if dynamic in models
+    ]  # fmt: skip
+    table = results_table(
+        groups,
+        metric_keys(ctx.base.train.ks),
+        comparisons=comparisons,
+        test=ctx.test,
+        caption=_caption(ctx, "Table 3: static fusion against dynamic (meta-learned) fusion", "warm"),
+    )
+    return _write(ctx, "fusion", table, [])
 
 
 def coldstart(ctx: Context) -> list[Path]:
@@ -394,6 +421,7 @@ def tune(ctx: Context) -> list[Path]:
 SUITES: dict[str, Callable[[Context], list[Path]]] = {
     "tune": tune,
     "table2": table2,
+    "fusion": fusion,
     "coldstart": coldstart,
     "depth": depth,
     "rank": rank,
