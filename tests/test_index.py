@@ -34,6 +34,7 @@ from tests.service_support import (
     rec,
     rec_ids,
     similar_ids,
+    stop_process,
     user_scores,
 )
 
@@ -370,12 +371,7 @@ def test_two_workers_with_hnsw_stay_consistent(artifact: Artifact, redis_url: st
         for worker, report in per_worker(base, "/admin/check").items():
             assert report.json()["ok"] and report.json()["index_kind"] == "hnsw", (worker, report.json())
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, timeout=30)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from tests.service_support import (
     no_mmf_environment,  # noqa: F401 (autouse)
     redis_server,
     serve,
+    stop_process,
     wait_until,
 )
 
@@ -275,16 +276,6 @@ def wait_ready(proc: subprocess.Popen, base: str, log_path: Path, timeout: float
             if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
                 return
         time.sleep(0.1)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def rec_list(http: httpx.Client, user: str, k: int = 50) -> list[tuple[str, float]]:
@@ -799,7 +790,7 @@ def test_sigkill_mid_write_loses_nothing_acknowledged(artifact: Artifact, v2: Ve
             assert http.get(f"/items/{next(iter(set(present) - unknown))}").status_code == 200
     finally:
         stop_writing.set()
-        stop(proc)
+        stop_process(proc)
     print(f"\nsigkill: {len(present)} items and {len(deleted)} deletes and {len(interactions)} interactions "
           f"acknowledged, {len(unknown)} in flight at the kill; check: {report['index_size']} items")  # fmt: skip
     assert len(present) + len(deleted) >= 40 and interactions and deleted

@@ -44,6 +44,7 @@ from tests.service_support import (
     rec_ids,
     redis_server,
     similar_ids,
+    stop_process,
     user_scores,
     wait_until,
 )
@@ -717,12 +718,7 @@ def test_real_http_server(artifact: Artifact, redis_url: str, ns: str, tmp_path:
             assert_error(http.post("/items", content=raw, headers=headers), 422, "acoustic")
             assert http.get("/info").json()["n_items"] == len(artifact.item_ids) + 1
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, timeout=15)
         if redis_pid is not None:
             try:
                 os.kill(redis_pid, 0)
