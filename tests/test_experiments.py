@@ -389,6 +389,11 @@ def test_table2_command_writes_table_and_plots_and_resumes(tmp_path: Path, tiny_
     assert experiments_cli.main(argv) == 0
     assert "table2: 0 run(s) trained" in capsys.readouterr().out
     assert (out / "table2" / "table.md").read_text() == markdown
+    assert experiments_cli.main([*argv, "--cached-only"]) == 0
+    assert (out / "table2" / "table.md").read_text() == markdown
+    # --cached-only names a run it would have to train instead of training it.
+    assert experiments_cli.main([*argv[:-1], "metammf_gcn,lightgcn", "--cached-only"]) == 2
+    assert "LightGCN seed 0: run" in capsys.readouterr().err and not list((out / "runs").glob(".tmp*"))
 
 
 def test_coldstart_command_rejects_pure_id_models(tmp_path: Path, tiny_yaml: Path, capsys) -> None:

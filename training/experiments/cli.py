@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--models", help="comma-separated model names (default: the suite's)")
         p.add_argument("--test", choices=TESTS, default="ttest", help="paired significance test (default ttest)")
         p.add_argument("--no-plots", action="store_true", help="tables only")
+        p.add_argument(
+            "--cached-only", action="store_true", help="tabulate finished runs only; a missing run is an error"
+        )
         if name in ("tune", "all"):
             p.add_argument(
                 "--grid",
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         base = resolve_config(args)
         base.train.progress = False
         ctx = Context(
-            runner=Runner(args.out),
+            runner=Runner(args.out, cached_only=args.cached_only),
             base=base,
             seeds=args.seeds,
             out=Path(args.out),

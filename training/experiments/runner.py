@@ -190,11 +190,16 @@ def load_data(cfg: DataConfig) -> RecData:
     return load(cfg)
 
 
+class MissingRunError(ValueError):
+    """A run that a cached-only runner would have to train."""
+
+
 class Runner:
     """Runs (or finds) :class:`RunSpec` results under ``root / 'runs'``.
 
     ``train_fn(config, data)`` trains a run (default :func:`training.coldstart.train_protocol`); tests
-    substitute it to count calls. Data sets are loaded once per distinct data section.
+    substitute it to count calls. ``cached_only`` refuses to train (:class:`MissingRunError`). Data sets
+    are loaded once per distinct data section.
     """
 
     def __init__(
@@ -203,8 +208,10 @@ class Runner:
         *,
         train_fn: Callable[[RunConfig, RecData], Any] | None = None,
         data_fn: Callable[[DataConfig], RecData] = load_data,
+        cached_only: bool = False,
     ) -> None:
         self.root = Path(root)
+        self.cached_only = cached_only  # tabulate finished runs only: a missing run is an error
         self.runs_dir = self.root / "runs"
         self.train_fn = train_fn
         self.data_fn = data_fn
@@ -240,6 +247,8 @@ class Runner:
         if (path / "metrics.json").is_file() and (not embeddings or (path / "embeddings.npz").is_file()):
             log.info("%s: cached run %s", label or key, key)
             return RunRecord.load(path)
+        if self.cached_only:
+            raise MissingRunError(f"{label or 'run'}: run {key} is not in {self.runs_dir} (--cached-only)")
         log.info("%s: training run %s", label or key, key)
         tmp = self.runs_dir / f".tmp-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
