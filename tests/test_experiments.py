@@ -450,21 +450,26 @@ def test_tune_grid_chooses_on_validation_and_tuned_suites_use_it(tmp_path: Path,
     summary = json.loads((out / "tune" / "summary.json").read_text())
     best = json.loads((out / "tune" / "best.json").read_text())
     for model in ("lightgcn", "vbpr"):
-        rows = summary["rows"][model]
+        rows = summary["models"][model]["rows"]
         assert len(rows) == (4 if model == "lightgcn" else 2)
-        chosen = max(rows, key=lambda row: row["valid"])
-        assert best[model] == {k: v for k, v in chosen["changes"].items() if k != "model.name"}
+        assert best[model] == max(rows, key=lambda row: row["valid"])["changes"]
     assert set(best["lightgcn"]) == {"train.lr", "train.reg_weight", "model.gcn_layers"}
     assert set(best["vbpr"]) == {"train.lr", "train.reg_weight"}
     markdown = (out / "tune" / "table.md").read_text()
-    assert markdown.count("**") == 2 * 2 * 7  # the chosen row of each model, every cell bold
+    assert markdown.count("**") == 2 * 2 * 9  # the chosen row of each model, every cell bold
+    # Another invocation (another model, another grid) adds to what is there.
+    more = ["tune", "--config", str(tiny_yaml), "--out", str(out), "--models", "metammf_mf", "--grid", "train.lr=0.01"]
+    assert experiments_cli.main([*more, "--grid", "train.reg_weight=0.001"]) == 0
+    assert "tune: 1 run(s) trained" in capsys.readouterr().out
+    assert set(json.loads((out / "tune" / "best.json").read_text())) == {"lightgcn", "vbpr", "metammf_mf"}
+    assert (out / "tune" / "table.md").read_text().count("**") == 3 * 2 * 9
     # --tuned: table2 trains each model with its chosen settings: the tuning run (seed 0) is reused.
     table2 = ["table2", "--config", str(tiny_yaml), "--out", str(out), "--models", "lightgcn,vbpr", "--tuned"]
     assert experiments_cli.main(table2) == 0
     assert "table2: 0 run(s) trained" in capsys.readouterr().out
     assert "settings tuned per model" in (out / "table2" / "table.md").read_text()
     row = json.loads((out / "table2" / "summary.json").read_text())["rows"]["LightGCN"]
-    chosen = max(summary["rows"]["lightgcn"], key=lambda r: r["valid"])
+    chosen = max(summary["models"]["lightgcn"]["rows"], key=lambda r: r["valid"])
     assert row["recall@20"]["mean"] == pytest.approx(chosen["test_recall"])
 
 

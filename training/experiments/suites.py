@@ -361,60 +361,58 @@ def load_tuned(out: Path) -> dict[str, dict[str, Any]]:
 
 def tune(ctx: Context) -> list[Path]:
     """Grid search per model (default: learning rate x L2 weight x layer count), each point trained for
-    --seeds seeds and ranked by the validation metric that early stopping monitors; writes the chosen
-    settings to tune/best.json for ``--tuned``."""
-    models = ctx.models or model_names()
+    --seeds seeds and ranked by the validation metric that early stopping monitors.
+
+    Each model's grid and scores go to tune/models/<model>.json (so separate invocations, e.g. with
+    different grids per model, add up); table.md and best.json (the chosen settings, read by
+    ``--tuned``) are made from all of them."""
     monitor, k = ctx.base.train.monitor, ctx.top_k
-    grid = ctx.grid
-    shown = [key for key in grid if len({str(v) for v in grid[key]}) > 1]
-    header = ["Model", *shown, f"valid {monitor}", f"test recall@{k}", f"test ndcg@{k}", "best epoch"]
-    lines = [
-        f"Tuning grid: {', '.join(f'{key} in {grid[key]}' for key in grid)}. Chosen per model by mean "
-        f"validation {monitor} over {ctx.seeds} seed(s) (bold); data: "
-        f"{ctx.base.data.path or 'built-in synthetic'}.",
-        "",
-        f"| {' | '.join(header)} |",
-        f"|{'---|' * len(header)}",
-    ]
-    best: dict[str, dict[str, Any]] = {}
-    scores: dict[str, list[dict[str, Any]]] = {}
-    for model in models:
+    models_dir = ctx.directory("tune") / "models"
+    models_dir.mkdir(exist_ok=True)
+    for model in ctx.models or model_names():
         rows = []
-        for point in grid_points(grid, model):
+        for point in grid_points(ctx.grid, model):
             name = ", ".join(f"{key.split('.', 1)[1]}={value}" for key, value in point.items() if key != "model.name")
             records = ctx.group(f"{label(model)} {name}", point)
             rows.append(
                 {
-                    "changes": point,
+                    "changes": {key: value for key, value in point.items() if key != "model.name"},
                     "valid": mean_std([r.info["valid"][monitor] for r in records])[0],
                     "test_recall": mean_std([r.test[f"recall@{k}"] for r in records])[0],
                     "test_ndcg": mean_std([r.test[f"ndcg@{k}"] for r in records])[0],
                     "best_epoch": mean_std([r.best_epoch for r in records])[0],
                 }
             )
-        chosen = max(rows, key=lambda row: row["valid"])
-        best[model] = {key: value for key, value in chosen["changes"].items() if key != "model.name"}
-        scores[model] = rows
-        for row in rows:
-            values = []
-            for key in shown:
-                resolved = f"model.{get_spec(model).layers_field}" if key == LAYERS else key
-                values.append(str(row["changes"].get(resolved, "-")))
-            cells = [
-                label(model),
-                *values,
-                f"{row['valid']:.4f}",
-                f"{row['test_recall']:.4f}",
-                f"{row['test_ndcg']:.4f}",
-                f"{row['best_epoch']:.0f}",
-            ]
-            if row is chosen:
-                cells = [f"**{c}**" for c in cells]
-            lines.append(f"| {' | '.join(cells)} |")
-    out = ctx.directory("tune")
-    existing = json.loads((out / "best.json").read_text()) if (out / "best.json").is_file() else {}
-    (out / "best.json").write_text(json.dumps({**existing, **best}, indent=1))
-    table = Table("\n".join(lines) + "\n", {"grid": grid, "monitor": monitor, "rows": scores, "best": best})
+        chosen = max(range(len(rows)), key=lambda i: rows[i]["valid"])
+        record = {"grid": ctx.grid, "seeds": ctx.seeds, "monitor": monitor, "k": k, "rows": rows, "chosen": chosen}
+        (models_dir / f"{model}.json").write_text(json.dumps(record, indent=1, default=_json_default))
+    return _write_tuning(ctx, models_dir.parent)
+
+
+def _write_tuning(ctx: Context, out: Path) -> list[Path]:
+    order = {name: i for i, name in enumerate(model_names())}
+    files = sorted((out / "models").glob("*.json"), key=lambda p: order.get(p.stem, len(order)))
+    tuned = {p.stem: json.loads(p.read_text()) for p in files}
+    best = {model: t["rows"][t["chosen"]]["changes"] for model, t in tuned.items()}
+    settings = sorted({key for t in tuned.values() for row in t["rows"] for key in row["changes"]})
+    lines = [
+        "Tuning: every point of each model's grid trained and ranked by the mean validation metric early "
+        "stopping monitors; the chosen point in bold. Data: "
+        f"{ctx.base.data.path or 'built-in synthetic'}.",
+        "",
+    ]
+    monitor, k = ctx.base.train.monitor, ctx.top_k
+    header = ["Model", *(key.split(".", 1)[1] for key in settings), "seeds", f"valid {monitor}"]
+    header += [f"test recall@{k}", f"test ndcg@{k}", "best epoch"]
+    lines += [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    for model, t in tuned.items():
+        for i, row in enumerate(t["rows"]):
+            cells = [label(model), *(str(row["changes"].get(key, "-")) for key in settings), str(t["seeds"])]
+            cells += [f"{row[name]:.4f}" for name in ("valid", "test_recall", "test_ndcg")]
+            cells.append(f"{row['best_epoch']:.0f}")
+            lines.append(f"| {' | '.join(f'**{c}**' for c in cells) if i == t['chosen'] else ' | '.join(cells)} |")
+    (out / "best.json").write_text(json.dumps(best, indent=1))
+    table = Table("\n".join(lines) + "\n", {"models": tuned, "best": best})
     return [*_write(ctx, "tune", table, []), out / "best.json"]
 
 
