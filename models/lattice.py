@@ -7,8 +7,11 @@ cosine-similar other items, weighted by the similarity, and is normalised as
 
 * the *initial* graph :math:`\tilde S^m_0` from the raw (here: standardised) features, built once;
 * the *learned* graph :math:`\tilde S^m` from projected features :math:`\tilde e_i^m = W_m e_i^m + b_m`,
-  rebuilt at every training step (and for inference from the current weights), so the projections
-  are trained through the similarities of the selected neighbours.
+  rebuilt at the first training step of every epoch, as the official code does (``build_item_graph``
+  is true for an epoch's first batch only; the other batches use that graph detached), so the
+  projections are trained through the similarities of the selected neighbours at that step. (The kNN
+  search over all items dominates a step: rebuilding it at every step made an epoch on TikTok
+  about 20x slower.) Inference builds it from the current weights.
 
 The modality graphs are combined with learned weights :math:`\alpha = \mathrm{softmax}(a)`, and the
 latent graph keeps a skip connection to the initial one:
@@ -152,6 +155,7 @@ class LATTICE(LightGCN):
         return cls(inputs.n_users, inputs.item_features, inputs.modality_dims, inputs.train_pairs, config, reg_weight)
 
     def reset_parameters(self) -> None:
+        self._epoch_graph: tuple[Tensor, Tensor] | None = None
         nn.init.xavier_uniform_(self.embedding.weight[: self.n_users])  # the official separate tables
         nn.init.xavier_uniform_(self.embedding.weight[self.n_users :])
         if hasattr(self, "projections"):  # LightGCN.__init__ calls this before they exist
@@ -180,9 +184,26 @@ class LATTICE(LightGCN):
             weights.append((self.skip * s).reshape(-1))
         return torch.cat(edges, dim=1), torch.cat(weights)
 
+    def train(self, mode: bool = True) -> LATTICE:
+        if mode:  # the trainer calls train() at the start of every epoch: rebuild S at its first step
+            self._epoch_graph = None
+        return super().train(mode)
+
+    def current_item_graph(self) -> tuple[Tensor, Tensor]:
+        """S for this step. Training: built (with gradients to the projections) at an epoch's first step,
+        then reused detached until the next epoch, as in the official code. Inference: built from the
+        current weights (so restoring the best epoch's weights restores its graph)."""
+        if not self.training:
+            return self.item_graph()
+        if self._epoch_graph is None:
+            edge_index, edge_weight = self.item_graph()
+            self._epoch_graph = (edge_index, edge_weight.detach())
+            return edge_index, edge_weight
+        return self._epoch_graph
+
     def item_graph_embedding(self) -> Tensor:
         """:math:`h^{(L)}` of all items: the item ID embeddings propagated over S."""
-        edge_index, edge_weight = self.item_graph()
+        edge_index, edge_weight = self.current_item_graph()
         h = self.embedding.weight[self.n_users :]
         for conv in self.item_convs:
             h = conv(h, edge_index, edge_weight)

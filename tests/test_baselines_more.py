@@ -101,6 +101,32 @@ def test_lattice_item_graph_and_embeddings_follow_the_paper(tiny_data: RecData, 
     torch.testing.assert_close(item_emb, expected_items, atol=1e-5, rtol=1e-5)
 
 
+def test_lattice_builds_its_learned_graph_once_per_epoch(tiny_data: RecData, make_config, monkeypatch) -> None:
+    """As the official code: the kNN graph is built at an epoch's first step (gradients reach the
+    projections there) and reused, detached, by the epoch's other steps; inference builds it afresh."""
+    model = _perturbed(build_model(tiny_data, make_config("lattice"), 1e-4))
+    builds = []
+    original = model.item_graph
+    monkeypatch.setattr(model, "item_graph", lambda: builds.append(1) or original())
+    users, pos, neg = _batch(tiny_data)
+    projection = model.projections[0].weight
+    model.train()  # the trainer's start of an epoch
+    model.calculate_loss(users, pos, neg).backward()
+    assert len(builds) == 1 and projection.grad is not None and projection.grad.abs().sum() > 0
+    projection.grad = None
+    model.calculate_loss(users, pos, neg).backward()
+    assert len(builds) == 1 and (projection.grad is None or projection.grad.abs().sum() == 0)
+    model.eval()
+    with torch.no_grad():
+        first = model.get_embedding()[1]
+        model.projections[0].weight.mul_(3.0)  # other weights (e.g. the best epoch's, restored): another graph
+        second = model.get_embedding()[1]
+        assert len(builds) == 3 and not torch.equal(second, first)
+    model.train()  # the next epoch builds again
+    model.calculate_loss(users, pos, neg)
+    assert len(builds) == 4
+
+
 # --------------------------------------------------------------------------------------------------
 # GRCN
 # --------------------------------------------------------------------------------------------------
