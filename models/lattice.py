@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import LGConv
+from torch_geometric.utils import to_torch_csr_tensor
 
 from models.base import bpr_loss, l2_penalty
 from models.config import ModelConfig
@@ -155,7 +156,7 @@ class LATTICE(LightGCN):
         return cls(inputs.n_users, inputs.item_features, inputs.modality_dims, inputs.train_pairs, config, reg_weight)
 
     def reset_parameters(self) -> None:
-        self._epoch_graph: tuple[Tensor, Tensor] | None = None
+        self._epoch_graph: Tensor | None = None  # S of this epoch, detached, as a CSR adj_t
         nn.init.xavier_uniform_(self.embedding.weight[: self.n_users])  # the official separate tables
         nn.init.xavier_uniform_(self.embedding.weight[self.n_users :])
         if hasattr(self, "projections"):  # LightGCN.__init__ calls this before they exist
@@ -189,17 +190,20 @@ class LATTICE(LightGCN):
             self._epoch_graph = None
         return super().train(mode)
 
-    def current_item_graph(self) -> tuple[Tensor, Tensor]:
-        """S for this step. Training: built (with gradients to the projections) at an epoch's first step,
-        then reused detached until the next epoch, as in the official code. Inference: built from the
-        current weights (so restoring the best epoch's weights restores its graph)."""
+    def current_item_graph(self) -> tuple[Tensor, Tensor | None]:
+        """S for this step, as LGConv's ``(edge_index, edge_weight)``. Training: built (with gradients to
+        the projections) at an epoch's first step, then reused detached, as a CSR ``adj_t`` (a sparse
+        product instead of a gather-scatter over the edges), until the next epoch, as in the official
+        code. Inference: built from the current weights (restoring the best epoch's weights restores its
+        graph)."""
         if not self.training:
             return self.item_graph()
         if self._epoch_graph is None:
             edge_index, edge_weight = self.item_graph()
-            self._epoch_graph = (edge_index, edge_weight.detach())
+            n = self.n_items
+            self._epoch_graph = to_torch_csr_tensor(edge_index.flip(0), edge_weight.detach(), size=(n, n))
             return edge_index, edge_weight
-        return self._epoch_graph
+        return self._epoch_graph, None
 
     def item_graph_embedding(self) -> Tensor:
         """:math:`h^{(L)}` of all items: the item ID embeddings propagated over S."""
