@@ -122,12 +122,17 @@ def test_calibration_widens_the_search_to_the_target_recall(kind: str, floor: di
 def test_calibration_that_cannot_reach_the_target_says_so(monkeypatch, caplog) -> None:
     rng = np.random.default_rng(12)
     items, queries = rng.normal(size=(3000, 32)).astype(np.float32), rng.normal(size=(100, 32)).astype(np.float32)
-    monkeypatch.setattr(ItemIndex, "EF_SEARCH_MAX", 16)
+    monkeypatch.setattr(ItemIndex, "EF_SEARCH_MAX", 40)
     index = ItemIndex(IndexConfig(kind="hnsw", hnsw_m=2, hnsw_ef_search=4, target_recall=1.0), items)
     with caplog.at_level("WARNING", logger="service.index"):
         index.calibrate(queries)
-    assert index.params["ef_search"] == 16 and index.params["calibrated_recall"] < 1.0
+    assert 20 < index.params["ef_search"] <= 40 and index.params["calibrated_recall"] < 1.0
     assert "below MMF_ANN_TARGET_RECALL=1.00" in caplog.text
+    # Where a doubling gains (almost) nothing, the search stays as narrow as it was.
+    monkeypatch.setattr(ItemIndex, "MIN_RECALL_GAIN", 1.0)
+    stuck = ItemIndex(IndexConfig(kind="hnsw", hnsw_m=2, hnsw_ef_search=4, target_recall=1.0), items)
+    stuck.calibrate(queries)
+    assert stuck.params["ef_search"] == 20  # the least it searches for a top 20
 
 
 def test_flat_index_is_not_calibrated() -> None:
