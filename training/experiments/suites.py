@@ -49,6 +49,9 @@ LABELS = {
     "graphsage": "GraphSAGE",
     "gat": "GAT",
     "mmgcn": "MMGCN",
+    "grcn": "GRCN",
+    "lattice": "LATTICE",
+    "invrl": "InvRL",
     POPULARITY: "Popularity",
     **{
         f"{mode}_fusion_{b}": f"{mode.capitalize()} fusion ({b.upper()})"
