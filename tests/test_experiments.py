@@ -394,6 +394,15 @@ def test_table2_command_writes_table_and_plots_and_resumes(tmp_path: Path, tiny_
     # --cached-only names a run it would have to train instead of training it.
     assert experiments_cli.main([*argv[:-1], "metammf_gcn,lightgcn", "--cached-only"]) == 2
     assert "LightGCN seed 0: run" in capsys.readouterr().err and not list((out / "runs").glob(".tmp*"))
+    # --partial tabulates the seeds that finished and says so in the row.
+    three = [*argv[:-1], "metammf_gcn,vbpr,popularity", "--seeds", "3", "--cached-only"]
+    assert experiments_cli.main(three) == 2
+    capsys.readouterr()
+    assert experiments_cli.main([*three, "--partial"]) == 0
+    rows = [line.split("|")[1].strip() for line in (out / "table2" / "table.md").read_text().splitlines()[4:7]]
+    assert rows == ["MetaMMF_GCN (2 seeds)", "VBPR (2 seeds)", "Popularity"]  # popularity: one seed-free run
+    assert experiments_cli.main([*argv, "--partial"]) == 2
+    assert "--partial needs --cached-only" in capsys.readouterr().err
 
 
 def test_coldstart_command_rejects_pure_id_models(tmp_path: Path, tiny_yaml: Path, capsys) -> None:

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--cached-only", action="store_true", help="tabulate finished runs only; a missing run is an error"
         )
+        p.add_argument(
+            "--partial",
+            action="store_true",
+            help="with --cached-only: rows from the seeds that finished (the row says how many)",
+        )
         if name in ("tune", "all"):
             p.add_argument(
                 "--grid",
@@ -103,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             plots=not args.no_plots,
             options={"users": getattr(args, "users", 10), "sample_seed": getattr(args, "sample_seed", 0)},
         )
+        if args.partial and not args.cached_only:
+            raise ConfigError("--partial needs --cached-only")
+        ctx.partial = args.partial
         if hasattr(args, "grid"):
             ctx.grid = parse_grid(args.grid)
         if getattr(args, "tuned", False) and args.suite != "all":

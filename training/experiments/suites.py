@@ -32,7 +32,7 @@ import numpy as np
 from models.registry import get_spec, model_names
 from training.config import RunConfig
 from training.experiments import plots
-from training.experiments.runner import Runner, RunRecord, RunSpec
+from training.experiments.runner import MissingRunError, Runner, RunRecord, RunSpec
 from training.experiments.stats import mean_std, silhouette_score
 from training.experiments.tables import Comparison, Table, metric_keys, results_table
 from training.experiments.tsne import sample_users, tsne, user_item_points
@@ -91,6 +91,7 @@ class Context:
     options: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=lambda: dict(DEFAULT_GRID))
     tuned: dict[str, dict[str, Any]] | None = None  # model -> chosen settings (``tune``), used by variant()
+    partial: bool = False  # with a cached-only runner: rows from the seeds that finished
 
     def variant(self, seed_index: int, changes: dict[str, Any]) -> RunConfig:
         """The base config with dotted ``changes`` (e.g. ``{"model.rank": 8}``) and seed ``base + index``;
@@ -114,7 +115,14 @@ class Context:
         records = []
         for i in range(self.seeds):
             spec = RunSpec(self.variant(i, changes), scorer)
-            records.append(self.runner.run(spec, embeddings=embeddings, label=f"{row} seed {i}"))
+            try:
+                records.append(self.runner.run(spec, embeddings=embeddings, label=f"{row} seed {i}"))
+            except MissingRunError as exc:
+                if not self.partial:
+                    raise
+                log.warning("%s (left out: --partial)", exc)
+        if not records:
+            raise MissingRunError(f"{row}: no seed has a finished run in {self.runner.runs_dir}")
         return records
 
     def directory(self, suite: str) -> Path:

@@ -121,8 +121,10 @@ def results_table(
 
     header = ["Model", *(column_name(k) for k in keys), *extras]
     lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    most = max((len(records) for records in groups.values()), default=0)
     for label in groups:
-        cells = [label]
+        n = len(groups[label])
+        cells = [label if n == most else f"{label} ({n} seed{'s' if n > 1 else ''})"]
         for key in keys:
             s = stats[label][key]
             text = _format(s["mean"], s["std"], s["n"], digits)
