@@ -464,6 +464,7 @@ def test_tune_grid_chooses_on_validation_and_tuned_suites_use_it(tmp_path: Path,
         assert best[model] == max(rows, key=lambda row: row["valid"])["changes"]
     assert set(best["lightgcn"]) == {"train.lr", "train.reg_weight", "model.gcn_layers"}
     assert set(best["vbpr"]) == {"train.lr", "train.reg_weight"}
+    assert best["lightgcn"]["train.lr"] in (0.001, 0.02) and best["lightgcn"]["model.gcn_layers"] in (1, 2)  # typed
     markdown = (out / "tune" / "table.md").read_text()
     assert markdown.count("**") == 2 * 2 * 9  # the chosen row of each model, every cell bold
     # Another invocation (another model, another grid) adds to what is there.

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+import yaml
+
 from models.artifacts import ArtifactError
 from training.cli import resolve_config
 from training.config import ConfigError
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_grid(items: list[str] | None) -> dict[str, list[str]]:
-    """``--grid`` items over the default grid; values stay strings (the config validation types them)."""
+    """``--grid`` items over the default grid; each value parsed as YAML, as ``--set`` values are."""
     grid: dict[str, list] = dict(DEFAULT_GRID)
     for item in items or []:
         key, sep, values = item.partition("=")
@@ -84,7 +86,7 @@ def parse_grid(items: list[str] | None) -> dict[str, list[str]]:
         key = key.strip()
         if key != LAYERS and (key.count(".") != 1 or key.split(".")[0] not in ("data", "model", "train")):
             raise ConfigError(f"--grid key {key!r}: expected '{LAYERS}' or SECTION.FIELD with SECTION data/model/train")
-        grid[key] = [v.strip() for v in values.split(",") if v.strip()]
+        grid[key] = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
     return grid
 
 

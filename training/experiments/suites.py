@@ -98,9 +98,8 @@ class Context:
         with :attr:`tuned`, the model's tuned settings apply first (``changes`` win over them)."""
         dump = self.base.model_dump()
         dump["train"]["seed"] = self.base.train.seed + seed_index
-        model = changes.get("model.name", self.base.model.name)
         if self.tuned is not None:
-            changes = {**self.tuned.get(model, {}), **changes}
+            changes = {**self.tuned.get(changes.get("model.name", self.base.model.name), {}), **changes}
         for dotted, value in changes.items():
             section, key = dotted.split(".", 1)
             dump[section][key] = value
@@ -383,11 +382,12 @@ def tune(ctx: Context) -> list[Path]:
     for model in ctx.models or model_names():
         rows = []
         for point in grid_points(ctx.grid, model):
-            name = ", ".join(f"{key.split('.', 1)[1]}={value}" for key, value in point.items() if key != "model.name")
+            changes = {key: value for key, value in point.items() if key != "model.name"}
+            name = ", ".join(f"{key.split('.', 1)[1]}={value}" for key, value in changes.items())
             records = ctx.group(f"{label(model)} {name}", point)
             rows.append(
                 {
-                    "changes": {key: value for key, value in point.items() if key != "model.name"},
+                    "changes": changes,
                     "valid": mean_std([r.info["valid"][monitor] for r in records])[0],
                     "test_recall": mean_std([r.test[f"recall@{k}"] for r in records])[0],
                     "test_ndcg": mean_std([r.test[f"ndcg@{k}"] for r in records])[0],
