@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import schemas
 from service.check import check_consistency
 from service.engine import Engine, InputError, NotFound
+from service.fast_recommend import FastRecommend, render_recommendation
 from service.runtime import ReloadBusy, ReloadRefused, Runtime
 from service.settings import Settings
 from service.state import RedisState, StoredItem
@@ -243,6 +244,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "X-API-Key header.",
         lifespan=lifespan,
     )
+    # Innermost: the requests it answers still pass the body limit, CORS and the latency metrics.
+    app.add_middleware(FastRecommend, max_k=settings.max_k, enabled=not settings.require_key_for_reads)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:  # outermost, so that error answers (413 too) carry the CORS headers
         app.add_middleware(
@@ -374,15 +377,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             rec = engine.recommend(user_id, k)  # a bounded search (approximate or small index): no thread hop
         else:
             rec = await run_in_threadpool(engine.recommend, user_id, k)
-        # Rendered here, in the shape of RecommendationOut (the documented model), instead of FastAPI validating
-        # a returned model once more and serialising it through jsonable_encoder.
-        body = {
-            "user_id": user_id,
-            "strategy": rec.strategy,
-            "artifact_id": engine.artifact_id,
-            "items": [{"item_id": i, "score": s} for i, s in zip(rec.item_ids, rec.scores, strict=True)],
-        }
-        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+        body = render_recommendation(user_id, engine.artifact_id, rec.strategy, rec.item_ids, rec.scores)
+        return Response(body, media_type="application/json")
 
     def item_row(runtime: Runtime, engine: Engine, item_id: str) -> int:
         """The item's row; an item this replica has not seen yet but Redis holds (written through another

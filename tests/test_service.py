@@ -24,6 +24,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.fast_recommend import FastRecommend, render_recommendation
 from service.settings import Settings
 from tests.service_support import (
     AUTH,
@@ -82,6 +83,56 @@ def test_k_bounds(client: TestClient, artifact: Artifact) -> None:
     ids = similar_ids(client, "3")
     assert sorted(ids) == sorted(set(artifact.item_ids) - {"3"})
     assert len(rec(client, "0", 1)["items"]) == 1
+
+
+def test_fast_recommend_path_answers_as_the_route(make_client, artifact: Artifact, monkeypatch) -> None:
+    """FastRecommend answers plain GET /recommend requests itself, byte for byte what the FastAPI route
+    answers, and leaves everything else (errors, other users, non-canonical queries) to the route."""
+    taken: list[str] = []
+    answer = FastRecommend._answer
+
+    def spy(self, scope):
+        body = answer(self, scope)
+        if body is not None:
+            taken.append(scope["path"] + "?" + scope["query_string"].decode())
+        return body
+
+    monkeypatch.setattr(FastRecommend, "_answer", spy)
+    with make_client() as c:
+        for user in ("0", "17"):
+            fast, route = c.get(f"/recommend/{user}?k=7"), c.get(f"/recommend/{user}?k=07")  # "07": not canonical
+            assert fast.status_code == route.status_code == 200
+            assert fast.content == route.content and fast.headers["content-type"] == route.headers["content-type"]
+            assert c.get(f"/recommend/{user}").content == c.get(f"/recommend/{user}?k=20&k=20").content
+        assert taken == ["/recommend/0?k=7", "/recommend/0?", "/recommend/17?k=7", "/recommend/17?"]
+        taken.clear()
+        assert_error(c.get("/recommend/0?k=0"), 422, "k")
+        assert_error(c.get("/recommend/0?k=1001"), 422, "k")
+        assert_error(c.get("/recommend/" + "u" * 129), 422, "user_id")
+        assert c.get("/recommend/never-seen-user").json()["strategy"] == "popular"  # not a quick search
+        assert c.post("/recommend/0").status_code == 405
+        assert taken == []
+        # Both paths are counted under the route in the latency metrics.
+        metrics = c.get("/metrics").text
+        assert 'mmf_request_seconds_count{method="GET",route="/recommend/{user_id}",status="200"} 9.0' in metrics
+    with make_client(require_key_for_reads=True) as c:  # reads need the key: the route checks it
+        assert c.get("/recommend/0").status_code == 401
+        assert len(rec(c, "0", 5, headers=AUTH)["items"]) == 5 and taken == []
+
+
+def test_render_recommendation_is_json_dumps() -> None:
+    items, scores = ["1", "a.b:c@d-e_f", 'é"\\\n'], [0.1234567, -1e-30, 3.0]
+    body = {"user_id": "u", "strategy": "model", "artifact_id": "abc"}
+    expected = {**body, "items": [{"item_id": i, "score": s} for i, s in zip(items, scores, strict=True)]}
+    assert (
+        render_recommendation("u", "abc", "model", items, scores)
+        == json.dumps(expected, separators=(",", ":")).encode()
+    )
+    odd = render_recommendation("u", "abc", "model", ["x", "y"], [math.nan, math.inf])
+    assert (
+        odd == b'{"user_id":"u","strategy":"model","artifact_id":"abc","items":[{"item_id":"x","score":NaN},'
+        b'{"item_id":"y","score":Infinity}]}'
+    )
 
 
 def test_unknown_user_gets_popular_items(client: TestClient, artifact: Artifact) -> None:
