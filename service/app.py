@@ -245,7 +245,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     # Innermost: the requests it answers still pass the body limit, CORS and the latency metrics.
-    app.add_middleware(FastRecommend, max_k=settings.max_k, enabled=not settings.require_key_for_reads)
+    fast = settings.fast_recommend and not settings.require_key_for_reads
+    app.add_middleware(FastRecommend, max_k=settings.max_k, enabled=fast)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:  # outermost, so that error answers (413 too) carry the CORS headers
         app.add_middleware(

@@ -118,6 +118,8 @@ def test_fast_recommend_path_answers_as_the_route(make_client, artifact: Artifac
     with make_client(require_key_for_reads=True) as c:  # reads need the key: the route checks it
         assert c.get("/recommend/0").status_code == 401
         assert len(rec(c, "0", 5, headers=AUTH)["items"]) == 5 and taken == []
+    with make_client(fast_recommend=False) as c:
+        assert len(rec(c, "0", 5)["items"]) == 5 and taken == []
 
 
 def test_render_recommendation_is_json_dumps() -> None:
