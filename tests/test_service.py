@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -664,6 +665,32 @@ def test_body_size_limit(make_client, artifact: Artifact, stored) -> None:
 # ------------------------------------------------------------------------------------------------------
 # Operations: health, metrics, OpenAPI, CLI, a real HTTP server
 # ------------------------------------------------------------------------------------------------------
+
+
+def test_readme_documents_every_setting() -> None:
+    """The README's settings table names every MMF_ variable with its default."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Settings (environment variables)", 1)[1].split("\n\n", 2)[1]
+    documented: dict[str, str] = {}
+    for row in section.splitlines()[2:]:
+        names_cell, defaults_cell = row.split(" | ")[:2]
+        names = re.findall(r"`(MMF_\w+)`", names_cell)
+        defaults = re.findall(r"`([^`]*)`", defaults_cell) or [defaults_cell.strip()]
+        assert len(names) == len(defaults), row
+        documented.update(zip(names, defaults, strict=True))
+
+    def shown(value: object) -> str:
+        if value is None:
+            return "unset"
+        if isinstance(value, bool):
+            return str(value).lower()
+        return json.dumps(value) if isinstance(value, list) else str(value)
+
+    expected = {
+        f"MMF_{name.upper()}": shown(field.get_default(call_default_factory=True))
+        for name, field in Settings.model_fields.items()
+    }
+    assert documented == expected
 
 
 def test_health_metrics_openapi(client: TestClient, artifact: Artifact) -> None:
