@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 import redis
+import torch
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
@@ -213,6 +214,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        torch.set_num_threads(settings.torch_threads)  # per process: each uvicorn worker runs this
         runtime = await asyncio.to_thread(Runtime(settings, on_swap).start)
         app.state.runtime, app.state.state = runtime, runtime.state
         freeze_startup_objects()

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     hnsw_ef_search: int = Field(128, ge=1, le=65536, description="hnsw: candidate list size per query")
     ivf_nlist: int = Field(0, ge=0, le=1 << 20, description="ivf: k-means lists; 0 = about 4 sqrt(items)")
     ivf_nprobe: int = Field(128, ge=1, le=1 << 20, description="ivf: lists scanned per query (at most nlist)")
+    torch_threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="torch intra-op threads of the process (fusing new items, embedding new users): requests "
+        "carry one item or user, and with more threads on a busy machine OpenMP waits made a fusion's p99 3-9x worse",
+    )
     faiss_threads: int = Field(1, ge=1, le=256, description="FAISS OpenMP threads per request (search, add)")
     index_build_threads: int = Field(0, ge=0, le=256, description="threads building the index; 0 = every CPU")
     ann_target_recall: float = Field(

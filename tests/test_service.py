@@ -7,6 +7,7 @@ Fixtures and helpers live in ``tests/service_support.py``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -22,6 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
+import torch
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -136,6 +138,24 @@ def test_render_recommendation_is_json_dumps() -> None:
         odd == b'{"user_id":"u","strategy":"model","artifact_id":"abc","items":[{"item_id":"x","score":NaN},'
         b'{"item_id":"y","score":Infinity}]}'
     )
+
+
+def test_torch_threads_setting(make_client) -> None:
+    """MMF_TORCH_THREADS is the torch thread count of every thread the server starts after start-up (a
+    thread's count is fixed at its first parallel torch operation)."""
+
+    def in_new_thread() -> int:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(torch.get_num_threads).result()
+
+    before = in_new_thread()
+    try:
+        with make_client(torch_threads=2) as c:
+            assert in_new_thread() == 2 and c.get("/healthz").status_code == 200
+        with make_client() as c:
+            assert in_new_thread() == 1  # the default: a request carries one item or user
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_unknown_user_gets_popular_items(client: TestClient, artifact: Artifact) -> None:
