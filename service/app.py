@@ -430,16 +430,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/items", response_model=schemas.ItemWritten, status_code=201, tags=["items"],
               dependencies=writes, responses=WRITE_ERRORS,
               summary="Add (or update) an item from its raw multimodal features")  # fmt: skip
-    def add_item(item: schemas.ItemIn, runtime: RuntimeDep) -> schemas.ItemWritten:
-        return write_items([item], runtime)[0]
+    async def add_item(item: schemas.ItemIn, runtime: RuntimeDep) -> schemas.ItemWritten:
+        # A coroutine handing the blocking write to the thread pool itself: for a plain function FastAPI also
+        # validates the response in the pool, a second thread hop per request.
+        return (await run_in_threadpool(write_items, [item], runtime))[0]
 
     @app.post("/items:batch", response_model=schemas.ItemBatchWritten, status_code=201, tags=["items"],
               dependencies=writes, responses=WRITE_ERRORS,
               summary="Add or update many items in one transaction")  # fmt: skip
-    def add_items(batch: schemas.ItemBatchIn, runtime: RuntimeDep) -> schemas.ItemBatchWritten:
+    async def add_items(batch: schemas.ItemBatchIn, runtime: RuntimeDep) -> schemas.ItemBatchWritten:
         if len(batch.items) > settings.max_batch:
             raise InputError(f"at most {settings.max_batch} items per batch (MMF_MAX_BATCH), got {len(batch.items)}")
-        return schemas.ItemBatchWritten(items=write_items(batch.items, runtime))
+        return schemas.ItemBatchWritten(items=await run_in_threadpool(write_items, batch.items, runtime))
 
     @app.get("/items/{item_id}", response_model=schemas.ItemOut, tags=["items"], dependencies=reads,
              responses=READ_ERRORS, summary="One item")  # fmt: skip
