@@ -112,6 +112,14 @@ def test_calibration_widens_the_search_to_the_target_recall(kind: str, floor: di
     index.calibrate(sample)
     assert index.params[width] > narrow.params[width]
     assert index.params["calibrated_recall"] >= 0.95
+    # Not just the first doubling of the floor that reaches the target: bisected back below it.
+    q = sample[np.sort(np.random.default_rng(0).choice(len(sample), 300, replace=False))]
+    truth = index._exact_top(q, 20)
+    doubled = floor[f"{kind}_{width}"] if kind == "ivf" else max(floor["hnsw_ef_search"], 20)  # efSearch >= k
+    while index._sample_recall(q, truth, 20, doubled) < 0.95:
+        doubled *= 2
+    assert doubled / 2 < index.params[width] <= doubled
+    assert index.params[width] < doubled or index._sample_recall(q, truth, 20, doubled * 7 // 8) < 0.95
     assert recall(index) >= 0.93  # other queries: about the target
     # The configured width is a floor: a wide enough one is kept as it is.
     wide = ItemIndex(IndexConfig(kind=kind, target_recall=0.5, **{**floor, f"{kind}_{width}": 2048}), items)
