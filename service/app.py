@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import schemas
 from service.check import check_consistency
 from service.engine import Engine, InputError, NotFound
-from service.fast_recommend import FastRecommend, render_recommendation
+from service.fast_recommend import DEFAULT_K, FastRecommend, render_recommendation
 from service.runtime import ReloadBusy, ReloadRefused, Runtime
 from service.settings import Settings
 from service.state import RedisState, StoredItem
@@ -41,8 +41,8 @@ AUTH_ERRORS = {401: _E, 403: _E}
 READ_ERRORS = {401: _E, 404: _E, 422: _E}
 WRITE_ERRORS = {**AUTH_ERRORS, 400: _E, 404: _E, 413: _E, 422: _E, 503: _E}
 API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (MMF_API_KEY)")
-ItemId = Annotated[str, Path(min_length=1, max_length=128, pattern=schemas.ID_PATTERN)]
-UserId = Annotated[str, Path(min_length=1, max_length=128, pattern=schemas.ID_PATTERN)]
+ItemId = Annotated[str, Path(min_length=1, max_length=schemas.ID_MAX_LENGTH, pattern=schemas.ID_PATTERN)]
+UserId = Annotated[str, Path(min_length=1, max_length=schemas.ID_MAX_LENGTH, pattern=schemas.ID_PATTERN)]
 
 
 class BodySizeLimit:
@@ -374,7 +374,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/recommend/{user_id}", response_model=schemas.RecommendationOut, tags=["recommend"],
              dependencies=reads, responses=READ_ERRORS,
              summary="Top-k items for a user, already-seen items excluded")  # fmt: skip
-    async def recommend(request: Request, user_id: UserId, k: K = 20) -> Response:
+    async def recommend(request: Request, user_id: UserId, k: K = DEFAULT_K) -> Response:
         engine = request.app.state.runtime.engine  # as engine_of, without a dependency to resolve
         if engine.quick_recommend(user_id):
             rec = engine.recommend(user_id, k)  # a bounded search (approximate or small index): no thread hop
@@ -475,7 +475,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/items/{item_id}/similar", response_model=schemas.SimilarOut, tags=["items"], dependencies=reads,
              responses=READ_ERRORS, summary="Items closest to an item by embedding inner product")  # fmt: skip
-    def similar(item_id: ItemId, runtime: RuntimeDep, k: K = 20) -> schemas.SimilarOut:
+    def similar(item_id: ItemId, runtime: RuntimeDep, k: K = DEFAULT_K) -> schemas.SimilarOut:
         engine = runtime.engine
         item_row(runtime, engine, item_id)  # 404 if unknown
         items, scores = engine.similar(item_id, k)

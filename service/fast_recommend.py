@@ -12,9 +12,10 @@ import math
 import re
 from json.encoder import encode_basestring_ascii as _string  # what json.dumps uses for str
 
-from service.schemas import ID_PATTERN
+from service.schemas import ID_MAX_LENGTH, ID_PATTERN
 
 RECOMMEND_PREFIX = "/recommend/"
+DEFAULT_K = 20  # the route's default k too
 _USER_ID = re.compile(ID_PATTERN)
 _CANONICAL_K = re.compile(r"^k=([1-9][0-9]{0,8})$")  # decimal, no sign, no leading zero, nothing else
 _HEADERS = [(b"content-type", b"application/json")]
@@ -48,10 +49,10 @@ class FastRecommend:
     answer the FastAPI route would, and passes every other request on.
 
     It takes a request only when: the method is GET; the rest of the path is one segment that satisfies the
-    route's ``user_id`` constraints (1-128 characters of ``ID_PATTERN``); the query string is empty or exactly
-    ``k=N`` with N in canonical decimal form within 1..``max_k``; reads need no API key; and the engine can
-    answer on the event loop (``Engine.quick_recommend``: a training user and a bounded index search). All
-    else, errors included, goes to the FastAPI route, which stays the documented endpoint (OpenAPI) and the
+    route's ``user_id`` constraints (1 to ``ID_MAX_LENGTH`` characters of ``ID_PATTERN``); the query string is
+    empty or exactly ``k=N`` with N in canonical decimal form within 1..``max_k``; reads need no API key; and
+    the engine can answer on the event loop (``Engine.quick_recommend``: a training user and a bounded index
+    search). All else, errors included, goes to the FastAPI route, which stays the documented endpoint (OpenAPI) and the
     reference: tests compare the two answers byte for byte. The matched route is put in the scope as FastAPI
     does, so request metrics label these requests like the route's own.
     """
@@ -81,9 +82,9 @@ class FastRecommend:
         if scope["method"] != "GET" or not path.startswith(RECOMMEND_PREFIX) or scope.get("root_path"):
             return None
         user_id = path[len(RECOMMEND_PREFIX) :]
-        if not 1 <= len(user_id) <= 128 or "/" in user_id or not _USER_ID.fullmatch(user_id):
+        if not 1 <= len(user_id) <= ID_MAX_LENGTH or "/" in user_id or not _USER_ID.fullmatch(user_id):
             return None
-        k = 20
+        k = DEFAULT_K
         if query := scope.get("query_string", b""):
             match = _CANONICAL_K.match(query.decode("latin-1"))
             if match is None or int(match.group(1)) > self.max_k:

@@ -7,11 +7,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 ID_PATTERN = r"^[A-Za-z0-9._:@-]+$"
+ID_MAX_LENGTH = 128
 Identifier = Annotated[
     str,
     Field(
         min_length=1,
-        max_length=128,
+        max_length=ID_MAX_LENGTH,
         pattern=ID_PATTERN,
         description="external id: 1-128 characters of A-Z a-z 0-9 . _ : @ -",
         examples=["item-42"],
