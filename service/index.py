@@ -11,8 +11,14 @@ rebuild); the artifact's own ``items.faiss`` (exact) stays as it is. The metric 
   very different norms badly (benchmark's 100k embeddings, 1024 lists, 128 probed: recall@20 0.49), so
   the lists are built in L2 over vectors augmented with one coordinate ``sqrt(B^2 - |x|^2)`` (B: largest
   norm at build; queries get 0), where the L2 order is the inner-product order (Bachrach et al., RecSys
-  2014): recall@20 0.89 there. The answers are scored again by exact inner product. An item added later
-  with a norm above B is also kept in an exact side list that every query scores.
+  2014): recall@20 0.89 there. The answers are scored again by exact inner product.
+  The longest vectors are kept out of the lists, in an exact side list that every query scores
+  (``MMF_IVF_EXACT_ITEMS``, at most a twentieth of the items), and B is the longest norm of the rest. Item
+  norms are skewed (the benchmark's 100k: median 4.5, 99th percentile 10.7, largest 33.5) and the long
+  vectors are the ones most often in a top 20, while one large B makes every other augmented vector nearly
+  the same length and the lists coarse: with the 5,000 longest scored exactly, 64 of 1265 lists reach the
+  recall that 240 reach without (bench/serve.py), half the vectors scanned. An item added later with a
+  norm above B joins the side list.
 
 Items are FAISS ids 0, 1, 2, ... ("slots", in insertion order), mapped to engine rows here. HNSW cannot
 remove a vector, so deleting or replacing an item only marks its slot dead, for every kind: searches pass
@@ -34,13 +40,14 @@ approximate index that suits one set of embeddings misses many neighbours in ano
 1M items: ``ivf`` with 128 of 4000 lists probed found 0.76 of the exact top 20, ``hnsw`` with
 efSearch 128 found 0.51). So after a build, ``calibrate`` searches a sample of real queries (the
 artifact's user embeddings) exactly and approximately and doubles ``nprobe`` / ``efSearch`` from the
-configured value (a floor, never lowered) until the mean recall@20 of the sample reaches the target
-(``nprobe`` up to every list; ``efSearch`` up to EF_SEARCH_MAX), then bisects back between the last two
-widths to within an eighth of the narrowest that reaches it. An index that cannot reach it stops
-widening where a doubling gains less than MIN_RECALL_GAIN and logs a warning (an HNSW graph built with
-M 32 / efConstruction 80 over the benchmark's 1M items found 0.58 of the top 20 even at efSearch 4096,
-at a twentieth of the throughput). The width chosen and the recall measured are in ``params``
-(``GET /info``); the bench measures recall again on other users.
+configured value until the mean recall@20 of the sample reaches the target (``nprobe`` up to every list;
+``efSearch`` up to EF_SEARCH_MAX), or halves it while the target still holds (a configured width wider
+than the embeddings need costs throughput for nothing), then bisects between the last two widths to
+within an eighth of the narrowest that reaches it (to keep a width as configured, turn calibration off).
+An index that cannot reach it stops widening where a doubling gains less than MIN_RECALL_GAIN and logs a
+warning (an HNSW graph built with M 32 / efConstruction 80 over the benchmark's 1M items found 0.58 of the
+top 20 even at efSearch 4096, at a twentieth of the throughput). The width chosen and the recall measured
+are in ``params`` (``GET /info``); the bench measures recall again on other users.
 
 Not thread-safe: the engine calls it under its lock. FAISS's OpenMP thread count is per calling thread, so
 every call sets it (``MMF_FAISS_THREADS`` for searches and online adds, ``MMF_INDEX_BUILD_THREADS`` for
@@ -78,6 +85,7 @@ class IndexConfig:
     hnsw_ef_search: int = 128
     ivf_nlist: int = 0  # 0: about 4 sqrt(items)
     ivf_nprobe: int = 128
+    ivf_exact_items: int = 5000  # the longest vectors scored exactly, outside the lists; at most items // 20
     search_threads: int = 1
     build_threads: int = 0  # 0: every CPU
     target_recall: float = 0.95  # calibrate the search width to this recall@20 on sample queries; 0: off
@@ -93,6 +101,8 @@ class IndexConfig:
             raise IndexConfigError(f"MMF_HNSW_M must be at least 2, got {self.hnsw_m}")
         if self.ivf_nlist < 0 or self.build_threads < 0:
             raise IndexConfigError("MMF_IVF_NLIST and MMF_INDEX_BUILD_THREADS must be >= 0 (0: automatic)")
+        if self.ivf_exact_items < 0:
+            raise IndexConfigError(f"MMF_IVF_EXACT_ITEMS must be >= 0, got {self.ivf_exact_items}")
         if not 0.0 <= self.target_recall <= 1.0:
             raise IndexConfigError(f"MMF_ANN_TARGET_RECALL must be in [0, 1], got {self.target_recall}")
         if self.calibration_queries < 1:
@@ -107,6 +117,7 @@ class IndexConfig:
             hnsw_ef_search=settings.hnsw_ef_search,
             ivf_nlist=settings.ivf_nlist,
             ivf_nprobe=settings.ivf_nprobe,
+            ivf_exact_items=settings.ivf_exact_items,
             search_threads=settings.faiss_threads,
             build_threads=settings.index_build_threads,
             target_recall=settings.ann_target_recall,
@@ -120,6 +131,10 @@ class IndexConfig:
         if self.ivf_nlist:
             return self.ivf_nlist
         return max(1, min(round(4 * math.sqrt(n_items)), n_items // 39))
+
+    def exact_items(self, n_items: int) -> int:
+        """ivf: how many of the longest vectors of a build go to the exact side list."""
+        return min(self.ivf_exact_items, n_items // 20)
 
     def check(self, n_items: int) -> None:
         """Raises IndexConfigError if this config cannot index ``n_items`` training items."""
@@ -135,7 +150,7 @@ class IndexConfig:
             return {"m": self.hnsw_m, "ef_construction": self.hnsw_ef_construction, "ef_search": self.hnsw_ef_search}
         if self.kind == "ivf":
             nlist = self.nlist(n_items)
-            return {"nlist": nlist, "nprobe": min(self.ivf_nprobe, nlist)}
+            return {"nlist": nlist, "nprobe": min(self.ivf_nprobe, nlist), "exact_items": self.exact_items(n_items)}
         return {}
 
     def as_dict(self) -> dict:
@@ -187,8 +202,9 @@ class ItemIndex:
         self._row_slot: dict[int, int] = {}
         self._n_slots = 0
         self._n_dead = 0
-        self._overflow: dict[int, np.ndarray] = {}  # ivf: slot -> vector, for vectors longer than the bound
-        self._overflow_matrix: tuple[np.ndarray, np.ndarray] | None = None  # the same as arrays, cached
+        self._side: dict[int, np.ndarray] = {}  # ivf: slot -> vector, for vectors longer than the bound
+        self._side_matrix: tuple[np.ndarray, np.ndarray] | None = None  # the same as arrays, cached
+        self._ivf_total = 0  # ivf: vectors ever added to the lists (the side list's are not)
         self._query_bits: np.ndarray | None = None  # per-query selector bitmap (see _selector)
         self._sel = None
         self._params: dict[tuple, faiss.SearchParameters] = {}
@@ -210,18 +226,21 @@ class ItemIndex:
             self._storage = faiss.downcast_index(index.storage)
             return index
         norms2 = np.einsum("ij,ij->i", vectors, vectors)
-        self._bound2 = float(norms2.max()) if len(norms2) else 1.0
+        listed = len(norms2) - self.params["exact_items"]  # the shorter vectors go to the lists
+        self._bound2 = float(np.partition(norms2, listed - 1)[listed - 1]) if len(norms2) else 1.0
         index = faiss.index_factory(d + 1, f"IVF{self.params['nlist']},Flat", faiss.METRIC_L2)
         index.cp.max_points_per_centroid = 64  # k-means on a sample of at most 64 vectors per list: fast enough
-        index.train(self._augment(vectors))
-        index.make_direct_map()  # reconstruct() by slot, for re-scoring and the consistency check
+        index.train(self._augment(vectors[norms2 <= self._bound2]))
+        # reconstruct() by slot, for re-scoring; a hash table, as the side list's slots are not in the lists
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
         return index
 
     # -- recall calibration ----------------------------------------------------------------------------
     def calibrate(self, queries: np.ndarray, seed: int = 0) -> None:
-        """Widen the approximate search until its mean recall@CALIBRATION_K against exact search over a
-        sample of ``queries`` reaches ``config.target_recall`` (see the module docstring). Call right
-        after the build, before any change (the exact answers are computed over the built vectors)."""
+        """Set the approximate search's width to about the narrowest whose mean recall@CALIBRATION_K against
+        exact search over a sample of ``queries`` reaches ``config.target_recall`` (see the module docstring).
+        Call right after the build, before any change (the exact answers are computed over the built
+        vectors)."""
         target = self.config.target_recall
         if self.kind == "flat" or target <= 0 or len(queries) == 0 or self.ntotal <= self.CALIBRATION_K:
             return
@@ -236,6 +255,15 @@ class ItemIndex:
             width = self.params[name] if self.kind == "ivf" else max(self.params[name], k)  # hnsw: efSearch >= k
             recall = self._sample_recall(q, truth, k, width)
             narrower = width  # the widest width known to miss the target
+            least = 1 if self.kind == "ivf" else k  # hnsw: efSearch >= k
+            while recall >= target and width > least:  # wider than needed: halve while the target holds
+                half = max(width // 2, least)
+                half_recall = self._sample_recall(q, truth, k, half)
+                if half_recall < target:
+                    narrower = half
+                    break
+                narrower = width = half
+                recall = half_recall
             while recall < target and width < limit:
                 wider = min(2 * width, limit)
                 gained = self._sample_recall(q, truth, k, wider)
@@ -270,8 +298,18 @@ class ItemIndex:
         return self._ivf_search(q, k, self.params["nlist"])
 
     def _ivf_search(self, q: np.ndarray, k: int, nprobe: int) -> np.ndarray:
+        """Top ``k`` slots per query: the lists' answers and the side list, by exact inner product."""
         aug = np.hstack([q, np.zeros((len(q), 1), np.float32)])
-        return self._index.search(aug, k, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
+        slots = self._index.search(aug, k, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
+        found = slots >= 0  # a short answer is padded with -1
+        vectors = self._index.reconstruct_batch(slots[found])[:, : self.dim]
+        scores = np.full(slots.shape, -np.inf, dtype=np.float32)
+        scores[found] = np.einsum("nd,nd->n", vectors, np.broadcast_to(q[:, None, :], (*slots.shape, self.dim))[found])
+        side_slots, side_vectors = self._side_arrays()
+        slots = np.hstack([slots, np.broadcast_to(side_slots, (len(q), len(side_slots)))])
+        scores = np.hstack([scores, q @ side_vectors.T])
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(slots, order, axis=1)
 
     def _sample_recall(self, q: np.ndarray, truth: np.ndarray, k: int, width: int) -> float:
         if self.kind == "ivf":
@@ -293,11 +331,14 @@ class ItemIndex:
         first = self._n_slots
         self._reserve(first + n)
         if self.kind == "ivf":
-            self._index.add(self._augment(vectors))
             norms2 = np.einsum("ij,ij->i", vectors, vectors)
-            for i in np.flatnonzero(norms2 > self._bound2 * (1 + 1e-6)).tolist():
-                self._overflow[first + i] = vectors[i].copy()
-                self._overflow_matrix = None
+            longer = norms2 > self._bound2 * (1 + 1e-6)
+            listed = np.flatnonzero(~longer)
+            self._index.add_with_ids(self._augment(vectors[listed]), first + listed)
+            self._ivf_total += len(listed)
+            for i in np.flatnonzero(longer).tolist():
+                self._side[first + i] = vectors[i].copy()
+            self._side_matrix = None
         else:
             self._index.add(vectors)
         slots = np.arange(first, first + n)
@@ -323,8 +364,8 @@ class ItemIndex:
     def _kill(self, slot: int) -> None:
         self._bits[slot >> 3] &= np.uint8(~(1 << (slot & 7)) & 0xFF)
         self._slot_rows[slot] = -1
-        if self._overflow.pop(slot, None) is not None:
-            self._overflow_matrix = None
+        if self._side.pop(slot, None) is not None:
+            self._side_matrix = None
         self._n_dead += 1
 
     # -- changes ---------------------------------------------------------------------------------------
@@ -381,13 +422,18 @@ class ItemIndex:
     def vector(self, row: int) -> np.ndarray:
         """The vector FAISS holds for ``row`` (KeyError if it is not live)."""
         slot = self._row_slot[row]
+        if slot in self._side:
+            return self._side[slot].copy()
         return self._index.reconstruct(slot)[: self.dim]
 
     def problems(self) -> list[str]:
         """Disagreements between FAISS and the slot bookkeeping (empty when consistent)."""
         out = []
-        if self._index.ntotal != self._n_slots:
-            out.append(f"FAISS holds {self._index.ntotal} vectors, the slot map {self._n_slots}")
+        expected = self._ivf_total if self.kind == "ivf" else self._n_slots
+        if self._index.ntotal != expected:
+            out.append(f"FAISS holds {self._index.ntotal} vectors, expected {expected}")
+        if any(self._slot_rows[s] < 0 for s in self._side):
+            out.append("the exact side list holds a dead slot")
         live = np.unpackbits(self._bits, bitorder="little")[: self._n_slots].astype(bool)
         if int(live.sum()) != len(self._row_slot):
             out.append(f"{int(live.sum())} live slots, {len(self._row_slot)} live rows")
@@ -492,21 +538,24 @@ class ItemIndex:
         self._query_aug[0, : self.dim] = q[0]
         _, slots = self._index.search(self._query_aug, want, params=params)
         slots = slots[0][slots[0] >= 0]
-        scores: dict[int, float] = {}
-        if len(slots):
-            exact_scores = self._index.reconstruct_batch(slots)[:, : self.dim] @ q[0]
-            scores = dict(zip(slots.tolist(), exact_scores.tolist(), strict=True))
-        if self._overflow:  # longer than the bound: scored exactly, always
-            if self._overflow_matrix is None:
-                slots_o = np.fromiter(self._overflow, dtype=np.int64, count=len(self._overflow))
-                self._overflow_matrix = (slots_o, np.stack(list(self._overflow.values())))
-            slots_o, matrix = self._overflow_matrix
+        scores = self._index.reconstruct_batch(slots)[:, : self.dim] @ q[0] if len(slots) else np.zeros(0, np.float32)
+        if self._side:  # longer than the bound: scored exactly, always
+            side_slots, matrix = self._side_arrays()
             if filtered:
                 bits = self._query_bits
-                keep = ((bits[slots_o >> 3] >> (slots_o & 7)) & 1).astype(bool)
-                slots_o, matrix = slots_o[keep], matrix[keep]
-            over = matrix @ q[0]
-            best = np.argsort(-over, kind="stable")[:want]
-            scores.update(zip(slots_o[best].tolist(), over[best].tolist(), strict=True))
-        rows = self._slot_rows[np.fromiter(scores, dtype=np.int64, count=len(scores))].tolist()
-        return list(zip(rows, scores.values(), strict=True))
+                keep = ((bits[side_slots >> 3] >> (side_slots & 7)) & 1).astype(bool)
+                side_slots, matrix = side_slots[keep], matrix[keep]
+            side_scores = matrix @ q[0]
+            if len(side_scores) > want:
+                best = np.argpartition(-side_scores, want - 1)[:want]
+                side_slots, side_scores = side_slots[best], side_scores[best]
+            slots, scores = np.concatenate([slots, side_slots]), np.concatenate([scores, side_scores])
+        return list(zip(self._slot_rows[slots].tolist(), scores.tolist(), strict=True))
+
+    def _side_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The exact side list as (slots, vectors) arrays, cached until it changes."""
+        if self._side_matrix is None:
+            slots = np.fromiter(self._side, dtype=np.int64, count=len(self._side))
+            vectors = np.stack(list(self._side.values())) if self._side else np.zeros((0, self.dim), np.float32)
+            self._side_matrix = (slots, vectors)
+        return self._side_matrix

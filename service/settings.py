@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     hnsw_ef_search: int = Field(128, ge=1, le=65536, description="hnsw: candidate list size per query")
     ivf_nlist: int = Field(0, ge=0, le=1 << 20, description="ivf: k-means lists; 0 = about 4 sqrt(items)")
     ivf_nprobe: int = Field(128, ge=1, le=1 << 20, description="ivf: lists scanned per query (at most nlist)")
+    ivf_exact_items: int = Field(
+        5000,
+        ge=0,
+        le=1 << 24,
+        description="ivf: the longest item vectors (at most 1/20 of the items) are kept "
+        "out of the lists and scored exactly for every query; 0 = none",
+    )
     torch_threads: int = Field(
         1,
         ge=1,
@@ -53,8 +60,8 @@ class Settings(BaseSettings):
         0.95,
         ge=0.0,
         le=1.0,
-        description="hnsw, ivf: after a build, widen ef_search / nprobe (from the settings above, never lower) "
-        "until recall@20 against exact search on sample user queries reaches this; 0 = off",
+        description="hnsw, ivf: after a build, set ef_search / nprobe (starting from the settings above) to the "
+        "narrowest width whose recall@20 against exact search on sample user queries reaches this; 0 = off",
     )
     ann_calibration_queries: int = Field(500, ge=1, le=100_000, description="user queries sampled for calibration")
 

@@ -121,10 +121,17 @@ def test_calibration_widens_the_search_to_the_target_recall(kind: str, floor: di
     assert doubled / 2 < index.params[width] <= doubled
     assert index.params[width] < doubled or index._sample_recall(q, truth, 20, doubled * 7 // 8) < 0.95
     assert recall(index) >= 0.93  # other queries: about the target
-    # The configured width is a floor: a wide enough one is kept as it is.
-    wide = ItemIndex(IndexConfig(kind=kind, target_recall=0.5, **{**floor, f"{kind}_{width}": 2048}), items)
+    # A configured width wider than the target needs is narrowed (halved, then bisected) to about the
+    # narrowest that reaches it; with calibration off it is kept as it is.
+    wider = {**floor, f"{kind}_{width}": 2048}
+    wide = ItemIndex(IndexConfig(kind=kind, target_recall=0.95, calibration_queries=300, **wider), items)
     wide.calibrate(sample)
-    assert wide.params[width] == min(2048, wide.params.get("nlist", 2048))
+    assert wide.params["calibrated_recall"] >= 0.95
+    assert wide.params[width] < min(2048, wide.params.get("nlist", 2048))
+    assert wide.params[width] <= doubled and wide._sample_recall(q, truth, 20, wide.params[width] * 7 // 8) < 0.95
+    kept = ItemIndex(IndexConfig(kind=kind, target_recall=0.0, **wider), items)
+    kept.calibrate(sample)
+    assert kept.params[width] == min(2048, kept.params.get("nlist", 2048))
 
 
 def test_calibration_that_cannot_reach_the_target_says_so(monkeypatch, caplog) -> None:
@@ -204,6 +211,41 @@ def test_flat_compacts_dead_slots() -> None:
         assert [r for r, _ in index.search(q, 10)] == [live[i] for i in exact_top(items[live], q, 10, set())]
 
 
+def test_ivf_scores_the_longest_vectors_exactly() -> None:
+    """``MMF_IVF_EXACT_ITEMS``: the longest vectors stay out of the IVF lists and are scored for every query;
+    with skewed norms that lifts recall at the same nprobe, every answer stays exact when every list is probed,
+    and deleting, replacing and reading a side-list item work as for any other."""
+    rng = np.random.default_rng(0)
+    items, queries = clustered(4000, 32, seed=8)
+    items *= rng.lognormal(0.0, 0.5, size=(4000, 1)).astype(np.float32)  # a heavier norm tail
+    longest = np.argsort(-np.linalg.norm(items, axis=1))
+
+    def recall(index: ItemIndex) -> float:
+        hits = [len({r for r, _ in index.search(q, 20)} & set(exact_top(items, q, 20, set()))) for q in queries[:100]]
+        return float(np.mean(hits)) / 20
+
+    config = dict(kind="ivf", ivf_nprobe=8, target_recall=0.0, build_threads=1)
+    without = ItemIndex(IndexConfig(**config, ivf_exact_items=0), items)
+    index = ItemIndex(IndexConfig(**config, ivf_exact_items=150), items)
+    assert without.params["exact_items"] == 0 and index.params["exact_items"] == 150
+    assert IndexConfig(kind="ivf", ivf_exact_items=10_000).params(4000)["exact_items"] == 200  # at most 1/20
+    assert recall(index) >= 0.95 and recall(index) > recall(without) + 0.05
+    # every list probed: exact, the side list's items included
+    wide = ItemIndex(IndexConfig(**{**config, "ivf_nprobe": 10_000}, ivf_exact_items=150), items)
+    for q in queries[:30]:
+        assert [r for r, _ in wide.search(q, 20)] == exact_top(items, q, 20, set())
+    # a side-list item: read, found, deleted, replaced by a short vector (which goes to the lists)
+    top = int(longest[0])
+    np.testing.assert_allclose(index.vector(top), items[top])
+    q = items[top] / np.linalg.norm(items[top])
+    assert index.search(q, 1)[0][0] == top
+    assert index.remove(top) and top not in [r for r, _ in index.search(q, 50)]
+    index.add(top, items[top] * 1e-3)
+    np.testing.assert_allclose(index.vector(top), items[top] * 1e-3, rtol=1e-5)
+    assert top in [r for r, _ in index.search(q, 4000)]
+    assert index.problems() == [] and index.ntotal == 4000
+
+
 def test_approximate_search_never_answers_short() -> None:
     """With most items excluded, the approximate walk finds too few: the index searches exactly instead."""
     items, queries = clustered(2000, 32, seed=7)
@@ -254,13 +296,16 @@ def test_cli_refuses_invalid_index_settings(artifact: Artifact, redis_url: str, 
 def test_items_lifecycle_through_the_api(make_client, artifact: Artifact, kind: str) -> None:
     """Add, replace, delete and re-add items (a training one and online ones) with each index kind: answers
     are the exact top-k over the live items (the test catalogue is small enough for the approximate kinds to
-    be exact with their default parameters), never a duplicate or a deleted item, and /admin/check agrees."""
+    be exact with their default parameters, uncalibrated), never a duplicate or a deleted item, and
+    /admin/check agrees."""
     user = "0"
-    with make_client(index=kind) as c:
+    if kind != "flat":
+        with make_client(index=kind) as c:  # calibrated at the build (MMF_ANN_TARGET_RECALL, default 0.95)
+            info = c.get("/info").json()["index"]
+            assert info["kind"] == kind and info["params"]["calibrated_recall"] >= 0.95
+    with make_client(index=kind, ann_target_recall=0.0) as c:  # the default widths, which are exact here
         info = c.get("/info").json()["index"]
-        assert info["kind"] == kind and info["build_seconds"] >= 0
-        if kind != "flat":  # calibrated at the build (MMF_ANN_TARGET_RECALL, default 0.95)
-            assert info["params"]["calibrated_recall"] >= 0.95
+        assert info["kind"] == kind and info["build_seconds"] >= 0 and "calibrated_recall" not in info["params"]
         assert_topk(rec(c, user, 20)["items"], user_scores(artifact, user), 20)
 
         best = artifact.expected_top(user, 1)[0]
