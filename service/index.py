@@ -13,12 +13,12 @@ rebuild); the artifact's own ``items.faiss`` (exact) stays as it is. The metric 
   norm at build; queries get 0), where the L2 order is the inner-product order (Bachrach et al., RecSys
   2014): recall@20 0.89 there. The answers are scored again by exact inner product.
   The longest vectors are kept out of the lists, in an exact side list that every query scores
-  (``MMF_IVF_EXACT_ITEMS``, at most a twentieth of the items), and B is the longest norm of the rest. Item
+  (``MMF_IVF_EXACT_FRACTION`` of the items, default 5%), and B is the longest norm of the rest. Item
   norms are skewed (the benchmark's 100k: median 4.5, 99th percentile 10.7, largest 33.5) and the long
   vectors are the ones most often in a top 20, while one large B makes every other augmented vector nearly
-  the same length and the lists coarse: with the 5,000 longest scored exactly, 64 of 1265 lists reach the
-  recall that 240 reach without (bench/serve.py), half the vectors scanned. An item added later with a
-  norm above B joins the side list.
+  the same length and the lists coarse: with the 5% longest scored exactly, 72 of 1265 lists reach the
+  recall 0.95 that 240 reach without (100k benchmark items; 1M: 22 of 4000 instead of 448), at about half
+  the search time (docs/PERFORMANCE.md). An item added later with a norm above B joins the side list.
 
 Items are FAISS ids 0, 1, 2, ... ("slots", in insertion order), mapped to engine rows here. HNSW cannot
 remove a vector, so deleting or replacing an item only marks its slot dead, for every kind: searches pass
@@ -85,7 +85,7 @@ class IndexConfig:
     hnsw_ef_search: int = 128
     ivf_nlist: int = 0  # 0: about 4 sqrt(items)
     ivf_nprobe: int = 128
-    ivf_exact_items: int = 5000  # the longest vectors scored exactly, outside the lists; at most items // 20
+    ivf_exact_fraction: float = 0.05  # of the items: the longest vectors, scored exactly outside the lists
     search_threads: int = 1
     build_threads: int = 0  # 0: every CPU
     target_recall: float = 0.95  # calibrate the search width to this recall@20 on sample queries; 0: off
@@ -101,8 +101,8 @@ class IndexConfig:
             raise IndexConfigError(f"MMF_HNSW_M must be at least 2, got {self.hnsw_m}")
         if self.ivf_nlist < 0 or self.build_threads < 0:
             raise IndexConfigError("MMF_IVF_NLIST and MMF_INDEX_BUILD_THREADS must be >= 0 (0: automatic)")
-        if self.ivf_exact_items < 0:
-            raise IndexConfigError(f"MMF_IVF_EXACT_ITEMS must be >= 0, got {self.ivf_exact_items}")
+        if not 0.0 <= self.ivf_exact_fraction <= 0.5:
+            raise IndexConfigError(f"MMF_IVF_EXACT_FRACTION must be in [0, 0.5], got {self.ivf_exact_fraction}")
         if not 0.0 <= self.target_recall <= 1.0:
             raise IndexConfigError(f"MMF_ANN_TARGET_RECALL must be in [0, 1], got {self.target_recall}")
         if self.calibration_queries < 1:
@@ -117,7 +117,7 @@ class IndexConfig:
             hnsw_ef_search=settings.hnsw_ef_search,
             ivf_nlist=settings.ivf_nlist,
             ivf_nprobe=settings.ivf_nprobe,
-            ivf_exact_items=settings.ivf_exact_items,
+            ivf_exact_fraction=settings.ivf_exact_fraction,
             search_threads=settings.faiss_threads,
             build_threads=settings.index_build_threads,
             target_recall=settings.ann_target_recall,
@@ -134,7 +134,7 @@ class IndexConfig:
 
     def exact_items(self, n_items: int) -> int:
         """ivf: how many of the longest vectors of a build go to the exact side list."""
-        return min(self.ivf_exact_items, n_items // 20)
+        return round(self.ivf_exact_fraction * n_items)
 
     def check(self, n_items: int) -> None:
         """Raises IndexConfigError if this config cannot index ``n_items`` training items."""

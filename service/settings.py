@@ -40,12 +40,12 @@ class Settings(BaseSettings):
     hnsw_ef_search: int = Field(128, ge=1, le=65536, description="hnsw: candidate list size per query")
     ivf_nlist: int = Field(0, ge=0, le=1 << 20, description="ivf: k-means lists; 0 = about 4 sqrt(items)")
     ivf_nprobe: int = Field(128, ge=1, le=1 << 20, description="ivf: lists scanned per query (at most nlist)")
-    ivf_exact_items: int = Field(
-        5000,
-        ge=0,
-        le=1 << 24,
-        description="ivf: the longest item vectors (at most 1/20 of the items) are kept "
-        "out of the lists and scored exactly for every query; 0 = none",
+    ivf_exact_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        le=0.5,
+        description="ivf: this fraction of the items, the longest vectors, is kept out of the lists and scored "
+        "exactly for every query; 0 = none",
     )
     torch_threads: int = Field(
         1,

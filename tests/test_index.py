@@ -212,7 +212,7 @@ def test_flat_compacts_dead_slots() -> None:
 
 
 def test_ivf_scores_the_longest_vectors_exactly() -> None:
-    """``MMF_IVF_EXACT_ITEMS``: the longest vectors stay out of the IVF lists and are scored for every query;
+    """``MMF_IVF_EXACT_FRACTION``: the longest vectors stay out of the IVF lists and are scored for every query;
     with skewed norms that lifts recall at the same nprobe, every answer stays exact when every list is probed,
     and deleting, replacing and reading a side-list item work as for any other."""
     rng = np.random.default_rng(0)
@@ -225,13 +225,13 @@ def test_ivf_scores_the_longest_vectors_exactly() -> None:
         return float(np.mean(hits)) / 20
 
     config = dict(kind="ivf", ivf_nprobe=8, target_recall=0.0, build_threads=1)
-    without = ItemIndex(IndexConfig(**config, ivf_exact_items=0), items)
-    index = ItemIndex(IndexConfig(**config, ivf_exact_items=150), items)
+    without = ItemIndex(IndexConfig(**config, ivf_exact_fraction=0.0), items)
+    index = ItemIndex(IndexConfig(**config, ivf_exact_fraction=0.0375), items)
     assert without.params["exact_items"] == 0 and index.params["exact_items"] == 150
-    assert IndexConfig(kind="ivf", ivf_exact_items=10_000).params(4000)["exact_items"] == 200  # at most 1/20
+    assert IndexConfig(kind="ivf").params(1_000_000)["exact_items"] == 50_000  # the default 5%
     assert recall(index) >= 0.95 and recall(index) > recall(without) + 0.05
     # every list probed: exact, the side list's items included
-    wide = ItemIndex(IndexConfig(**{**config, "ivf_nprobe": 10_000}, ivf_exact_items=150), items)
+    wide = ItemIndex(IndexConfig(**{**config, "ivf_nprobe": 10_000}, ivf_exact_fraction=0.0375), items)
     for q in queries[:30]:
         assert [r for r, _ in wide.search(q, 20)] == exact_top(items, q, 20, set())
     # a side-list item: read, found, deleted, replaced by a short vector (which goes to the lists)
@@ -260,7 +260,7 @@ def test_invalid_index_settings_are_clear_errors(artifact: Artifact, make_client
     with pytest.raises(ValidationError, match="'flat', 'hnsw' or 'ivf'"):
         Settings(index="annoy")
     for field, value in (("hnsw_m", 1), ("hnsw_ef_search", 0), ("ivf_nprobe", 0), ("ivf_nlist", -1),
-                         ("faiss_threads", 0)):  # fmt: skip
+                         ("ivf_exact_fraction", 0.6), ("faiss_threads", 0)):  # fmt: skip
         with pytest.raises(ValidationError, match=field):
             Settings(**{field: value})
     with pytest.raises(ValidationError, match="MMF_IVF_NPROBE=64 is more than MMF_IVF_NLIST=8"):
