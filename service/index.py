@@ -202,8 +202,11 @@ class ItemIndex:
         self._row_slot: dict[int, int] = {}
         self._n_slots = 0
         self._n_dead = 0
-        self._side: dict[int, np.ndarray] = {}  # ivf: slot -> vector, for vectors longer than the bound
-        self._side_matrix: tuple[np.ndarray, np.ndarray] | None = None  # the same as arrays, cached
+        # ivf's exact side list (vectors longer than the bound): dense arrays, a removal moves the last entry
+        # into the gap, so a change costs O(dim) and a query one matrix-vector product, whatever its length
+        self._side_slots = np.zeros(0, dtype=np.int64)
+        self._side_vectors = np.zeros((0, self.dim), dtype=np.float32)
+        self._side_pos: dict[int, int] = {}  # slot -> position in the arrays
         self._ivf_total = 0  # ivf: vectors ever added to the lists (the side list's are not)
         self._query_bits: np.ndarray | None = None  # per-query selector bitmap (see _selector)
         self._sel = None
@@ -336,9 +339,7 @@ class ItemIndex:
             listed = np.flatnonzero(~longer)
             self._index.add_with_ids(self._augment(vectors[listed]), first + listed)
             self._ivf_total += len(listed)
-            for i in np.flatnonzero(longer).tolist():
-                self._side[first + i] = vectors[i].copy()
-            self._side_matrix = None
+            self._side_append(first + np.flatnonzero(longer), vectors[longer])
         else:
             self._index.add(vectors)
         slots = np.arange(first, first + n)
@@ -364,8 +365,7 @@ class ItemIndex:
     def _kill(self, slot: int) -> None:
         self._bits[slot >> 3] &= np.uint8(~(1 << (slot & 7)) & 0xFF)
         self._slot_rows[slot] = -1
-        if self._side.pop(slot, None) is not None:
-            self._side_matrix = None
+        self._side_remove(slot)
         self._n_dead += 1
 
     # -- changes ---------------------------------------------------------------------------------------
@@ -422,8 +422,8 @@ class ItemIndex:
     def vector(self, row: int) -> np.ndarray:
         """The vector FAISS holds for ``row`` (KeyError if it is not live)."""
         slot = self._row_slot[row]
-        if slot in self._side:
-            return self._side[slot].copy()
+        if slot in self._side_pos:
+            return self._side_vectors[self._side_pos[slot]].copy()
         return self._index.reconstruct(slot)[: self.dim]
 
     def problems(self) -> list[str]:
@@ -432,8 +432,9 @@ class ItemIndex:
         expected = self._ivf_total if self.kind == "ivf" else self._n_slots
         if self._index.ntotal != expected:
             out.append(f"FAISS holds {self._index.ntotal} vectors, expected {expected}")
-        if any(self._slot_rows[s] < 0 for s in self._side):
-            out.append("the exact side list holds a dead slot")
+        side_slots, _ = self._side_arrays()
+        if np.any(self._slot_rows[side_slots] < 0) or len(self._side_pos) != len(side_slots):
+            out.append("the exact side list holds a dead or unmapped slot")
         live = np.unpackbits(self._bits, bitorder="little")[: self._n_slots].astype(bool)
         if int(live.sum()) != len(self._row_slot):
             out.append(f"{int(live.sum())} live slots, {len(self._row_slot)} live rows")
@@ -539,7 +540,7 @@ class ItemIndex:
         _, slots = self._index.search(self._query_aug, want, params=params)
         slots = slots[0][slots[0] >= 0]
         scores = self._index.reconstruct_batch(slots)[:, : self.dim] @ q[0] if len(slots) else np.zeros(0, np.float32)
-        if self._side:  # longer than the bound: scored exactly, always
+        if self._side_pos:  # longer than the bound: scored exactly, always
             side_slots, matrix = self._side_arrays()
             if filtered:
                 bits = self._query_bits
@@ -553,9 +554,28 @@ class ItemIndex:
         return list(zip(self._slot_rows[slots].tolist(), scores.tolist(), strict=True))
 
     def _side_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The exact side list as (slots, vectors) arrays, cached until it changes."""
-        if self._side_matrix is None:
-            slots = np.fromiter(self._side, dtype=np.int64, count=len(self._side))
-            vectors = np.stack(list(self._side.values())) if self._side else np.zeros((0, self.dim), np.float32)
-            self._side_matrix = (slots, vectors)
-        return self._side_matrix
+        """The exact side list: (slots, vectors), views of its live entries."""
+        n = len(self._side_pos)
+        return self._side_slots[:n], self._side_vectors[:n]
+
+    def _side_append(self, slots: np.ndarray, vectors: np.ndarray) -> None:
+        n, m = len(self._side_pos), len(slots)
+        if n + m > len(self._side_slots):
+            capacity = max(n + m, 2 * len(self._side_slots), 16)
+            self._side_slots = np.resize(self._side_slots, capacity)
+            grown = np.zeros((capacity, self.dim), dtype=np.float32)
+            grown[:n] = self._side_vectors[:n]
+            self._side_vectors = grown
+        self._side_slots[n : n + m] = slots
+        self._side_vectors[n : n + m] = vectors
+        self._side_pos.update(zip(slots.tolist(), range(n, n + m), strict=True))
+
+    def _side_remove(self, slot: int) -> None:
+        pos = self._side_pos.pop(slot, None)
+        if pos is None:
+            return
+        last = len(self._side_pos)  # the entry to move into the gap (the count already excludes ``slot``)
+        if pos != last:
+            moved = int(self._side_slots[last])
+            self._side_slots[pos], self._side_vectors[pos] = moved, self._side_vectors[last]
+            self._side_pos[moved] = pos

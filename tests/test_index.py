@@ -234,6 +234,12 @@ def test_ivf_scores_the_longest_vectors_exactly() -> None:
     wide = ItemIndex(IndexConfig(**{**config, "ivf_nprobe": 10_000}, ivf_exact_fraction=0.0375), items)
     for q in queries[:30]:
         assert [r for r, _ in wide.search(q, 20)] == exact_top(items, q, 20, set())
+    gone = {int(r) for r in longest[:40:2]}  # side-list removals move other entries around: still exact
+    for r in gone:
+        assert wide.remove(r)
+    for q in queries[30:60]:
+        assert [r for r, _ in wide.search(q, 20)] == exact_top(items, q, 20, gone)
+    assert wide.problems() == []
     # a side-list item: read, found, deleted, replaced by a short vector (which goes to the lists)
     top = int(longest[0])
     np.testing.assert_allclose(index.vector(top), items[top])
