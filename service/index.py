@@ -138,10 +138,12 @@ class IndexConfig:
 
     def check(self, n_items: int) -> None:
         """Raises IndexConfigError if this config cannot index ``n_items`` training items."""
-        if self.kind == "ivf" and self.ivf_nlist and self.ivf_nlist > n_items:
+        listed = n_items - self.exact_items(n_items)  # the rest are in the exact side list
+        if self.kind == "ivf" and self.ivf_nlist and self.ivf_nlist > listed:
             raise IndexConfigError(
                 f"MMF_IVF_NLIST={self.ivf_nlist} lists need at least as many training items, the artifact has "
-                f"{n_items} (unset it, or 0, for about 4 sqrt(items))"
+                f"{n_items} ({listed} in the lists with MMF_IVF_EXACT_FRACTION={self.ivf_exact_fraction}; unset "
+                "MMF_IVF_NLIST, or 0, for about 4 sqrt(items))"
             )
 
     def params(self, n_items: int) -> dict:
@@ -149,7 +151,7 @@ class IndexConfig:
         if self.kind == "hnsw":
             return {"m": self.hnsw_m, "ef_construction": self.hnsw_ef_construction, "ef_search": self.hnsw_ef_search}
         if self.kind == "ivf":
-            nlist = self.nlist(n_items)
+            nlist = self.nlist(n_items - self.exact_items(n_items))  # the lists hold the rest
             return {"nlist": nlist, "nprobe": min(self.ivf_nprobe, nlist), "exact_items": self.exact_items(n_items)}
         return {}
 
