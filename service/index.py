@@ -544,11 +544,11 @@ class ItemIndex:
         scores = self._index.reconstruct_batch(slots)[:, : self.dim] @ q[0] if len(slots) else np.zeros(0, np.float32)
         if self._side_pos:  # longer than the bound: scored exactly, always
             side_slots, matrix = self._side_arrays()
+            side_scores = matrix @ q[0]  # all of them, then filtered: no copy of the matrix per query
             if filtered:
                 bits = self._query_bits
                 keep = ((bits[side_slots >> 3] >> (side_slots & 7)) & 1).astype(bool)
-                side_slots, matrix = side_slots[keep], matrix[keep]
-            side_scores = matrix @ q[0]
+                side_slots, side_scores = side_slots[keep], side_scores[keep]
             if len(side_scores) > want:
                 best = np.argpartition(-side_scores, want - 1)[:want]
                 side_slots, side_scores = side_slots[best], side_scores[best]
