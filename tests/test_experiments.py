@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +270,23 @@ class CountingTrain:
     def __call__(self, cfg, data):
         self.calls += 1
         return train_protocol(cfg, data)
+
+
+def test_concurrent_runners_train_a_run_once(tmp_path: Path) -> None:
+    """Two processes sharing a results directory (here two threads, each with its own Runner and file lock)
+    asking for the same run: one trains it, the other waits and reads it."""
+    counter = CountingTrain()
+
+    def slow_train(cfg, data):
+        time.sleep(0.5)  # long enough for the other runner to find no finished run and wait
+        return counter(cfg, data)
+
+    spec = RunSpec(tiny_config(**{"model.name": "metammf_mf"}))
+    runners = [Runner(tmp_path, train_fn=slow_train) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        records = list(pool.map(lambda runner: runner.run(spec), runners))
+    assert counter.calls == 1 and sorted(r.trained for r in runners) == [0, 1]
+    assert records[0].key == records[1].key and records[0].test == records[1].test
 
 
 def test_cached_rerun_does_not_retrain(tmp_path: Path) -> None:

@@ -15,12 +15,15 @@ A finished run directory holds ``config.json``, ``metrics.json`` (test/valid met
 run, per-epoch history, seconds), ``test_per_user.npz`` and ``valid_per_user.npz`` (per-user metrics,
 :meth:`~training.evaluate.EvalResult.save_per_user`) and, for trained models, ``embeddings.npz`` (final
 user and item embeddings). It is written to a temporary directory and renamed into place, so an interrupted
-experiment leaves no half-written run and re-running it trains only what is missing (resumable).
+experiment leaves no half-written run and re-running it trains only what is missing (resumable). Two
+processes sharing a results directory (e.g. one per grid axis) train each run once: a run is trained under
+an exclusive lock on ``runs/.lock-<key>``, and a process that waited for it finds the run finished.
 """
 
 from __future__ import annotations
 
 import ast
+import fcntl
 import hashlib
 import inspect
 import json
@@ -244,21 +247,31 @@ class Runner:
         code = self.code(spec)
         key = run_key(spec, fingerprint, code)
         path = self.runs_dir / key
-        if (path / "metrics.json").is_file() and (not embeddings or (path / "embeddings.npz").is_file()):
+
+        def finished() -> bool:
+            return (path / "metrics.json").is_file() and (not embeddings or (path / "embeddings.npz").is_file())
+
+        if finished():
             log.info("%s: cached run %s", label or key, key)
             return RunRecord.load(path)
         if self.cached_only:
             raise MissingRunError(f"{label or 'run'}: run {key} is not in {self.runs_dir} (--cached-only)")
-        log.info("%s: training run %s", label or key, key)
-        tmp = self.runs_dir / f".tmp-{key}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            self._execute(spec, data, fingerprint, code, tmp, embeddings)
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-        finally:
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.runs_dir / f".lock-{key}", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            if finished():  # another process trained it while this one waited
+                log.info("%s: cached run %s (trained by another process meanwhile)", label or key, key)
+                return RunRecord.load(path)
+            log.info("%s: training run %s", label or key, key)
+            tmp = self.runs_dir / f".tmp-{key}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            try:
+                self._execute(spec, data, fingerprint, code, tmp, embeddings)
+                shutil.rmtree(path, ignore_errors=True)
+                os.replace(tmp, path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         self.trained += 1
         return RunRecord.load(path)
 
