@@ -435,8 +435,10 @@ class ItemIndex:
         if self._index.ntotal != expected:
             out.append(f"FAISS holds {self._index.ntotal} vectors, expected {expected}")
         side_slots, _ = self._side_arrays()
-        if np.any(self._slot_rows[side_slots] < 0) or len(self._side_pos) != len(side_slots):
-            out.append("the exact side list holds a dead or unmapped slot")
+        positions = np.fromiter(self._side_pos.values(), dtype=np.int64, count=len(self._side_pos))
+        mapped = np.fromiter(self._side_pos.keys(), dtype=np.int64, count=len(self._side_pos))
+        if np.any(self._slot_rows[side_slots] < 0) or not np.array_equal(side_slots[positions], mapped):
+            out.append("the exact side list holds a dead slot, or its position map disagrees with it")
         live = np.unpackbits(self._bits, bitorder="little")[: self._n_slots].astype(bool)
         if int(live.sum()) != len(self._row_slot):
             out.append(f"{int(live.sum())} live slots, {len(self._row_slot)} live rows")

@@ -250,6 +250,9 @@ def test_ivf_scores_the_longest_vectors_exactly() -> None:
     np.testing.assert_allclose(index.vector(top), items[top] * 1e-3, rtol=1e-5)
     assert top in [r for r, _ in index.search(q, 4000)]
     assert index.problems() == [] and index.ntotal == 4000
+    a, b = list(index._side_pos)[:2]  # a corrupted position map is reported
+    index._side_pos[a], index._side_pos[b] = index._side_pos[b], index._side_pos[a]
+    assert any("side list" in p for p in index.problems())
 
 
 def test_approximate_search_never_answers_short() -> None:
