@@ -564,12 +564,10 @@ class ItemIndex:
 
     def _side_append(self, slots: np.ndarray, vectors: np.ndarray) -> None:
         n, m = len(self._side_pos), len(slots)
-        if n + m > len(self._side_slots):
-            capacity = max(n + m, 2 * len(self._side_slots), 16)
-            self._side_slots = np.resize(self._side_slots, capacity)
-            grown = np.zeros((capacity, self.dim), dtype=np.float32)
-            grown[:n] = self._side_vectors[:n]
-            self._side_vectors = grown
+        if n + m > len(self._side_slots):  # grown as _reserve grows the slot arrays
+            extra = max(n + m, 2 * len(self._side_slots), 16) - len(self._side_slots)
+            self._side_slots = np.concatenate([self._side_slots, np.zeros(extra, np.int64)])
+            self._side_vectors = np.concatenate([self._side_vectors, np.zeros((extra, self.dim), np.float32)])
         self._side_slots[n : n + m] = slots
         self._side_vectors[n : n + m] = vectors
         self._side_pos.update(zip(slots.tolist(), range(n, n + m), strict=True))
