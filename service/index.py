@@ -474,19 +474,21 @@ class ItemIndex:
         use_omp_threads(self.config.search_threads)
         while True:
             if overfetch:
-                found = self._candidates(q, want + extra, False, exact)
-                found = [p for p in found if p[0] >= 0 and p[0] not in exclude]
+                rows, scores = self._candidates(q, want + extra, False, exact)
+                keep = [i for i, r in enumerate(rows.tolist()) if r >= 0 and r not in exclude]
+                rows, scores = rows[keep], scores[keep]
             else:
-                found = self._candidates(q, want, filtered, exact)
-            if len(found) < want and not exact:
+                rows, scores = self._candidates(q, want, filtered, exact)
+            if len(rows) < want and not exact:
                 exact = True  # the approximate search ran dry: the exact one finds every item
                 if overfetch:
                     overfetch, filtered = False, True
                     self._fill_selector(excluded)
                 continue
-            found.sort(key=lambda p: (-p[1], p[0]))
-            if want >= available or len(found) <= k or found[k][1] < found[k - 1][1]:
-                return found[:k]
+            order = np.lexsort((rows, -scores))  # by score, then row
+            rows, scores = rows[order], scores[order]
+            if want >= available or len(rows) <= k or scores[k] < scores[k - 1]:
+                return list(zip(rows[:k].tolist(), scores[:k].tolist(), strict=True))
             want = min(2 * want, available)
 
     def _fill_selector(self, excluded: list[int]) -> None:
@@ -527,18 +529,18 @@ class ItemIndex:
             self._params[key] = params
         return params
 
-    def _candidates(self, q: np.ndarray, want: int, filtered: bool, exact: bool) -> list[tuple[int, float]]:
-        """Up to ``want`` best (row, score) pairs of live, non-excluded slots (approximate unless ``exact``)."""
+    def _candidates(self, q: np.ndarray, want: int, filtered: bool, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``want`` best (rows, scores) of live, non-excluded slots (approximate unless ``exact``),
+        in no particular order. Arrays, not pairs: the caller orders and filters them with numpy."""
         params = self._search_params(filtered, exact, want)
         if self.kind == "ivf":
             return self._ivf_candidates(q, want, params, filtered)
         index = self._storage if self.kind == "hnsw" and exact else self._index
         scores, slots = index.search(q, want, params=params)
         found = slots[0] >= 0
-        rows = self._slot_rows[slots[0][found]].tolist()
-        return list(zip(rows, scores[0][found].tolist(), strict=True))
+        return self._slot_rows[slots[0][found]], scores[0][found]
 
-    def _ivf_candidates(self, q: np.ndarray, want: int, params, filtered: bool) -> list[tuple[int, float]]:
+    def _ivf_candidates(self, q: np.ndarray, want: int, params, filtered: bool) -> tuple[np.ndarray, np.ndarray]:
         """IVF answers re-scored by exact inner product, plus the best vectors of the exact side list."""
         self._query_aug[0, : self.dim] = q[0]
         _, slots = self._index.search(self._query_aug, want, params=params)
@@ -547,6 +549,11 @@ class ItemIndex:
         if self._side_pos:  # longer than the bound: scored exactly, always
             side_slots, matrix = self._side_arrays()
             side_scores = matrix @ q[0]  # all of them, then filtered: no copy of the matrix per query
+            # Only side vectors scoring at least the lists' want-th best can be among the best want of both
+            # (a comparison over the side list is far cheaper than a partition of all of it).
+            floor = scores.min() if len(scores) >= want else -np.inf
+            better = np.flatnonzero(side_scores >= floor)
+            side_slots, side_scores = side_slots[better], side_scores[better]
             if filtered:
                 bits = self._query_bits
                 keep = ((bits[side_slots >> 3] >> (side_slots & 7)) & 1).astype(bool)
@@ -555,7 +562,7 @@ class ItemIndex:
                 best = np.argpartition(-side_scores, want - 1)[:want]
                 side_slots, side_scores = side_slots[best], side_scores[best]
             slots, scores = np.concatenate([slots, side_slots]), np.concatenate([scores, side_scores])
-        return list(zip(self._slot_rows[slots].tolist(), scores.tolist(), strict=True))
+        return self._slot_rows[slots], scores
 
     def _side_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """The exact side list: (slots, vectors), views of its live entries."""
