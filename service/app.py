@@ -409,22 +409,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine = runtime.engine
             matrix = engine.feature_matrix([item.features for item in items])
             embeddings, states = engine.fuse(matrix)
-            # Rows are allocated before taking the write lock (an id keeps its row forever, so allocating one
-            # for a write that fails later wastes nothing), which keeps one Redis round trip out of it.
-            new_ids = [i for i in ids if engine.training_row(i) is None]
-            allocated = dict(zip(new_ids, state.allocate_rows(new_ids), strict=True)) if new_ids else {}
             with runtime.write_lock:
                 if runtime.engine is not engine:
                     continue  # swapped by a reload meanwhile: validate and fuse with the new model
-                rows = [engine.training_row(i) if i not in allocated else allocated[i] for i in ids]
                 stored = [
-                    StoredItem(item.item_id, row, item.features, emb, st, engine.artifact_id)
-                    for item, row, emb, st in zip(items, rows, embeddings, states, strict=True)
-                ]
+                    StoredItem(item.item_id, engine.training_row(item.item_id), item.features, emb, st,
+                               engine.artifact_id)
+                    for item, emb, st in zip(items, embeddings, states, strict=True)
+                ]  # fmt: skip
                 created = [not engine.has_item(i) for i in ids]
-                state.put_items(stored, origin=engine.origin)  # acknowledged once this transaction commits
-                for s in stored:
-                    engine.upsert(s.item_id, s.row, s.embedding, s.states)
+                # One round trip: online rows allocated (or read) and the items stored, acknowledged once
+                # the script has run.
+                rows = state.put_items(stored, origin=engine.origin)
+                for s, row in zip(stored, rows, strict=True):
+                    engine.upsert(s.item_id, row, s.embedding, s.states)
             return [schemas.ItemWritten(item_id=i, created=c) for i, c in zip(ids, created, strict=True)]
 
     @app.post("/items", response_model=schemas.ItemWritten, status_code=201, tags=["items"],

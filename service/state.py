@@ -15,8 +15,9 @@ Keys (``{ns}`` = settings.namespace):
 * ``{ns}:events``             stream of {type, origin, ...}: every acknowledged write, in order
 * ``{ns}:artifact_id``        the artifact version served most recently (set at start-up and on reload)
 
-Every write is one MULTI/EXEC transaction (state + event), so a write is either fully acknowledged and
-visible to every replica, or not at all. Events carry the ``origin`` of the engine that applied the write
+Every write is atomic, state and event together (a MULTI/EXEC transaction, or for item writes one Lua
+script that also allocates the rows: one round trip), so a write is either fully acknowledged and visible
+to every replica, or not at all. Events carry the ``origin`` of the engine that applied the write
 already (one per engine instance, so a replica that swapped engines re-applies writes of its old one).
 The stored embedding is a cache for engines serving the same artifact; others re-fuse the item from its
 stored raw features.
@@ -42,20 +43,36 @@ return redis.call('GET', KEYS[1])
 """
 
 
-# Rows of ARGV[2..] (item ids) in the hash KEYS[1]; an id without one gets the next value of the counter
-# KEYS[2], never below ARGV[1] (the counter may be gone: Redis lost its data). Atomic, one round trip.
-_ALLOCATE_ROWS = """
+# Items written with their events in one atomic script (one round trip): KEYS = item_rows (hash item id ->
+# online row), next_row (counter), deleted (set), events (stream), then each item's hash; ARGV = the online
+# row base, the stream's max length, the origin, the time, then 6 values per item: id, row ('' = its stable
+# online row: the one item_rows holds, else the next value of the counter, never below the base, since the
+# counter may be gone if Redis lost its data), features, embedding, states, artifact. Rows are read or
+# allocated before anything is written. Returns the rows.
+_PUT_ITEMS = """
 local base = tonumber(ARGV[1])
 local rows = {}
-for i = 2, #ARGV do
-  local row = redis.call('HGET', KEYS[1], ARGV[i])
-  if not row then
-    row = redis.call('INCR', KEYS[2])
-    if row < base then redis.call('SET', KEYS[2], ARGV[1]); row = base end
-    row = string.format('%d', row)
-    redis.call('HSET', KEYS[1], ARGV[i], row)
+for i = 0, (#ARGV - 4) / 6 - 1 do
+  local id, row = ARGV[5 + 6 * i], ARGV[6 + 6 * i]
+  if row == '' then
+    row = redis.call('HGET', KEYS[1], id)
+    if not row then
+      local next_row = redis.call('INCR', KEYS[2])
+      if next_row < base then redis.call('SET', KEYS[2], ARGV[1]); next_row = base end
+      row = string.format('%d', next_row)
+      redis.call('HSET', KEYS[1], id, row)
+    end
   end
   rows[#rows + 1] = row
+end
+for i = 0, #rows - 1 do
+  local a = 5 + 6 * i
+  local key = KEYS[5 + i]
+  redis.call('DEL', key)  -- no field of an older format survives
+  redis.call('HSET', key, 'row', rows[i + 1], 'features', ARGV[a + 2], 'embedding', ARGV[a + 3],
+             'states', ARGV[a + 4], 'artifact', ARGV[a + 5], 'updated', ARGV[4])
+  redis.call('SREM', KEYS[3], ARGV[a])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'type', 'item', 'origin', ARGV[3], 'item_id', ARGV[a])
 end
 return rows
 """
@@ -68,7 +85,7 @@ class StateError(RuntimeError):
 @dataclass
 class StoredItem:
     item_id: str
-    row: int
+    row: int | None  # None: not allocated yet (put_items allocates it)
     features: dict[str, list[float]]
     embedding: np.ndarray  # (d,)
     states: np.ndarray  # (n_states, d)
@@ -96,7 +113,7 @@ class RedisState:
         self.ns = namespace
         self.origin = origin
         self.stream_max_len = stream_max_len
-        self._allocate = client.register_script(_ALLOCATE_ROWS)  # EVALSHA, loaded again after a Redis restart
+        self._put_items = client.register_script(_PUT_ITEMS)  # EVALSHA, loaded again after a Redis restart
 
     def key(self, *parts: str) -> str:
         return ":".join((self.ns, *parts))
@@ -119,32 +136,23 @@ class RedisState:
         return _decode(value) if value is not None else None
 
     # -- writes -----------------------------------------------------------------------------------
-    def allocate_rows(self, item_ids: list[str]) -> list[int]:
-        """Stable index rows for online items: an id keeps its row forever, even across replicas (one
-        atomic script: two replicas allocating for the same new id get the same row)."""
-        keys = [self.key("item_rows"), self.key("next_row")]
-        rows = self._allocate(keys=keys, args=[ONLINE_ROW_BASE, *item_ids])
-        return [int(row) for row in rows]
-
-    def put_items(self, items: list[StoredItem], origin: str | None = None) -> None:
-        pipe = self.r.pipeline(transaction=True)
-        now = str(time.time())
+    def put_items(self, items: list[StoredItem], origin: str | None = None) -> list[int]:
+        """Store items and their "item" events atomically, in one round trip, and return their rows. An item
+        whose ``row`` is None gets its stable online row: an id keeps its row forever, even across replicas
+        (two replicas writing the same new id get the same row)."""
+        keys = [self.key("item_rows"), self.key("next_row"), self.key("deleted"), self.key("events")]
+        args: list[str | bytes | int] = [ONLINE_ROW_BASE, self.stream_max_len, origin or self.origin, str(time.time())]
         for item in items:
-            pipe.delete(self.key("item", item.item_id))  # no field of an older format survives
-            pipe.hset(
-                self.key("item", item.item_id),
-                mapping={
-                    "row": item.row,
-                    "features": json.dumps(item.features),
-                    "embedding": item.embedding.astype(np.float32).tobytes(),
-                    "states": item.states.astype(np.float32).tobytes(),
-                    "artifact": item.artifact_id or "",
-                    "updated": now,
-                },
-            )
-            pipe.srem(self.key("deleted"), item.item_id)
-            self._event(pipe, "item", item.item_id, origin=origin)
-        pipe.execute()
+            keys.append(self.key("item", item.item_id))
+            args += [
+                item.item_id,
+                "" if item.row is None else item.row,
+                json.dumps(item.features),
+                item.embedding.astype(np.float32).tobytes(),
+                item.states.astype(np.float32).tobytes(),
+                item.artifact_id or "",
+            ]
+        return [int(row) for row in self._put_items(keys=keys, args=args)]
 
     def delete_item(self, item_id: str, origin: str | None = None) -> None:
         pipe = self.r.pipeline(transaction=True)

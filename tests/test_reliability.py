@@ -1195,3 +1195,48 @@ def test_container_runs_as_non_root() -> None:
     created = " ".join(instructions)
     assert re.search(rf"useradd[^&]*--uid\s+(\d+)[^&]*\b{re.escape(last_user)}\b", created)
     assert int(re.search(r"--uid\s+(\d+)", created).group(1)) >= 1000
+
+
+def test_put_items_allocates_and_writes_in_one_atomic_script(redis_url: str, ns: str) -> None:
+    """``RedisState.put_items``: a new id gets the next online row (never below ONLINE_ROW_BASE, even after
+    the counter is lost) and keeps it when written again; an item with a training row keeps that row and
+    takes no online one; the item hash is replaced whole, the id leaves the deleted set and one event per
+    item names the writer. Concurrent writers of the same new id (two replicas) all get one row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.state import ONLINE_ROW_BASE, RedisState, StoredItem
+
+    r = redis.from_url(redis_url)
+    state = RedisState(r, ns, origin="replica-a")
+    state.init("artifact-1")
+
+    def item(item_id: str, row: int | None = None) -> StoredItem:
+        return StoredItem(item_id, row, {"visual": [1.0, 2.0]}, np.ones(4, np.float32), np.ones((2, 4)), "artifact-1")
+
+    r.hset(f"{ns}:item:n1", "stale", "field of an older format")
+    r.sadd(f"{ns}:deleted", "n1", "7")
+    assert state.put_items([item("n1"), item("7", row=7), item("n2")]) == [ONLINE_ROW_BASE, 7, ONLINE_ROW_BASE + 1]
+    assert state.put_items([item("n2"), item("n3")], origin="engine-x") == [ONLINE_ROW_BASE + 1, ONLINE_ROW_BASE + 2]
+    assert state.online_rows() == {"n1": ONLINE_ROW_BASE, "n2": ONLINE_ROW_BASE + 1, "n3": ONLINE_ROW_BASE + 2}
+    assert b"stale" not in r.hgetall(f"{ns}:item:n1") and state.deleted_items() == set()
+    stored = state.get_item("7", 4)
+    assert stored.row == 7 and stored.features == {"visual": [1.0, 2.0]} and stored.artifact_id == "artifact-1"
+    assert stored.states.shape == (2, 4)
+    events = state.read_events("0-0", block_ms=0)
+    assert [(e.type, e.item_id, e.origin) for e in events] == [
+        ("item", "n1", "replica-a"), ("item", "7", "replica-a"), ("item", "n2", "replica-a"),
+        ("item", "n2", "engine-x"), ("item", "n3", "engine-x"),
+    ]  # fmt: skip
+
+    r.delete(f"{ns}:next_row")  # Redis lost the counter (not the rows): new rows still start at the base
+    r.hdel(f"{ns}:item_rows", "n1", "n2", "n3")
+    assert state.put_items([item("n4")]) == [ONLINE_ROW_BASE]
+
+    replicas = [RedisState(redis.from_url(redis_url), ns, origin=f"replica-{i}") for i in range(4)]
+    with ThreadPoolExecutor(len(replicas)) as pool:
+        rows = list(pool.map(lambda s: s.put_items([item("shared"), item(f"own-{s.origin}")]), replicas * 5))
+    assert len({row[0] for row in rows}) == 1  # one row for the shared id, whoever wrote it
+    assert len({row[1] for row in rows}) == len(replicas)  # each replica's own id: one row, kept on every write
+    for replica in replicas:
+        replica.r.close()
+    r.close()
