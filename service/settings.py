@@ -45,7 +45,14 @@ class Settings(BaseSettings):
         ge=0.0,
         le=0.5,
         description="ivf: this fraction of the items, the longest vectors, is kept out of the lists and scored "
-        "exactly for every query; 0 = none",
+        "exactly for every query; 0 = none (with MMF_IVF_EXACT_MIN_ITEMS=0)",
+    )
+    ivf_exact_min_items: int = Field(
+        10_000,
+        ge=0,
+        le=1 << 30,
+        description="ivf: the exact side list holds at least this many of the longest vectors (at most half the "
+        "items), whatever MMF_IVF_EXACT_FRACTION gives",
     )
     torch_threads: int = Field(
         1,

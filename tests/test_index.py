@@ -91,7 +91,10 @@ def test_recall_against_flat_with_default_parameters(kind: str, params: dict) ->
     assert np.mean(recalls) >= 0.95, (kind, np.mean(recalls))
 
 
-@pytest.mark.parametrize(("kind", "floor"), [("ivf", {"ivf_nprobe": 2}), ("hnsw", {"hnsw_m": 8, "hnsw_ef_search": 8})])
+@pytest.mark.parametrize(
+    ("kind", "floor"),
+    [("ivf", {"ivf_nprobe": 2, "ivf_exact_min_items": 0}), ("hnsw", {"hnsw_m": 8, "hnsw_ef_search": 8})],
+)
 def test_calibration_widens_the_search_to_the_target_recall(kind: str, floor: dict) -> None:
     """Unclustered 64-d vectors (hard for any ANN index): a narrow configured width misses many of the exact
     top 20; calibration on sample queries widens it until the target, and the recall holds on other queries."""
@@ -224,11 +227,14 @@ def test_ivf_scores_the_longest_vectors_exactly() -> None:
         hits = [len({r for r, _ in index.search(q, 20)} & set(exact_top(items, q, 20, set()))) for q in queries[:100]]
         return float(np.mean(hits)) / 20
 
-    config = dict(kind="ivf", ivf_nprobe=8, target_recall=0.0, build_threads=1)
+    config = dict(kind="ivf", ivf_nprobe=8, target_recall=0.0, build_threads=1, ivf_exact_min_items=0)
     without = ItemIndex(IndexConfig(**config, ivf_exact_fraction=0.0), items)
     index = ItemIndex(IndexConfig(**config, ivf_exact_fraction=0.0375), items)
     assert without.params["exact_items"] == 0 and index.params["exact_items"] == 150
-    assert IndexConfig(kind="ivf").params(1_000_000)["exact_items"] == 50_000  # the default 5%
+    # the defaults: 5% of the items, at least 10,000 of them, at most half
+    assert [IndexConfig(kind="ivf").exact_items(n) for n in (4000, 100_000, 200_000, 1_000_000)] == [
+        2000, 10_000, 10_000, 50_000
+    ]  # fmt: skip
     assert recall(index) >= 0.95 and recall(index) > recall(without) + 0.05
     # every list probed: exact, the side list's items included
     wide = ItemIndex(IndexConfig(**{**config, "ivf_nprobe": 10_000}, ivf_exact_fraction=0.0375), items)
@@ -269,7 +275,8 @@ def test_invalid_index_settings_are_clear_errors(artifact: Artifact, make_client
     with pytest.raises(ValidationError, match="'flat', 'hnsw' or 'ivf'"):
         Settings(index="annoy")
     for field, value in (("hnsw_m", 1), ("hnsw_ef_search", 0), ("ivf_nprobe", 0), ("ivf_nlist", -1),
-                         ("ivf_exact_fraction", 0.6), ("faiss_threads", 0)):  # fmt: skip
+                         ("ivf_exact_fraction", 0.6), ("ivf_exact_min_items", -1),
+                         ("faiss_threads", 0)):  # fmt: skip
         with pytest.raises(ValidationError, match=field):
             Settings(**{field: value})
     with pytest.raises(ValidationError, match="MMF_IVF_NPROBE=64 is more than MMF_IVF_NLIST=8"):
