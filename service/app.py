@@ -54,7 +54,14 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", [])).get(b"content-length")
+        declared, chunked = None, False
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                declared = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        if declared is None and not chunked:  # no body (HTTP/1.1: neither header): nothing to limit
+            return await self.app(scope, receive, send)
         too_large = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
         if declared is not None and declared.isdigit():
             if int(declared) > self.max_bytes:
