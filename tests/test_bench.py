@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +27,31 @@ def test_train_bench_runs_and_reference_matches(tmp_path: Path) -> None:
     assert all(line.split("|")[5].strip().replace(".", "").isdigit() for line in rows)
     quality = [line for line in out.stdout.splitlines() if line.startswith("| metammf_")]
     assert len(quality) == 2 and "not reached" not in out.stdout, out.stdout
+
+
+def test_search_bench_prints_a_row_per_side_list_setting(tmp_path: Path) -> None:
+    """bench/search.py on a small stand-in artifact (the two files it reads): one row per --side setting, with
+    the side list's size, the calibrated width and the measured recall of the timed searches."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(3000, 16)).astype(np.float32) * rng.lognormal(0, 0.5, size=(3000, 1)).astype(np.float32)
+    users = rng.normal(size=(300, 16)).astype(np.float32)
+    save_file({"item_embeddings": items, "user_embeddings": users}, str(tmp_path / "embeddings.safetensors"))
+    np.save(tmp_path / "interactions.npy", np.stack([rng.integers(0, 300, 900), rng.integers(0, 3000, 900)], 1))
+    out = subprocess.run(
+        [sys.executable, "bench/search.py", "--artifact", str(tmp_path), "--side", "0:0", "--side", "0.05:100",
+         "--users", "60", "--passes", "1"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = [
+        [cell.strip() for cell in line.split("|")[1:-1]] for line in out.stdout.splitlines() if "exact_items" in line
+    ]
+    assert [row[0] for row in rows] == ["0.0 : 0", "0.05 : 100"], out.stdout
+    assert "exact_items 0" in rows[0][1] and "exact_items 150" in rows[1][1]
+    assert all(float(row[3]) >= 0.85 and float(row[4]) > 0 for row in rows), out.stdout
+    bad = subprocess.run(
+        [sys.executable, "bench/search.py", "--side", "lots"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "FRACTION:MIN_ITEMS" in bad.stderr
