@@ -56,7 +56,7 @@ def main() -> None:
     tensors = load_file(embeddings)
     items, users = tensors["item_embeddings"], tensors["user_embeddings"]
     seen: dict[int, set[int]] = {}
-    for user, item in np.load(args.artifact / "interactions.npy").tolist():
+    for user, item in np.load(args.artifact / "interactions.npy", allow_pickle=False).tolist():
         seen.setdefault(user, set()).add(item)
     timed = np.random.default_rng(3).choice(len(users), min(args.users, len(users)), replace=False)
     settings = args.side or [(IndexConfig.ivf_exact_fraction, IndexConfig.ivf_exact_min_items)]
