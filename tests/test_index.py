@@ -261,6 +261,33 @@ def test_ivf_scores_the_longest_vectors_exactly() -> None:
     assert any("side list" in p for p in index.problems())
 
 
+def test_ivf_side_list_answers_stay_exact_with_exclusions_and_ties() -> None:
+    """Every list probed, ``ivf`` answers exactly the exact top k whatever is excluded: a few rows (the
+    over-fetch path), many (the FAISS bitmap path), side-list rows among them. A tie between a side-list
+    vector and a listed one is broken by row like any other."""
+    rng = np.random.default_rng(5)
+    items, queries = clustered(3000, 16, seed=9)
+    items *= rng.lognormal(0.0, 0.6, size=(3000, 1)).astype(np.float32)
+    # Row 7 (long: side list) and row 2993 (listed) score exactly alike for the query e_0, above every other.
+    top_first = float(items[:, 0].max()) + 1.0
+    items[7], items[2993] = 0.0, 0.0
+    items[7, :2] = top_first, 200.0
+    items[2993, 0] = top_first
+    config = IndexConfig(kind="ivf", ivf_nprobe=10_000, target_recall=0.0, build_threads=1, ivf_exact_min_items=100)
+    index = ItemIndex(config, items)
+    side = sorted(index._slot_rows[index._side_arrays()[0]].tolist())
+    assert index.params["exact_items"] == len(side) == 150 and 7 in side and 2993 not in side
+    for n, q in enumerate(queries[:40]):
+        top = exact_top(items, q, 60, set())
+        few = {top[0], top[3], side[n], side[-n - 1]}  # <= OVERFETCH_MAX: over-fetched and dropped
+        many = set(top[:20]) | set(side[::3]) | set(rng.choice(3000, 200, replace=False).tolist())
+        for exclude in (set(), few, many):
+            assert [r for r, _ in index.search(q, 20, exclude=exclude)] == exact_top(items, q, 20, exclude)
+    e0 = np.eye(16, dtype=np.float32)[0]
+    assert [r for r, _ in index.search(e0, 2)] == [7, 2993]
+    assert [r for r, _ in index.search(e0, 1)] == [7]
+
+
 def test_approximate_search_never_answers_short() -> None:
     """With most items excluded, the approximate walk finds too few: the index searches exactly instead."""
     items, queries = clustered(2000, 32, seed=7)
