@@ -28,6 +28,8 @@ from safetensors.numpy import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serve import exact_top_rows, seen_rows  # noqa: E402  (bench/serve.py, beside this file)
+
 from service.index import IndexConfig, ItemIndex, use_omp_threads  # noqa: E402
 
 CACHE = Path(os.environ.get("MMF_BENCH_CACHE", ROOT / "bench" / ".cache"))
@@ -55,10 +57,10 @@ def main() -> None:
         parser.error(f"{embeddings} does not exist: run bench/serve.py with that catalogue size first")
     tensors = load_file(embeddings)
     items, users = tensors["item_embeddings"], tensors["user_embeddings"]
-    seen: dict[int, set[int]] = {}
-    for user, item in np.load(args.artifact / "interactions.npy", allow_pickle=False).tolist():
-        seen.setdefault(user, set()).add(item)
-    timed = np.random.default_rng(3).choice(len(users), min(args.users, len(users)), replace=False)
+    seen = seen_rows(args.artifact)
+    timed = np.random.default_rng(3).choice(len(users), min(args.users, len(users)), replace=False).tolist()
+    excluded = {u: set(seen.get(u, ())) for u in timed}  # as the engine passes them: sets
+    truth = exact_top_rows(items, users, seen, timed, 20)
     settings = args.side or [(IndexConfig.ivf_exact_fraction, IndexConfig.ivf_exact_min_items)]
 
     print(f"{len(items):,} items, {len(timed)} timed users, one FAISS thread; index {args.index}\n")
@@ -78,13 +80,9 @@ def main() -> None:
         passes, answers = [], []
         for _ in range(args.passes):
             start = time.perf_counter()
-            answers = [index.search(users[u], 20, exclude=seen.get(int(u), set())) for u in timed]
+            answers = [index.search(users[u], 20, exclude=excluded[u]) for u in timed]
             passes.append((time.perf_counter() - start) / len(timed) * 1e3)
-        hits = 0
-        for u, found in zip(timed, answers, strict=True):
-            scores = items @ users[u]
-            scores[list(seen.get(int(u), ()))] = -np.inf
-            hits += len({r for r, _ in found} & set(np.argpartition(-scores, 20)[:20].tolist()))
+        hits = sum(len({r for r, _ in found} & top) for found, top in zip(answers, truth, strict=True))
         params = ", ".join(f"{k} {v}" for k, v in index.params.items() if k != "calibrated_recall")
         ms = " / ".join(f"{p:.3f}" for p in passes)
         print(f"| {fraction} : {min_items} | {params} | {build:.1f} | {hits / (20 * len(timed)):.3f} | {ms} |")

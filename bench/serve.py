@@ -178,26 +178,36 @@ def extend_artifact(base: Path, n_items: int, n_users: int, chunk: int = 20_000)
     return write_artifacts(out, write, {"model": bundle.model_config.name, "extended_from": bundle.artifact_id})
 
 
-def exact_top(artifact: Path, users: list[int], k: int) -> list[set[str]]:
-    """Exact top-k item ids of training users by inner product, their known interactions excluded."""
-    from safetensors.numpy import load_file
-
-    emb = load_file(artifact / "embeddings.safetensors")
-    items, user_emb = emb["item_embeddings"], emb["user_embeddings"]
-    catalog = json.loads((artifact / "catalog.json").read_text())
-    pairs = np.load(artifact / "interactions.npy", allow_pickle=False)
+def seen_rows(artifact: Path) -> dict[int, list[int]]:
+    """Training item rows per user row: what the service excludes from a user's recommendations."""
     seen: dict[int, list[int]] = {}
-    for u, i in pairs.tolist():
+    for u, i in np.load(artifact / "interactions.npy", allow_pickle=False).tolist():
         seen.setdefault(u, []).append(i)
+    return seen
+
+
+def exact_top_rows(
+    items: np.ndarray, user_emb: np.ndarray, seen: dict[int, list[int]], users: list[int], k: int
+) -> list[set[int]]:
+    """Exact top-k item rows of user rows ``users`` by inner product, their ``seen`` rows excluded."""
     out = []
     for start in range(0, len(users), 100):
         batch = users[start : start + 100]
         scores = user_emb[batch] @ items.T
         for j, u in enumerate(batch):
             scores[j, seen.get(u, [])] = -np.inf
-        top = np.argpartition(-scores, k, axis=1)[:, :k]
-        out += [{catalog["items"][i] for i in row} for row in top.tolist()]
+        out += [set(row) for row in np.argpartition(-scores, k, axis=1)[:, :k].tolist()]
     return out
+
+
+def exact_top(artifact: Path, users: list[int], k: int) -> list[set[str]]:
+    """Exact top-k item ids of training users by inner product, their known interactions excluded."""
+    from safetensors.numpy import load_file
+
+    emb = load_file(artifact / "embeddings.safetensors")
+    catalog = json.loads((artifact / "catalog.json").read_text())
+    top = exact_top_rows(emb["item_embeddings"], emb["user_embeddings"], seen_rows(artifact), users, k)
+    return [{catalog["items"][i] for i in rows} for rows in top]
 
 
 # ---------------------------------------------------------------------------------------------------------
