@@ -62,10 +62,9 @@ class BodySizeLimit:
                 chunked = True
         if declared is None and not chunked:  # no body (HTTP/1.1: neither header): nothing to limit
             return await self.app(scope, receive, send)
-        too_large = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
         if declared is not None and declared.isdigit():
             if int(declared) > self.max_bytes:
-                return await too_large(scope, receive, send)
+                return await self._too_large(scope, receive, send)
             return await self.app(scope, receive, send)
         # No declared length (chunked): read the body here, so an oversized one is answered 413 before the
         # app sees it (an exception raised from inside FastAPI's body parsing would surface as a 400).
@@ -77,7 +76,7 @@ class BodySizeLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await too_large(scope, receive, send)
+                return await self._too_large(scope, receive, send)
             more = message.get("more_body", False)
         replayed = False
 
@@ -89,6 +88,11 @@ class BodySizeLimit:
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
         await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        # Built only when answered: every request with a body used to build one.
+        answer = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
+        await answer(scope, receive, send)
 
 
 def _json_safe(value):

@@ -176,6 +176,7 @@ class RedisState:
         user_id: str | None = None,
         origin: str | None = None,
     ) -> None:
+        # _PUT_ITEMS appends the "item" events itself, with these fields: keep the two alike (read_events).
         fields = {"type": kind, "origin": origin or self.origin, "item_id": item_id}
         if user_id is not None:
             fields["user_id"] = user_id
