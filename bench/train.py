@@ -53,6 +53,7 @@ from models.metammf_gcn import MetaMMF_GCN  # noqa: E402
 from models.metammf_mf import MetaMMF_MF  # noqa: E402
 from training.config import TrainConfig, load_run_config  # noqa: E402
 from training.data import RecData, load_mmrec, save_mmrec  # noqa: E402
+from training.precision import PRECISIONS, run_precision, step_precision  # noqa: E402
 from training.sampling import BPRSampler  # noqa: E402
 from training.synthetic import SyntheticConfig, generate_synthetic  # noqa: E402
 from training.trainer import build_model, evaluate_split, seed_everything  # noqa: E402
@@ -133,6 +134,11 @@ def authors_style_loss(model: RecModel, users: torch.Tensor, pos: torch.Tensor, 
 
 # -- one row, in its own process -------------------------------------------------------------------------
 def measure_steps(spec: dict) -> dict:
+    with run_precision(spec["precision"], spec["device"]):
+        return _measure_steps(spec)
+
+
+def _measure_steps(spec: dict) -> dict:
     device = torch.device(spec["device"])
     data = load_dataset(spec["dataset"], Path(spec["tiktok"]))
     seed_everything(0)
@@ -153,7 +159,8 @@ def measure_steps(spec: dict) -> dict:
             batches = BPRSampler(data.train, data.n_items, BATCH, seed=1).epoch()
             batch = next(batches)
         users, pos, neg = (torch.from_numpy(a).to(device) for a in batch)
-        loss = loss_fn(users, pos, neg)
+        with step_precision(spec["precision"], device):
+            loss = loss_fn(users, pos, neg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -194,10 +201,17 @@ def measure_quality(spec: dict) -> dict:
     """Wall time to test Recall@20 >= target with the project's trainer settings (configs/tiktok.yaml)."""
     data = load_dataset(spec["dataset"], Path(spec["tiktok"]))
     run = load_run_config(ROOT / "configs" / "tiktok.yaml", [f"model.name={spec['model']}"])
-    cfg: TrainConfig = run.train.model_copy(update={"progress": False, "device": spec["device"]})
+    cfg: TrainConfig = run.train.model_copy(
+        update={"progress": False, "device": spec["device"], "precision": spec["precision"]}
+    )
+    with run_precision(cfg.precision, cfg.device):
+        return _measure_quality(spec, data, run.model, cfg)
+
+
+def _measure_quality(spec: dict, data: RecData, model_config: ModelConfig, cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)
-    model = build_model(data, run.model, cfg.reg_weight).to(device)
+    model = build_model(data, model_config, cfg.reg_weight).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sampler = BPRSampler(data.train, data.n_items, cfg.batch_size, seed=cfg.seed)
     clock, epoch, best = 0.0, 0, 0.0
@@ -206,7 +220,8 @@ def measure_quality(spec: dict) -> dict:
         start = time.perf_counter()
         model.train()
         for batch in sampler.epoch():
-            loss = model.calculate_loss(*(torch.from_numpy(a).to(device) for a in batch))
+            with step_precision(cfg.precision, device):
+                loss = model.calculate_loss(*(torch.from_numpy(a).to(device) for a in batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -251,6 +266,10 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["metammf_gcn", "metammf_mf"], choices=["metammf_gcn", "metammf_mf"])
     p.add_argument("--tensors", nargs="+", default=["cp", "full"], choices=["cp", "full"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--precisions", nargs="+", default=["fp32"], choices=PRECISIONS,
+        help="training precisions to time (tf32: CUDA only; see training/precision.py)",
+    )  # fmt: skip
     p.add_argument("--tiktok", type=Path, default=ROOT.parent / "shared" / "data" / "tiktok")
     p.add_argument("--steps", type=int, default=20, help="timed steps per row (after --warmup)")
     p.add_argument("--warmup", type=int, default=3)
@@ -269,55 +288,56 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     print(f"device: {args.device}; torch {torch.__version__}, {threads} threads; batch {BATCH} triples\n")
+    gpu = args.device.startswith("cuda")
     print(
-        "| data | model | tensor | implementation | s / 100 steps | triples/s | peak MB | speed-up vs authors-style"
-        + (" | paper min/epoch | s/epoch | speed-up vs paper" if args.device.startswith("cuda") else "")
-        + " |"
+        "| data | model | tensor | precision | implementation | s / 100 steps | triples/s | peak MB | "
+        "speed-up vs authors-style" + (" | paper min/epoch | s/epoch | speed-up vs paper" if gpu else "") + " |"
     )
-    print("|---|---|---|---|---:|---:|---:|---:" + ("|---:|---:|---:" if args.device.startswith("cuda") else "") + "|")
-    for dataset in args.datasets:
-        for model in args.models:
-            for tensor in args.tensors:
-                impls = ["ours"] + ([] if args.no_reference or dataset.startswith("paper-") else ["authors-style"])
-                rows: dict[str, dict] = {}
-                for impl in impls * args.repeats:  # alternated, best of --repeats: both see the same load
-                    spec = {"dataset": dataset, "model": model, "tensor": tensor, "impl": impl, "device": args.device,
-                            "tiktok": str(args.tiktok), "steps": args.steps, "warmup": args.warmup,
-                            "max_seconds": args.max_seconds}  # fmt: skip
-                    r = run_child(spec)
-                    if impl not in rows or r.get("s_per_100_steps", np.inf) < rows[impl].get("s_per_100_steps", np.inf):
-                        rows[impl] = r
-                for impl, r in rows.items():
-                    if "error" in r:
-                        print(f"| {dataset} | {model} | {tensor} | {impl} | error: {r['error']} |")
-                        continue
-                    ref = rows.get("authors-style", {}).get("s_per_100_steps")
-                    speedup = fmt(ref / r["s_per_100_steps"], 1) + "x" if ref and impl == "ours" else "-"
-                    line = (f"| {dataset} | {model} | {tensor} | {impl} | {r['s_per_100_steps']:.2f} | "
-                            f"{r['triples_per_s']:,.0f} | {r['peak_mb']:,.0f} | {speedup}")  # fmt: skip
-                    if args.device.startswith("cuda"):
-                        line += paper_columns(r)
-                    print(line + " |", flush=True)
-                    if r["loss_gap"] > 1e-4:
-                        print(f"  warning: authors-style and ours differ by {r['loss_gap']:.2e} in loss")
+    print("|---|---|---|---|---|---:|---:|---:|---:" + ("|---:|---:|---:" if gpu else "") + "|")
+    for dataset, model, tensor, precision in itertools.product(
+        args.datasets, args.models, args.tensors, args.precisions
+    ):
+        impls = ["ours"] + ([] if args.no_reference or dataset.startswith("paper-") else ["authors-style"])
+        rows: dict[str, dict] = {}
+        for impl in impls * args.repeats:  # alternated, best of --repeats: both see the same load
+            spec = {"dataset": dataset, "model": model, "tensor": tensor, "precision": precision, "impl": impl,
+                    "device": args.device, "tiktok": str(args.tiktok), "steps": args.steps, "warmup": args.warmup,
+                    "max_seconds": args.max_seconds}  # fmt: skip
+            r = run_child(spec)
+            if impl not in rows or r.get("s_per_100_steps", np.inf) < rows[impl].get("s_per_100_steps", np.inf):
+                rows[impl] = r
+        for impl, r in rows.items():
+            label = f"| {dataset} | {model} | {tensor} | {precision} | {impl}"
+            if "error" in r:
+                print(f"{label} | error: {r['error']} |")
+                continue
+            ref = rows.get("authors-style", {}).get("s_per_100_steps")
+            speedup = fmt(ref / r["s_per_100_steps"], 1) + "x" if ref and impl == "ours" else "-"
+            line = (f"{label} | {r['s_per_100_steps']:.2f} | {r['triples_per_s']:,.0f} | {r['peak_mb']:,.0f} | "
+                    f"{speedup}")  # fmt: skip
+            print(line + (paper_columns(r) if gpu else "") + " |", flush=True)
+            if r["loss_gap"] > 1e-4:
+                print(f"  warning: authors-style and ours differ by {r['loss_gap']:.2e} in loss")
     if args.quality:
         dataset = args.datasets[0]
         print(
             f"\nTime to test Recall@20 >= {args.target} on {dataset} (configs/tiktok.yaml settings; training + "
             "validation on the clock, test evaluation off it):\n"
         )
-        print("| model | seconds | epochs | test R@20 then | valid R@20 then |\n|---|---:|---:|---:|---:|")
-        for model in args.models:
-            r = run_child({"kind": "quality", "dataset": dataset, "model": model, "device": args.device,
-                           "tiktok": str(args.tiktok), "target": args.target,
+        print("| model | precision | seconds | epochs | test R@20 then | valid R@20 then |")
+        print("|---|---|---:|---:|---:|---:|")
+        for model, precision in itertools.product(args.models, args.precisions):
+            r = run_child({"kind": "quality", "dataset": dataset, "model": model, "precision": precision,
+                           "device": args.device, "tiktok": str(args.tiktok), "target": args.target,
                            "max_seconds": args.quality_seconds})  # fmt: skip
+            label = f"| {model} | {precision}"
             if "error" in r:
-                print(f"| {model} | error: {r['error']} |")
+                print(f"{label} | error: {r['error']} |")
             elif r["seconds"] is None:
-                print(f"| {model} | not reached in {args.quality_seconds:.0f} s | {r['epochs']} | "
+                print(f"{label} | not reached in {args.quality_seconds:.0f} s | {r['epochs']} | "
                       f"best {r['test_recall']:.4f} | - |")  # fmt: skip
             else:
-                print(f"| {model} | {r['seconds']:.1f} | {r['epochs']} | {r['test_recall']:.4f} | "
+                print(f"{label} | {r['seconds']:.1f} | {r['epochs']} | {r['test_recall']:.4f} | "
                       f"{r['valid_recall']:.4f} |")  # fmt: skip
 
 

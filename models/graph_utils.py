@@ -26,6 +26,13 @@ def symmetric_norm_weights(edge_index: Tensor, num_nodes: int) -> Tensor:
     return deg[source].rsqrt() * deg[target].rsqrt()
 
 
+def autocast_off(like: Tensor) -> torch.autocast:
+    """A float32 region inside bf16 autocast (``train.precision=bf16``) for propagation over a CSR matrix
+    that autocast would cast to bfloat16: the CPU's sparse kernels have none, and pure propagation has no
+    dense product for bfloat16 to speed up."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 def symmetric_norm_adjacency(edge_index: Tensor, num_nodes: int) -> Tensor:
     """:math:`D^{-1/2} A D^{-1/2}` as a CSR tensor (row = target): the ``adj_t`` PyG layers accept."""
     weights = symmetric_norm_weights(edge_index, num_nodes)

@@ -59,7 +59,7 @@ from torch_geometric.utils import to_torch_csr_tensor
 
 from models.base import bpr_loss, l2_penalty
 from models.config import ModelConfig
-from models.graph_utils import standardize_features
+from models.graph_utils import autocast_off, standardize_features
 from models.lightgcn import LightGCN
 from models.registry import ModelInputs
 
@@ -207,10 +207,11 @@ class LATTICE(LightGCN):
 
     def item_graph_embedding(self) -> Tensor:
         """:math:`h^{(L)}` of all items: the item ID embeddings propagated over S."""
-        edge_index, edge_weight = self.current_item_graph()
         h = self.embedding.weight[self.n_users :]
-        for conv in self.item_convs:
-            h = conv(h, edge_index, edge_weight)
+        with autocast_off(h):
+            edge_index, edge_weight = self.current_item_graph()
+            for conv in self.item_convs:
+                h = conv(h, edge_index, edge_weight)
         return h
 
     def get_embedding(self) -> tuple[Tensor, Tensor]:

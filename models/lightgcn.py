@@ -25,7 +25,7 @@ from torch_geometric.nn import LGConv
 
 from models.base import RecModel, bpr_loss, l2_penalty
 from models.config import ModelConfig
-from models.graph_utils import symmetric_norm_adjacency
+from models.graph_utils import autocast_off, symmetric_norm_adjacency
 from models.metammf_gcn import bipartite_edge_index
 from models.registry import ModelInputs
 
@@ -70,9 +70,10 @@ class LightGCN(RecModel):
         adj = self.adjacency()
         h = self.embedding.weight
         total = h
-        for conv in self.convs:
-            h = conv(h, adj)
-            total = total + h
+        with autocast_off(h):
+            for conv in self.convs:
+                h = conv(h, adj)
+                total = total + h
         return total / (len(self.convs) + 1)
 
     def get_embedding(self) -> tuple[Tensor, Tensor]:

@@ -34,7 +34,9 @@ def bipartite_edge_index(train_pairs: Tensor, n_users: int, n_items: int) -> Ten
 
 def _csr_matmul(matrix: Tensor, x: Tensor) -> Tensor:
     # On CPU, PyTorch's native CSR "sum" kernel is about 5x faster than the MKL path `@` takes (which
-    # zero-fills and copies the dense operand); it has no CUDA kernel, where `@` uses cuSPARSE.
+    # zero-fills and copies the dense operand); it has no CUDA kernel, where `@` uses cuSPARSE. Under bf16
+    # autocast `x` arrives as bfloat16: the sparse product (autocast leaves it alone) runs in float32.
+    x = x.to(matrix.dtype)
     return torch.sparse.mm(matrix, x, "sum") if x.device.type == "cpu" else matrix @ x
 
 

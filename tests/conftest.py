@@ -11,13 +11,11 @@ import pytest
 import torch
 
 from models.config import ModelConfig
+from tests.training_support import SMALL_MODEL, TINY
 from training.data import RecData
-from training.synthetic import SyntheticConfig, generate_synthetic
+from training.synthetic import generate_synthetic
 
 torch.set_num_threads(1)
-
-TINY = SyntheticConfig(n_users=200, n_items=150, modality_dims={"visual": 16, "acoustic": 16}, seed=0)
-SMALL_MODEL = {"fused_dim": 16, "id_dim": 16, "rank": 8, "extractor_hidden": 32, "meta_dim": 5}
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from models.ngcf import NGCF
 from models.registry import MODELS, is_servable
 from models.static_fusion import StaticFusionGCN, StaticFusionMF
 from models.vbpr import VBPR
+from tests.training_support import random_ranker_recall
 from training import cli
 from training.config import RunConfig, TrainConfig
 from training.data import RecData
@@ -82,23 +83,6 @@ def trained(data: RecData, make_config):
 
     yield run
     _runs.clear()
-
-
-def random_ranker_recall(data: RecData, k: int = 20) -> float:
-    """Expected test recall@k of a uniformly random ranking over the items the evaluator ranks for the
-    user (all but its train and valid items): k / (n_items - excluded) per reachable test item."""
-    excluded: dict[int, set[int]] = {}
-    for u, i in np.concatenate([data.train, data.valid]).tolist():
-        excluded.setdefault(u, set()).add(i)
-    targets: dict[int, set[int]] = {}
-    for u, i in data.test.tolist():
-        targets.setdefault(u, set()).add(i)
-    recalls = []
-    for u, items in targets.items():
-        seen = excluded.get(u, set())
-        ranked = data.n_items - len(seen)
-        recalls.append(len(items - seen) / len(items) * min(k, ranked) / ranked)
-    return float(np.mean(recalls))
 
 
 def test_random_ranker_recall_is_what_random_scores_get(data: RecData) -> None:

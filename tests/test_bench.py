@@ -24,9 +24,20 @@ def test_train_bench_runs_and_reference_matches(tmp_path: Path) -> None:
     # 2 models x 2 tensors x (ours, authors-style)
     assert len(rows) == 8, out.stdout
     assert "error" not in out.stdout and "differ" not in out.stdout, out.stdout
-    assert all(line.split("|")[5].strip().replace(".", "").isdigit() for line in rows)
+    assert all(line.split("|")[4].strip() == "fp32" for line in rows)
+    assert all(line.split("|")[6].strip().replace(".", "").isdigit() for line in rows)
     quality = [line for line in out.stdout.splitlines() if line.startswith("| metammf_")]
     assert len(quality) == 2 and "not reached" not in out.stdout, out.stdout
+    # A bf16 row (autocast runs on CPU too); tf32 needs CUDA and says so in its row.
+    out = subprocess.run(
+        [sys.executable, "bench/train.py", "--datasets", "tiny", "--steps", "2", "--warmup", "1", "--models",
+         "metammf_gcn", "--tensors", "cp", "--precisions", "bf16", "tf32", "--no-reference", "--device", "cpu"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    bf16, tf32 = (line for line in out.stdout.splitlines() if line.startswith("| tiny |"))
+    assert bf16.split("|")[4].strip() == "bf16" and bf16.split("|")[6].strip().replace(".", "").isdigit(), bf16
+    assert "| tf32 | ours | error: ValueError: train.precision=tf32 needs a CUDA device" in tf32, tf32
 
 
 def test_search_bench_prints_a_row_per_side_list_setting(tmp_path: Path) -> None:

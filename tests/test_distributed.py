@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import SMALL_MODEL, TINY
+from tests.training_support import SMALL_MODEL, TINY
 from training.config import load_run_config
 from training.data import load_mmrec, save_mmrec
 from training.distributed import DistContext, local_share

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.training_support import random_ranker_recall
 from training.config import ConfigError, RunConfig, TrainConfig, apply_override, load_run_config
 from training.data import RecData
 from training.evaluate import full_rank_evaluate
@@ -106,23 +107,6 @@ def _cfg(**overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
-def _random_ranker_recall(data: RecData, k: int = 20) -> float:
-    """Expected test recall@k of a uniformly random ranking (train and valid items excluded)."""
-    excluded = Counter(data.train[:, 0].tolist()) + Counter(data.valid[:, 0].tolist())
-    excl_sets: dict[int, set[int]] = {}
-    for u, i in np.concatenate([data.train, data.valid]).tolist():
-        excl_sets.setdefault(u, set()).add(i)
-    targets: dict[int, set[int]] = {}
-    for u, i in data.test.tolist():
-        targets.setdefault(u, set()).add(i)
-    recalls = []
-    for u, items in targets.items():
-        allowed = data.n_items - excluded[u]
-        reachable = len(items - excl_sets.get(u, set()))
-        recalls.append(reachable / len(items) * min(k, allowed) / allowed)
-    return float(np.mean(recalls))
-
-
 @pytest.fixture(scope="module")
 def gcn_run(data400: RecData, make_config):
     return train(data400, make_config("metammf_gcn"), _cfg())
@@ -141,7 +125,7 @@ def test_training_is_reproducible(data400: RecData, make_config, gcn_run) -> Non
 
 
 def test_training_beats_a_random_ranker(data400: RecData, gcn_run) -> None:
-    random_recall = _random_ranker_recall(data400)
+    random_recall = random_ranker_recall(data400)
     assert 0.05 < random_recall < 0.3
     # The analytic baseline agrees with an actual random scorer (sanity of the helper).
     gen = torch.Generator().manual_seed(0)

@@ -33,6 +33,9 @@ class DataConfig(BaseModel):
     cold_item_seed: int = Field(0, description="cold_items: seed of the held-out item draw")
 
 
+Precision = Literal["fp32", "tf32", "bf16"]  # training.precision applies it
+
+
 class TrainConfig(BaseModel):
     """Optimisation, early stopping and evaluation settings."""
 
@@ -48,6 +51,11 @@ class TrainConfig(BaseModel):
     ks: list[int] = Field(default_factory=lambda: [10, 20])
     seed: int = 2024
     device: str = "cpu"
+    precision: Precision = Field(
+        "fp32",
+        description="fp32; tf32 (CUDA only: TF32 tensor-core matrix products); bf16 (autocast the loss's "
+        "forward pass to bfloat16; parameters, optimiser and evaluation stay float32)",
+    )
     eval_batch_size: int = Field(2048, ge=1, description="users per evaluation batch")
     max_seconds: float | None = Field(None, gt=0, description="stop training after this wall time")
     progress: bool = True
@@ -68,6 +76,14 @@ class TrainConfig(BaseModel):
         if fanouts is not None and (not fanouts or any(f == 0 or f < -1 for f in fanouts)):
             raise ValueError("fanouts must be a non-empty list of positive integers (or -1 for all neighbours)")
         return fanouts
+
+    @model_validator(mode="after")
+    def _precision_fits_device(self) -> TrainConfig:
+        if self.precision == "tf32" and not self.device.startswith("cuda"):
+            raise ValueError(
+                f"train.precision=tf32 needs a CUDA device (train.device={self.device!r}); use fp32 or bf16"
+            )
+        return self
 
     def fanouts_for(self, gcn_layers: int) -> list[int]:
         """The fanout of every hop for a model with ``gcn_layers`` layers."""

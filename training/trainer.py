@@ -27,6 +27,7 @@ from training.config import TrainConfig, check_neighbor_sampling
 from training.data import RecData
 from training.distributed import DistContext, all_reduce_sum, broadcast_flag, data_parallel, local_share, process_group
 from training.evaluate import EvalResult, full_rank_evaluate
+from training.precision import run_precision, step_precision
 from training.sampling import BPRSampler
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ def train(
     with process_group(cfg.device) as (ctx, device):
         if ctx.enabled:
             cfg = cfg.model_copy(update={"device": str(device), "progress": cfg.progress and ctx.is_main})
-        return _train(data, model_config, cfg, ctx, device, evaluate)
+        with run_precision(cfg.precision, device):
+            return _train(data, model_config, cfg, ctx, device, evaluate)
 
 
 def _train(
@@ -151,13 +153,15 @@ def _train(
         for users, pos, neg in sampler.epoch():
             if ddp is None:
                 batch = [torch.from_numpy(a).to(device) for a in (users, pos, neg)]
-                loss = loss_fn(*batch)
+                with step_precision(cfg.precision, device):
+                    loss = loss_fn(*batch)
             else:
                 share, scale = local_share(len(users), ctx)
                 # An empty share (a batch smaller than the world) still runs forward and backward, for
                 # the collective all-reduce, on the whole batch with weight 0.
                 batch = [torch.from_numpy(a[share] if scale else a).to(device) for a in (users, pos, neg)]
-                loss = ddp(*batch) * scale
+                with step_precision(cfg.precision, device):
+                    loss = ddp(*batch) * scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,0 +1,28 @@
+"""Helpers of the training tests that need no service packages (the CUDA tests run with these alone)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from training.data import RecData
+from training.synthetic import SyntheticConfig
+
+TINY = SyntheticConfig(n_users=200, n_items=150, modality_dims={"visual": 16, "acoustic": 16}, seed=0)
+SMALL_MODEL = {"fused_dim": 16, "id_dim": 16, "rank": 8, "extractor_hidden": 32, "meta_dim": 5}
+
+
+def random_ranker_recall(data: RecData, k: int = 20) -> float:
+    """Expected test recall@k of a uniformly random ranking over the items the evaluator ranks for the
+    user (all but its train and valid items): k / (n_items - excluded) per reachable test item."""
+    excluded: dict[int, set[int]] = {}
+    for u, i in np.concatenate([data.train, data.valid]).tolist():
+        excluded.setdefault(u, set()).add(i)
+    targets: dict[int, set[int]] = {}
+    for u, i in data.test.tolist():
+        targets.setdefault(u, set()).add(i)
+    recalls = []
+    for u, items in targets.items():
+        seen = excluded.get(u, set())
+        ranked = data.n_items - len(seen)
+        recalls.append(len(items - seen) / len(items) * min(k, ranked) / ranked)
+    return float(np.mean(recalls))
