@@ -1,7 +1,7 @@
 PYTHON ?= .venv/bin/python
 PIP_TORCH ?= torch==2.13.0
 
-.PHONY: install install-locked lock audit test lint run bench-train bench-serve format
+.PHONY: install install-locked lock audit test lint run bench-train bench-serve bench-gpu format
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -48,6 +48,16 @@ run: install
 ## bench-train: training speed table (bench/train.py --help for options)
 bench-train: install
 	$(PYTHON) bench/train.py --quality
+
+## bench-gpu: on a machine with CUDA and a CUDA build of torch (PYTHON=...): the GPU tests, then the training
+## benches of docs/PERFORMANCE.md "GPU" (TikTok in ../shared/data/tiktok, or TIKTOK=DIR)
+TIKTOK ?= ../shared/data/tiktok
+bench-gpu:
+	$(PYTHON) -m pytest -q --noconftest tests/test_cuda.py
+	$(PYTHON) bench/train.py --device cuda --datasets tiktok --tiktok $(TIKTOK) --steps 30 --warmup 5
+	$(PYTHON) bench/train.py --device cuda --datasets tiktok --tiktok $(TIKTOK) --models metammf_gcn --tensors cp \
+		--precisions fp32 tf32 bf16 --no-reference --quality --quality-seconds 60
+	$(PYTHON) bench/train.py --device cuda --datasets paper-tiktok paper-movielens --no-reference --precisions fp32 tf32 bf16
 
 ## bench-serve: serving latency/throughput table with wrk (bench/serve.py --help for options)
 bench-serve: install
