@@ -51,6 +51,7 @@ from models.base import RecModel, bpr_loss, l2_penalty  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.metammf_gcn import MetaMMF_GCN  # noqa: E402
 from models.metammf_mf import MetaMMF_MF  # noqa: E402
+from training.allocator import keep_freed_memory  # noqa: E402
 from training.config import TrainConfig, load_run_config  # noqa: E402
 from training.data import RecData, load_mmrec, save_mmrec  # noqa: E402
 from training.precision import PRECISIONS, run_precision, step_precision  # noqa: E402
@@ -178,6 +179,7 @@ def _measure_steps(spec: dict) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times: list[float] = []  # per step: loss.item() synchronises, so this holds on a GPU too
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     while len(times) < spec["steps"] and (len(times) < 3 or time.perf_counter() - start < spec["max_seconds"]):
         t0 = time.perf_counter()
@@ -185,11 +187,14 @@ def _measure_steps(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
     # The median step: robust to bursts of other load on a shared machine.
     seconds = float(np.median(times))
+    after = resource.getrusage(resource.RUSAGE_SELF)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss()
     return {
         **spec, "s_per_100_steps": 100 * seconds, "triples_per_s": BATCH / seconds, "peak_mb": peak / 2**20,
         "timed_steps": len(times), "loss_gap": same, "n_train": len(data.train),
         "steps_per_epoch": -(-len(data.train) // BATCH),
+        "page_faults_per_step": (after.ru_minflt - before.ru_minflt) / len(times),
+        "kernel_s_per_step": (after.ru_stime - before.ru_stime) / len(times),
     }  # fmt: skip
 
 
@@ -235,10 +240,12 @@ def _measure_quality(spec: dict, data: RecData, model_config: ModelConfig, cfg: 
 
 
 # -- driver ----------------------------------------------------------------------------------------------
-def run_child(spec: dict) -> dict:
+def run_child(spec: dict, env: dict[str, str] | None = None) -> dict:
+    """One row in a fresh process (``env``: extra environment variables)."""
     out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
-    )
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
     if out.returncode != 0:
         return {**spec, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -282,6 +289,7 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()  # fmt: skip
     if args.child:
+        keep_freed_memory()  # as the training entry points do
         spec = json.loads(args.child)
         print(json.dumps(measure_quality(spec) if spec.get("kind") == "quality" else measure_steps(spec)))
         return

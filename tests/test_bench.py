@@ -40,6 +40,19 @@ def test_train_bench_runs_and_reference_matches(tmp_path: Path) -> None:
     assert "| tf32 | ours | error: ValueError: train.precision=tf32 needs a CUDA device" in tf32, tf32
 
 
+def test_allocator_bench_compares_kept_memory_with_none(tmp_path: Path) -> None:
+    env = {**os.environ, "MMF_BENCH_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "bench/allocator.py", "--dataset", "tiny", "--models", "gat", "--steps", "2", "--warmup",
+         "1", "--repeats", "1", "--keep-mb", "64"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| gat |")]
+    assert [row[1].strip() for row in rows] == ["0", "64"], out.stdout
+    assert all(float(row[2]) > 0 for row in rows) and rows[1][-1].strip().endswith("x"), out.stdout
+
+
 def test_search_bench_prints_a_row_per_side_list_setting(tmp_path: Path) -> None:
     """bench/search.py on a small stand-in artifact (the two files it reads): one row per --side setting, with
     the side list's size, the calibrated width and the measured recall of the timed searches."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from models.artifacts import ArtifactError, read_manifest
 from models.registry import model_names
+from training.allocator import keep_freed_memory
 from training.config import ConfigError, DataConfig, RunConfig, load_run_config
 from training.data import DataError, RecData, load_mmrec, save_mmrec
 from training.synthetic import SyntheticConfig, generate_synthetic
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
     try:
+        keep_freed_memory()
         return args.func(args)
     except (ConfigError, DataError, ArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)

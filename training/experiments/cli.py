@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from models.artifacts import ArtifactError
+from training.allocator import keep_freed_memory
 from training.cli import resolve_config
 from training.config import ConfigError
 from training.data import DataError
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
     try:
+        keep_freed_memory()
         if args.seeds < 1:
             raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
         base = resolve_config(args)
