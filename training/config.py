@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import tomllib
 import yaml
@@ -34,6 +34,14 @@ class DataConfig(BaseModel):
 
 
 Precision = Literal["fp32", "tf32", "bf16"]  # training.precision applies it
+
+
+def check_precision(precision: str, device: str) -> None:
+    """Raise ``ValueError`` for a precision that is unknown or that ``device`` cannot honour."""
+    if precision not in get_args(Precision):
+        raise ValueError(f"train.precision={precision!r} is not one of {', '.join(get_args(Precision))}")
+    if precision == "tf32" and not device.startswith("cuda"):
+        raise ValueError(f"train.precision=tf32 needs a CUDA device (train.device={device!r}); use fp32 or bf16")
 
 
 class TrainConfig(BaseModel):
@@ -79,10 +87,7 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _precision_fits_device(self) -> TrainConfig:
-        if self.precision == "tf32" and not self.device.startswith("cuda"):
-            raise ValueError(
-                f"train.precision=tf32 needs a CUDA device (train.device={self.device!r}); use fp32 or bf16"
-            )
+        check_precision(self.precision, self.device)
         return self
 
     def fanouts_for(self, gcn_layers: int) -> list[int]:

@@ -17,23 +17,15 @@ from typing import get_args
 
 import torch
 
-from training.config import Precision
+from training.config import Precision, check_precision
 
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
-
-
-def check_precision(precision: str, device: torch.device | str) -> None:
-    """Raise ``ValueError`` for a precision that ``device`` cannot honour."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"train.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "tf32" and torch.device(device).type != "cuda":
-        raise ValueError("train.precision=tf32 needs a CUDA device (TF32 is a tensor-core format); use fp32 or bf16")
 
 
 @contextmanager
 def run_precision(precision: Precision, device: torch.device | str) -> Iterator[None]:
     """For a whole run (training and evaluation): TF32 matrix products when asked for, restored after."""
-    check_precision(precision, device)
+    check_precision(precision, str(device))
     if precision != "tf32":
         yield
         return

@@ -151,16 +151,14 @@ def _train(
         model.train()
         start, total_loss = time.perf_counter(), 0.0
         for users, pos, neg in sampler.epoch():
-            if ddp is None:
-                batch = [torch.from_numpy(a).to(device) for a in (users, pos, neg)]
-                with step_precision(cfg.precision, device):
-                    loss = loss_fn(*batch)
-            else:
-                share, scale = local_share(len(users), ctx)
-                # An empty share (a batch smaller than the world) still runs forward and backward, for
-                # the collective all-reduce, on the whole batch with weight 0.
-                batch = [torch.from_numpy(a[share] if scale else a).to(device) for a in (users, pos, neg)]
-                with step_precision(cfg.precision, device):
+            with step_precision(cfg.precision, device):
+                if ddp is None:
+                    loss = loss_fn(*(torch.from_numpy(a).to(device) for a in (users, pos, neg)))
+                else:
+                    share, scale = local_share(len(users), ctx)
+                    # An empty share (a batch smaller than the world) still runs forward and backward, for
+                    # the collective all-reduce, on the whole batch with weight 0.
+                    batch = [torch.from_numpy(a[share] if scale else a).to(device) for a in (users, pos, neg)]
                     loss = ddp(*batch) * scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
