@@ -156,23 +156,31 @@ def test_grcn_refined_edge_weights_are_in_unit_interval_on_training_edges(tiny_d
     assert (weight[edge_index[0] == 3] == 0).all()
     # Edge dropout thins the graph in training only.
     dropped = build_model(tiny_data, make_config("grcn", edge_dropout=0.5), 1e-4)
-    assert dropped.train().graph().shape[1] < dropped.user_item.shape[1]
-    assert torch.equal(dropped.eval().graph(), dropped.user_item)
+    n_both = 2 * dropped.user_item.shape[1]
+    assert dropped.train().graphs().both.edge_index.shape[1] < n_both
+    assert dropped.eval().graphs().both.edge_index.shape[1] == n_both
 
 
 def test_grcn_refining_attention_is_pyg_agnnconv(tiny_data: RecData, make_config) -> None:
     config = make_config("grcn")
-    model = build_model(tiny_data, config, 1e-4)
-    edge_index = torch.cat([model.user_item, model.user_item.flip(0)], dim=1)
+    model = build_model(tiny_data, config, 1e-4).eval()
+    graphs = model.graphs()
+    edge_index = graphs.both.edge_index
     x = F.normalize(torch.randn(model.n_nodes, 8, generator=torch.Generator().manual_seed(0)), dim=1)
-    aggregated, alpha = attention(x, edge_index, model.n_nodes)
+    aggregated, alpha = attention(x, graphs.both)
     reference = AGNNConv(requires_grad=False, add_self_loops=False)  # beta = 1: softmax of the cosine
     torch.testing.assert_close(aggregated, reference(x, edge_index), atol=1e-6, rtol=1e-5)
     sums = torch.zeros(model.n_nodes).index_add_(0, edge_index[1], alpha)
     torch.testing.assert_close(sums[edge_index[1].unique()], torch.ones(len(edge_index[1].unique())))
     # ID convolutions are PyG LGConv without normalisation; representations are [ID ; content per modality].
-    assert len(model.id_convs) == config.gcn_layers and all(type(c) is LGConv for c in model.id_convs)
-    user_emb, item_emb = model.eval().get_embedding()
+    _, weight, content = model.refine(graphs)
+    h = F.normalize(model.id_embedding, dim=1)
+    total = h
+    for _ in range(config.gcn_layers):
+        h = LGConv(normalize=False)(h, edge_index, weight)
+        total = total + h
+    user_emb, item_emb = model.get_embedding()
+    torch.testing.assert_close(torch.cat([user_emb, item_emb]), torch.cat([total, *content], dim=1))
     assert user_emb.shape[1] == item_emb.shape[1] == config.embedding_dim + 2 * config.fused_dim
 
 
