@@ -53,6 +53,20 @@ def test_allocator_bench_compares_kept_memory_with_none(tmp_path: Path) -> None:
     assert all(float(row[2]) > 0 for row in rows) and rows[1][-1].strip().endswith("x"), out.stdout
 
 
+def test_edge_ops_bench_times_both_formulations_of_grcn(tmp_path: Path) -> None:
+    env = {**os.environ, "MMF_BENCH_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "bench/edge_ops.py", "--dataset", "tiny", "--steps", "2", "--repeats", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [row[0].strip() for row in rows] == [
+        "edge scores, fwd + bwd", "weighted sum, fwd + bwd", "GRCN training step"
+    ], out.stdout  # fmt: skip
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 and row[3].strip().endswith("x") for row in rows)
+
+
 def test_search_bench_prints_a_row_per_side_list_setting(tmp_path: Path) -> None:
     """bench/search.py on a small stand-in artifact (the two files it reads): one row per --side setting, with
     the side list's size, the calibrated width and the measured recall of the timed searches."""
