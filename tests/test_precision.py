@@ -18,7 +18,7 @@ from training.trainer import train
 TRAIN = TrainConfig(epochs=15, batch_size=256, lr=0.005, patience=100, progress=False, seed=7)
 
 
-@pytest.mark.parametrize("name", ["metammf_gcn", "metammf_mf", "lightgcn", "lattice"])
+@pytest.mark.parametrize("name", ["metammf_gcn", "metammf_mf", "lightgcn", "lattice", "grcn"])
 def test_bf16_autocast_trains_and_keeps_float32_weights(tiny_data: RecData, make_config, name: str) -> None:
     result = train(tiny_data, make_config(name), TRAIN.model_copy(update={"precision": "bf16"}))
     losses = [h["loss"] for h in result.history]
