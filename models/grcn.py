@@ -176,6 +176,10 @@ class GRCN(RecModel):
         if self.training and self.config.edge_dropout > 0:
             kept = dropout_edge(self.user_item, p=self.config.edge_dropout)[0]
             return RefiningGraphs.from_user_item(kept, self.n_nodes)
+        return self.full_graphs()
+
+    def full_graphs(self) -> RefiningGraphs:
+        """The refining graphs over all training edges, built once per device."""
         if self._full_graphs is None or self._full_graphs.both.edge_index.device != self.user_item.device:
             self._full_graphs = RefiningGraphs.from_user_item(self.user_item, self.n_nodes)
         return self._full_graphs
@@ -194,7 +198,7 @@ class GRCN(RecModel):
 
     def refined_edge_weights(self) -> tuple[Tensor, Tensor]:
         """The refined graph over all training edges: (edge_index (2, 2E) over [users | items], weights (2E,))."""
-        edge_index, weight, _ = self.refine(RefiningGraphs.from_user_item(self.user_item, self.n_nodes))
+        edge_index, weight, _ = self.refine(self.full_graphs())
         return edge_index, weight
 
     def propagate(self) -> Tensor:
