@@ -150,12 +150,14 @@ class SAGETower(nn.Module):
         for layer in range(len(self.convs) - 1):
             states.append(self.node_update(layer, states[-1], aggregate(states[-1])))
         h = states[-1]
-        last = self.node_update(len(self.convs) - 1, h[unique], aggregate(h)[unique])
+        # index_select, not h[unique]: its backward (index_add_) is 3-4x faster on CPU than the
+        # accumulating index_put_ that advanced indexing backpropagates through.
+        last = self.node_update(len(self.convs) - 1, h.index_select(0, unique), aggregate(h).index_select(0, unique))
         if self.layer_combine == "last":
-            return last[inverse]
+            return last.index_select(0, inverse)
         # Sum the full states first: one gather to backpropagate through instead of one per layer.
-        earlier = sum(states[1:], states[0])[unique]
-        return ((earlier + last) / (len(states) + 1))[inverse]
+        earlier = sum(states[1:], states[0]).index_select(0, unique)
+        return ((earlier + last) / (len(states) + 1)).index_select(0, inverse)
 
     def _activate(self, layer: int, h: Tensor) -> Tensor:
         last = layer == len(self.convs) - 1
