@@ -380,6 +380,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 build_seconds=round(engine.index.build_seconds, 3),
                 dead_slots=engine.index.dead_slots,
             ),
+            precomputed=engine.precomputed_info(),
         )
 
     @app.get("/recommend/{user_id}", response_model=schemas.RecommendationOut, tags=["recommend"],
@@ -387,8 +388,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
              summary="Top-k items for a user, already-seen items excluded")  # fmt: skip
     async def recommend(request: Request, user_id: UserId, k: K = DEFAULT_K) -> Response:
         engine = request.app.state.runtime.engine  # as engine_of, without a dependency to resolve
-        if engine.quick_recommend(user_id):
-            rec = engine.recommend(user_id, k)  # a bounded search (approximate or small index): no thread hop
+        if engine.quick_recommend(user_id, k):
+            rec = engine.recommend(user_id, k)  # bounded work (precomputed list, approximate or small index)
         else:
             rec = await run_in_threadpool(engine.recommend, user_id, k)
         body = render_recommendation(user_id, engine.artifact_id, rec.strategy, rec.item_ids, rec.scores)

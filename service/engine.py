@@ -18,6 +18,7 @@ import torch
 
 from models.artifacts import Bundle
 from service.index import IndexConfig, ItemIndex
+from service.precomputed import OnlineVectors, PrecomputedTopK
 
 
 class InputError(ValueError):
@@ -45,7 +46,11 @@ class Recommendation:
 class Engine:
     """Serves one artifact version plus the online items and interactions applied to it."""
 
-    def __init__(self, bundle: Bundle, index_config: IndexConfig | None = None) -> None:
+    # Items that came online after the artifact, scored exactly next to a precomputed list: above this many
+    # the scan costs about what an index search does (10,000 x 64 floats: ~0.1 ms), so the index answers.
+    ONLINE_SCAN_MAX = 10_000
+
+    def __init__(self, bundle: Bundle, index_config: IndexConfig | None = None, precomputed_k: int = 0) -> None:
         self.bundle = bundle
         self.artifact_id = bundle.artifact_id
         # Tags the events of writes this engine applied itself (its follower skips them); a new engine
@@ -81,6 +86,18 @@ class Engine:
         self._seen_items = inter[order, 1]
         self._seen_ptr = np.searchsorted(inter[order, 0], np.arange(len(bundle.user_ids) + 1))
         self.online_seen: dict[str, set[int]] = {}
+        # Exact top-K per training user (service/precomputed.py); training rows deleted or replaced since
+        # the artifact (their listed scores are stale), and the online vectors as one array for the scan.
+        self.precomputed = (
+            PrecomputedTopK(
+                bundle.user_embeddings, bundle.item_embeddings, self._seen_ptr, self._seen_items,
+                precomputed_k, threads=self.index.config.build_threads,
+            )
+            if precomputed_k > 0 and len(bundle.user_ids)
+            else None
+        )  # fmt: skip
+        self._changed_training_rows: set[int] = set()
+        self._online_vectors = OnlineVectors(self.dim)  # online_embeddings as one array
 
     # -- catalogue ------------------------------------------------------------------------------------
     @property
@@ -164,6 +181,7 @@ class Engine:
             self.online_embeddings[row] = embedding.astype(np.float32)
             self.online_states[row] = states.astype(np.float32)
             self.online_items.add(item_id)
+            self._online_changed(row)
             if row not in self.popularity:
                 self.popularity[row] = 0.0
                 self._rank_changed(row)
@@ -178,6 +196,7 @@ class Engine:
             self.online_embeddings.pop(row, None)
             self.online_states.pop(row, None)
             self.online_items.discard(item_id)
+            self._online_changed(row)
             # popularity is kept: an item added again gets its counts back, as a restarted replica would
             return True
 
@@ -221,17 +240,84 @@ class Engine:
             picked = self.index.search(query, k, exclude)
             return [self.row_items[r] for r, _ in picked], [s for _, s in picked]
 
-    def quick_recommend(self, user_id: str) -> bool:
-        """Whether ``recommend(user_id)`` is a bounded search that can run on the event loop: a training user
-        and an approximate index (or a small one). Others (a flat scan of a large catalogue, a new user's
-        tower pass) run in a worker thread."""
-        return user_id in self.user_rows and self.index.bounded_search
+    def _from_precomputed(self, user_row: int, k: int, exclude: set[int]) -> tuple[list[str], list[float]] | None:
+        """The exact top k from the user's precomputed list and a scan of the online items, or None when the
+        list runs out before k valid entries (the index answers then). Same order as the index: score, row."""
+        if self.precomputed is None or k <= 0:
+            return None
+        rows, scores, complete = self.precomputed.best(user_row)
+        with self._lock:
+            if len(self._online_vectors) > self.ONLINE_SCAN_MAX:
+                return None
+            picked_rows, picked_scores = [], []
+            for r, score in zip(rows.tolist(), scores.tolist(), strict=True):
+                # deleted or replaced since the artifact (the online scan has the new vector), or seen online
+                if r in self._changed_training_rows or r in exclude:
+                    continue
+                picked_rows.append(r)
+                picked_scores.append(score)
+                if len(picked_rows) == k:
+                    break
+            if len(picked_rows) < k and not complete:
+                return None
+            online_rows, vectors = self._online_vectors.arrays()
+            if len(online_rows):
+                online_scores = vectors @ self.bundle.user_embeddings[user_row]
+                want = k + len(exclude)  # excluded items take at most len(exclude) of the best places
+                if want < len(online_scores):  # the best ``want``, and every item tied with the last of them
+                    cut = np.partition(online_scores, len(online_scores) - want)[len(online_scores) - want]
+                    best = np.flatnonzero(online_scores >= cut)
+                    online_rows, online_scores = online_rows[best], online_scores[best]
+                for r, score in zip(online_rows.tolist(), online_scores.tolist(), strict=True):
+                    if r not in exclude:
+                        picked_rows.append(r)
+                        picked_scores.append(score)
+                order = sorted(range(len(picked_rows)), key=lambda i: (-picked_scores[i], picked_rows[i]))[:k]
+                picked_rows = [picked_rows[i] for i in order]
+                picked_scores = [picked_scores[i] for i in order]
+            return [self.row_items[r] for r in picked_rows], picked_scores
+
+    def _online_changed(self, row: int) -> None:
+        """After an upsert or delete of ``row`` (under the lock): the online scan follows ``online_embeddings``,
+        and a training row's precomputed scores no longer hold."""
+        if row in self.online_embeddings:
+            self._online_vectors.put(row, self.online_embeddings[row])
+        else:
+            self._online_vectors.remove(row)
+        if row < len(self._training_rows):
+            self._changed_training_rows.add(row)
+
+    def precomputed_info(self) -> dict | None:
+        if self.precomputed is None:
+            return None
+        with self._lock:
+            changed, online = len(self._changed_training_rows), len(self._online_vectors)
+        return {"k": self.precomputed.k, "seconds": round(self.precomputed.seconds, 3),
+                "changed_training_items": changed, "online_items": online}  # fmt: skip
+
+    def quick_recommend(self, user_id: str, k: int) -> bool:
+        """Whether ``recommend(user_id, k)`` is bounded work that can run on the event loop: a training user
+        whose precomputed list is sure to answer, or an approximate index (or a small one). Others (a flat
+        scan of a large catalogue, a new user's tower pass) run in a worker thread."""
+        if user_id not in self.user_rows:
+            return False
+        return self.index.bounded_search or self._list_suffices(user_id, k)
+
+    def _list_suffices(self, user_id: str, k: int) -> bool:
+        """Whether the precomputed list answers for sure: each online interaction and each changed training
+        row removes at most one entry from it, and the online items are few enough to scan."""
+        if self.precomputed is None or len(self._online_vectors) > self.ONLINE_SCAN_MAX:
+            return False
+        _, _, complete = self.precomputed.best(self.user_rows[user_id])
+        removed = len(self.online_seen.get(user_id, ())) + len(self._changed_training_rows)
+        return complete or k + removed <= self.precomputed.lengths[self.user_rows[user_id]]
 
     def recommend(self, user_id: str, k: int) -> Recommendation:
         seen = self.seen_rows(user_id)
         user_row = self.user_rows.get(user_id)
         if user_row is not None:
-            items, scores = self._search(self.bundle.user_embeddings[user_row], k, seen)
+            found = self._from_precomputed(user_row, k, seen)
+            items, scores = found or self._search(self.bundle.user_embeddings[user_row], k, seen)
             return Recommendation("model", items, scores)
         with self._lock:
             live = [r for r in seen if r in self.row_items]

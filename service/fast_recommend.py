@@ -1,8 +1,9 @@
 """``GET /recommend/{user_id}`` without the framework, for the requests where the framework is most of the cost.
 
-With a bounded index search (hnsw, ivf, a small flat index) a recommendation for a training user takes about
-0.1 ms; FastAPI's routing, parameter validation and dependency resolution around it took twice that
-(in-process, 2-core machine), so the endpoint served well under half the requests per second of a no-op one.
+With a precomputed list or a bounded index search (hnsw, ivf, a small flat index) a recommendation for a
+training user takes about 0.1 ms; FastAPI's routing, parameter validation and dependency resolution around it
+took twice that (in-process, 2-core machine), so the endpoint served well under half the requests per second of
+a no-op one.
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ class FastRecommend:
     It takes a request only when: the method is GET; the rest of the path is one segment that satisfies the
     route's ``user_id`` constraints (1 to ``ID_MAX_LENGTH`` characters of ``ID_PATTERN``); the query string is
     empty or exactly ``k=N`` with N in canonical decimal form within 1..``max_k``; reads need no API key; and
-    the engine can answer on the event loop (``Engine.quick_recommend``: a training user and a bounded index
-    search). All else, errors included, goes to the FastAPI route, which stays the documented endpoint (OpenAPI) and the
-    reference: tests compare the two answers byte for byte. The matched route is put in the scope as FastAPI
-    does, so request metrics label these requests like the route's own.
+    the engine can answer on the event loop (``Engine.quick_recommend``: a training user whose precomputed
+    list answers, or a bounded index search). All else, errors included, goes to the FastAPI route, which stays
+    the documented endpoint (OpenAPI) and the reference: tests compare the two answers byte for byte. The
+    matched route is put in the scope as FastAPI does, so request metrics label these requests like the
+    route's own.
     """
 
     def __init__(self, app, max_k: int, enabled: bool = True) -> None:
@@ -92,7 +94,7 @@ class FastRecommend:
             k = int(match.group(1))
         runtime = getattr(scope["app"].state, "runtime", None)
         engine = getattr(runtime, "engine", None)
-        if engine is None or not engine.quick_recommend(user_id):
+        if engine is None or not engine.quick_recommend(user_id, k):
             return None
         try:
             rec = engine.recommend(user_id, k)

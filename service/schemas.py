@@ -106,6 +106,15 @@ class IndexInfo(BaseModel):
     dead_slots: int = Field(description="deleted or replaced vectors still held (hnsw, ivf: until the next build)")
 
 
+class PrecomputedInfo(BaseModel):
+    k: int = Field(description="length of each training user's exact top-k list (MMF_PRECOMPUTED_K)")
+    seconds: float = Field(description="time this replica took to compute the lists")
+    changed_training_items: int = Field(
+        description="training items deleted or replaced since the artifact (skipped in the lists)"
+    )
+    online_items: int = Field(description="items scored exactly next to the lists (added or replaced online)")
+
+
 class Info(BaseModel):
     artifact_id: str = Field(description="artifact served by this replica")
     stored_artifact_id: str | None = Field(
@@ -119,6 +128,9 @@ class Info(BaseModel):
     n_items: int
     embedding_dim: int
     index: IndexInfo = Field(description="the item index this replica searches (MMF_INDEX)")
+    precomputed: PrecomputedInfo | None = Field(
+        None, description="the precomputed top-k lists /recommend answers training users from (null: off)"
+    )
 
 
 class Error(BaseModel):

@@ -71,6 +71,14 @@ class Settings(BaseSettings):
         "narrowest width whose recall@20 against exact search on sample user queries reaches this; 0 = off",
     )
     ann_calibration_queries: int = Field(500, ge=1, le=100_000, description="user queries sampled for calibration")
+    precomputed_k: int = Field(
+        100,
+        ge=0,
+        le=10_000,
+        description="exact top-k lists of this length for every training user, computed at start-up and after a "
+        "reload (users x items inner products, on MMF_INDEX_BUILD_THREADS threads): /recommend answers from them "
+        "plus a scan of the items added online, and searches the index only when a list runs out; 0 = off",
+    )
 
     @model_validator(mode="after")
     def _ivf_probes(self) -> Settings:

@@ -1,0 +1,136 @@
+"""Precomputed exact top-k lists (service/precomputed.py, ``MMF_PRECOMPUTED_K``): the lists against brute force
+(exclusions, ties across the cut, short lists), and an engine answering from them against an engine searching an
+exact index, through random sequences of online interactions, new, replaced, deleted and re-added items, with
+the fallbacks (list run out, too many online items, k beyond the list) taken. Real FAISS; no timing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.engine import Engine
+from service.loading import load_bundle
+from service.precomputed import OnlineVectors, PrecomputedTopK
+from tests.service_support import Artifact
+
+
+def brute_force(users: np.ndarray, items: np.ndarray, seen: list[set[int]], k: int) -> list[list[int]]:
+    """Best k rows per user by (score desc, row asc), seen rows skipped."""
+    out = []
+    for u, query in enumerate(users):
+        scores = items @ query
+        order = sorted((r for r in range(len(items)) if r not in seen[u]), key=lambda r: (-scores[r], r))
+        out.append(order[:k])
+    return out
+
+
+def csr(seen: list[set[int]]) -> tuple[np.ndarray, np.ndarray]:
+    ptr = np.cumsum([0] + [len(s) for s in seen])
+    return ptr, np.array([r for s in seen for r in sorted(s)], dtype=np.int64)
+
+
+def test_lists_are_the_exact_top_k_with_exclusions_and_short_lists() -> None:
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(300, 16)).astype(np.float32)
+    users = rng.normal(size=(600, 16)).astype(np.float32)  # more users than one block of 256
+    seen = [set(rng.choice(300, rng.integers(0, 40), replace=False).tolist()) for _ in range(len(users))]
+    seen[5] = set(range(295))  # 5 unseen items: a complete, short list
+    lists = PrecomputedTopK(users, items, *csr(seen), k=12, threads=1)
+    expected = brute_force(users, items, seen, 12)
+    for u in range(len(users)):
+        rows, scores, complete = lists.best(u)
+        assert rows.tolist() == expected[u]
+        np.testing.assert_allclose(scores, (items[rows] @ users[u]), rtol=1e-5, atol=1e-5)
+        assert complete == (u == 5)
+    assert sorted(lists.best(5)[0].tolist()) == [295, 296, 297, 298, 299]
+
+
+def test_a_tie_across_the_cut_is_left_out() -> None:
+    """Rows 3, 7 and 9 share the 2nd-best score: with k = 3 a list could not say which of them an item
+    outside it ranks below, so it stops before the tied group."""
+    items = np.array([[5.0], [1.0], [0.5], [2.0], [0.1], [0.2], [0.3], [2.0], [0.4], [2.0]], dtype=np.float32)
+    users = np.array([[1.0], [-1.0]], dtype=np.float32)
+    lists = PrecomputedTopK(users, items, *csr([set(), set()]), k=3, threads=1)
+    rows, _, complete = lists.best(0)
+    assert rows.tolist() == [0] and not complete
+    lists = PrecomputedTopK(users, items, *csr([set(), set()]), k=4, threads=1)
+    assert lists.best(0)[0].tolist() == [0, 3, 7, 9]  # the whole group fits: ordered by row
+    assert lists.best(1)[0].tolist() == [4, 5, 6, 8]
+
+
+def test_online_vectors_follow_puts_and_removes() -> None:
+    rng = np.random.default_rng(1)
+    online, expected = OnlineVectors(4), {}
+    for _ in range(500):
+        row = int(rng.integers(0, 60))
+        if rng.random() < 0.6:
+            expected[row] = rng.normal(size=4).astype(np.float32)
+            online.put(row, expected[row])
+        else:
+            expected.pop(row, None)
+            online.remove(row)
+        rows, vectors = online.arrays()
+        assert len(online) == len(expected) == len(rows) and set(rows.tolist()) == set(expected)
+        for r, v in zip(rows.tolist(), vectors, strict=True):
+            np.testing.assert_array_equal(v, expected[r])
+
+
+@pytest.mark.parametrize("scan_max", [10_000, 3])
+def test_engine_answers_like_an_exact_search_through_online_changes(artifact: Artifact, scan_max: int) -> None:
+    """Two engines over the same artifact get the same random writes; the one answering from 10-item lists
+    (and a scan of the online items, or with ``scan_max`` 3 mostly the index) must answer what the flat index
+    of the other finds, for every k up to past the lists' length."""
+    bundle = load_bundle(artifact.path)
+    listed, exact = Engine(bundle, precomputed_k=10), Engine(bundle)
+    listed.ONLINE_SCAN_MAX = scan_max
+    assert listed.precomputed is not None and exact.precomputed is None
+    rng = np.random.default_rng(4)
+    embeddings, states = listed.fuse(listed.feature_matrix([artifact.features(r, 2.0) for r in range(8)]))
+    ids, from_lists = list(artifact.item_ids), 0
+    users = artifact.user_ids[:40]
+    for step in range(250):
+        action, emb = rng.random(), embeddings[rng.integers(0, 8)] * rng.uniform(0.5, 3.0)
+        if action < 0.35:  # interactions: the list loses entries
+            user, item = users[rng.integers(0, len(users))], ids[rng.integers(0, len(ids))]
+            for engine in (listed, exact):
+                engine.record_interaction(user, item)
+        elif action < 0.5:  # a new item
+            ids.append(f"new{step}")
+            for engine in (listed, exact):
+                engine.upsert(ids[-1], (1 << 32) + step, emb, states[0])
+        elif action < 0.6:  # a deletion (often of an item high in the lists)
+            top = listed.recommend(users[rng.integers(0, len(users))], 3).item_ids
+            item = top[0] if top and rng.random() < 0.5 else ids[rng.integers(0, len(ids))]
+            for engine in (listed, exact):
+                engine.delete(item)
+        elif action < 0.7:  # a training item replaced (or re-added) with a new vector
+            item = artifact.item_ids[rng.integers(0, len(artifact.item_ids))]
+            for engine in (listed, exact):
+                engine.upsert(item, listed.training_row(item), emb, states[0])
+        user, k = users[rng.integers(0, len(users))], int(rng.integers(1, 14))
+        quick = listed.quick_recommend(user, k)
+        answered = listed._from_precomputed(listed.user_rows[user], k, listed.seen_rows(user)) is not None
+        from_lists += answered
+        got, want = listed.recommend(user, k), exact.recommend(user, k)
+        assert got.strategy == want.strategy == "model"
+        assert got.item_ids == want.item_ids, step
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+        if listed._list_suffices(user, k):
+            assert answered  # what quick_recommend promises: the list answers
+        assert quick == (listed.index.bounded_search or listed._list_suffices(user, k))
+    info = listed.precomputed_info()
+    assert info["k"] == 10 and info["changed_training_items"] > 0 and info["online_items"] > 0
+    # Both paths ran: the lists answered most requests (until more than 3 items came online, with scan_max
+    # 3), the index the rest (k beyond a list, a list run out, the online items too many to scan).
+    assert 0 < from_lists < 250
+    if scan_max > 3:
+        assert from_lists > 150
+
+
+def test_new_user_and_precomputed_off(artifact: Artifact) -> None:
+    bundle = load_bundle(artifact.path)
+    engine = Engine(bundle, precomputed_k=0)
+    assert engine.precomputed is None and engine.precomputed_info() is None
+    assert not engine.quick_recommend("someone-new", 5)
+    listed = Engine(bundle, precomputed_k=5)
+    assert listed.recommend("someone-new", 5).strategy == "popular"
