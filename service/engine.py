@@ -18,7 +18,7 @@ import torch
 
 from models.artifacts import Bundle
 from service.index import IndexConfig, ItemIndex
-from service.precomputed import OnlineVectors, PrecomputedTopK
+from service.precomputed import OnlineVectors, PrecomputedTopK, row_scores
 
 
 class InputError(ValueError):
@@ -262,20 +262,27 @@ class Engine:
                 return None
             online_rows, vectors = self._online_vectors.arrays()
             if len(online_rows):
-                online_scores = vectors @ self.bundle.user_embeddings[user_row]
-                want = k + len(exclude)  # excluded items take at most len(exclude) of the best places
-                if want < len(online_scores):  # the best ``want``, and every item tied with the last of them
-                    cut = np.partition(online_scores, len(online_scores) - want)[len(online_scores) - want]
-                    best = np.flatnonzero(online_scores >= cut)
-                    online_rows, online_scores = online_rows[best], online_scores[best]
-                for r, score in zip(online_rows.tolist(), online_scores.tolist(), strict=True):
-                    if r not in exclude:
-                        picked_rows.append(r)
-                        picked_scores.append(score)
-                order = sorted(range(len(picked_rows)), key=lambda i: (-picked_scores[i], picked_rows[i]))[:k]
-                picked_rows = [picked_rows[i] for i in order]
-                picked_scores = [picked_scores[i] for i in order]
+                query = self.bundle.user_embeddings[user_row]
+                best_rows, best_scores = self._best_online(online_rows, row_scores(vectors, query), k, exclude)
+                picked = sorted(
+                    zip(picked_scores + best_scores, picked_rows + best_rows, strict=True), key=lambda p: (-p[0], p[1])
+                )
+                picked_scores, picked_rows = [p[0] for p in picked[:k]], [p[1] for p in picked[:k]]
             return [self.row_items[r] for r in picked_rows], picked_scores
+
+    @staticmethod
+    def _best_online(rows: np.ndarray, scores: np.ndarray, k: int, exclude: set[int]) -> tuple[list[int], list[float]]:
+        """The best k (rows, scores) of the online scan by score, then row, none of ``exclude``; in numpy, since
+        many online items may tie (the same features posted again)."""
+        want = k + len(exclude)  # excluded items take at most len(exclude) of the best places
+        if want < len(scores):  # the best ``want``, and every item tied with the last of them
+            best = np.flatnonzero(scores >= np.partition(scores, len(scores) - want)[len(scores) - want])
+            rows, scores = rows[best], scores[best]
+        if exclude:
+            keep = ~np.isin(rows, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
+            rows, scores = rows[keep], scores[keep]
+        order = np.lexsort((rows, -scores))[:k]
+        return rows[order].tolist(), scores[order].tolist()
 
     def _online_changed(self, row: int) -> None:
         """After an upsert or delete of ``row`` (under the lock): the online scan follows ``online_embeddings``,

@@ -8,7 +8,9 @@ interactions, many deleted items) or when too many items came online for a scan 
 
 Lists are ordered by score, then row (the index's order), and hold exactly the best K by that order: when
 the K-th and the (K+1)-th score tie, the tied group is cut off (the list gets shorter), so that an item
-outside a list never ranks before an item inside it.
+outside a list never ranks before an item inside it. A matrix product does not give identical rows identical
+scores (BLAS kernels treat a block's last rows differently), so it only picks candidates; their scores come
+from :func:`row_scores`, the same for the same vector wherever it is stored, and the online scan uses it too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ import numpy as np
 import torch
 
 USER_BLOCK = 256  # users scored per matrix product: (256, items) float32 scores at a time
+MARGIN = 16  # candidates per user beyond k, so that the rounding of the product cannot hide one
+
+
+def row_scores(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """``vectors @ query`` computed alike for every row (einsum's loop, not BLAS), so equal vectors score
+    exactly equal and ties are broken by row on every replica, however the vectors are laid out."""
+    return np.einsum("...ij,...j->...i", vectors, query)
 
 
 @contextlib.contextmanager
@@ -66,7 +75,10 @@ class PrecomputedTopK:
         items = torch.from_numpy(np.ascontiguousarray(item_embeddings, dtype=np.float32))
         users = torch.from_numpy(np.ascontiguousarray(user_embeddings, dtype=np.float32))
         ptr, seen = torch.from_numpy(seen_ptr.astype(np.int64)), torch.from_numpy(seen_items.astype(np.int64))
-        take = min(self.k + 1, n_items)  # one more, to detect a tie across the cut
+        take = min(self.k + MARGIN, n_items)
+        item_array = items.numpy()
+        # How far a float32 product can be off: below d * 2^-24 |u| |x| (sums of d products); 4x that.
+        error = 4 * item_embeddings.shape[1] * 2.0**-24 * float(np.linalg.norm(item_array, axis=1).max(initial=0))
         with _torch_threads(threads or os.cpu_count() or 1), torch.no_grad():
             for lo in range(0, n_users, USER_BLOCK):
                 hi = min(lo + USER_BLOCK, n_users)
@@ -74,22 +86,32 @@ class PrecomputedTopK:
                 counts = ptr[lo + 1 : hi + 1] - ptr[lo:hi]
                 block_rows = torch.repeat_interleave(torch.arange(hi - lo), counts)
                 scores[block_rows, seen[ptr[lo] : ptr[hi]]] = -math.inf
-                top_scores, top_rows = torch.topk(scores, take, dim=1)
-                self._store(lo, top_scores.numpy(), top_rows.numpy())
+                product, rows = (t.numpy() for t in torch.topk(scores, take, dim=1))
+                query = users[lo:hi].numpy()
+                exact = np.where(np.isfinite(product), row_scores(item_array[rows], query), -np.inf)
+                # Items outside the candidates score at most the last candidate's product, plus its error.
+                bound = product[:, -1] + error * np.linalg.norm(query, axis=1)
+                self._store(lo, exact.astype(np.float32), rows, bound, all_listed=take == n_items)
         self.seconds = time.perf_counter() - start
 
-    def _store(self, lo: int, scores: np.ndarray, rows: np.ndarray) -> None:
-        order = np.lexsort((rows, -scores), axis=1)  # by score, then row (topk leaves ties in any order)
+    def _store(self, lo: int, scores: np.ndarray, rows: np.ndarray, bound: np.ndarray, all_listed: bool) -> None:
+        """Keep, per user, the candidates sure to beat every item outside them (all of them if every item is
+        a candidate), best first, at most k, a tie across the k-th place cut off."""
+        order = np.lexsort((rows, -scores), axis=1)  # by score, then row
         scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
         for i in range(len(rows)):
-            valid = int(np.isfinite(scores[i]).sum())  # -inf: a known interaction
-            length = min(valid, self.k)
-            complete = valid <= self.k
-            if not complete and scores[i, self.k] == scores[i, self.k - 1]:  # a tie across the cut: drop it
-                length = int(np.searchsorted(-scores[i, : self.k], -scores[i, self.k - 1], side="left"))
+            unseen = int(np.isfinite(scores[i]).sum())  # -inf: a known interaction
+            sure = unseen if all_listed or not np.isfinite(bound[i]) else int((scores[i] > bound[i]).sum())
+            length = min(sure, self.k)
+            if length < sure and scores[i, length] == scores[i, length - 1]:  # a tie across the cut: drop it
+                length = int(np.searchsorted(-scores[i, :length], -scores[i, length - 1], side="left"))
             self.rows[lo + i, :length] = rows[i, :length]
             self.scores[lo + i, :length] = scores[i, :length]
-            self.lengths[lo + i], self.complete[lo + i] = length, complete
+            # complete: every unseen item is in the list
+            self.lengths[lo + i], self.complete[lo + i] = (
+                length,
+                length == unseen and (all_listed or unseen < len(rows[i])),
+            )
 
     def best(self, user_row: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """(rows, scores, complete) of a user's list, best first."""
