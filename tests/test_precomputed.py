@@ -11,7 +11,7 @@ import pytest
 from service.engine import Engine
 from service.loading import load_bundle
 from service.precomputed import OnlineVectors, PrecomputedTopK, row_scores
-from tests.service_support import Artifact
+from tests.service_support import Artifact, rec
 
 
 def brute_force(users: np.ndarray, items: np.ndarray, seen: list[set[int]], k: int) -> list[list[int]]:
@@ -142,3 +142,17 @@ def test_new_user_and_precomputed_off(artifact: Artifact) -> None:
     assert not engine.quick_recommend("someone-new", 5)
     listed = Engine(bundle, precomputed_k=5)
     assert listed.recommend("someone-new", 5).strategy == "popular"
+
+
+@pytest.mark.parametrize("precomputed_k", [100, 0])
+def test_service_answers_from_the_lists_and_reports_them(make_client, artifact: Artifact, precomputed_k: int) -> None:
+    """Through HTTP (fast path and route): the exact top k either way; /info says whether lists serve."""
+    with make_client(precomputed_k=precomputed_k, index="ivf", ivf_nlist=4, ivf_exact_min_items=0) as client:
+        info = client.get("/info").json()["precomputed"]
+        assert (info["k"] if info else 0) == min(precomputed_k, len(artifact.item_ids))
+        for user in artifact.user_ids[:30]:
+            answer = [i["item_id"] for i in rec(client, user, 10)["items"]]
+            if precomputed_k:  # exact, where the approximate index alone is only calibrated to a recall
+                assert answer == artifact.expected_top(user, 10)
+            else:
+                assert len(answer) == 10
