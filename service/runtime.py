@@ -129,9 +129,21 @@ class Runtime:
     def build(self, bundle: Bundle) -> tuple[Engine, str]:
         """A new engine for ``bundle`` holding everything in Redis (online items re-fused if they were
         fused by another artifact); raises IncompatibleState if stored items do not fit it."""
-        engine = Engine(bundle, IndexConfig.from_settings(self.settings), self.settings.precomputed_k)
+        engine = Engine(bundle, IndexConfig.from_settings(self.settings), self.precomputed_k(bundle))
         position = load_state(engine, self.state)
         return engine, position
+
+    def precomputed_k(self, bundle: Bundle) -> int:
+        """MMF_PRECOMPUTED_K, or 0 (no lists) when users x items is above MMF_PRECOMPUTED_MAX_PAIRS: the lists
+        cost one inner product per pair before the engine serves."""
+        pairs = len(bundle.user_ids) * len(bundle.item_ids)
+        if self.settings.precomputed_k and pairs > self.settings.precomputed_max_pairs:
+            log.warning(
+                "no precomputed lists: %d users x %d items = %.3g pairs is above MMF_PRECOMPUTED_MAX_PAIRS=%.3g",
+                len(bundle.user_ids), len(bundle.item_ids), pairs, self.settings.precomputed_max_pairs,
+            )  # fmt: skip
+            return 0
+        return self.settings.precomputed_k
 
     def swap(self, engine: Engine, position: str) -> None:
         follower = Follower(

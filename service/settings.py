@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         "reload (users x items inner products, on MMF_INDEX_BUILD_THREADS threads): /recommend answers from them "
         "plus a scan of the items added online, and searches the index only when a list runs out; 0 = off",
     )
+    precomputed_max_pairs: int = Field(
+        20_000_000_000,
+        ge=0,
+        description="no precomputed lists when users x items is larger (the start-up cost grows with it: about 90 s "
+        "for 20,000 users x 1M items on 2 cores)",
+    )
 
     @model_validator(mode="after")
     def _ivf_probes(self) -> Settings:

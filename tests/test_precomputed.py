@@ -156,3 +156,13 @@ def test_service_answers_from_the_lists_and_reports_them(make_client, artifact: 
                 assert answer == artifact.expected_top(user, 10)
             else:
                 assert len(answer) == 10
+
+
+def test_lists_are_skipped_above_the_pair_budget(make_client, artifact: Artifact, caplog) -> None:
+    pairs = len(artifact.user_ids) * len(artifact.item_ids)
+    with make_client(precomputed_max_pairs=pairs - 1) as client:
+        assert client.get("/info").json()["precomputed"] is None
+        assert len(rec(client, artifact.user_ids[0], 10)["items"]) == 10
+    assert "MMF_PRECOMPUTED_MAX_PAIRS" in caplog.text
+    with make_client(precomputed_max_pairs=pairs) as client:
+        assert client.get("/info").json()["precomputed"]["k"] == 100
