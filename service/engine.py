@@ -18,7 +18,8 @@ import torch
 
 from models.artifacts import Bundle
 from service.index import IndexConfig, ItemIndex
-from service.precomputed import OnlineVectors, PrecomputedTopK, row_scores
+from service.keyed_vectors import KeyedVectors
+from service.precomputed import PrecomputedTopK, row_scores
 
 
 class InputError(ValueError):
@@ -97,7 +98,7 @@ class Engine:
             else None
         )  # fmt: skip
         self._changed_training_rows: set[int] = set()
-        self._online_vectors = OnlineVectors(self.dim)  # online_embeddings as one array
+        self._online_vectors = KeyedVectors(self.dim)  # online_embeddings by row, as one array
 
     # -- catalogue ------------------------------------------------------------------------------------
     @property
@@ -315,9 +316,9 @@ class Engine:
         row removes at most one entry from it, and the online items are few enough to scan."""
         if self.precomputed is None or len(self._online_vectors) > self.ONLINE_SCAN_MAX:
             return False
-        _, _, complete = self.precomputed.best(self.user_rows[user_id])
+        rows, _, complete = self.precomputed.best(self.user_rows[user_id])
         removed = len(self.online_seen.get(user_id, ())) + len(self._changed_training_rows)
-        return complete or k + removed <= self.precomputed.lengths[self.user_rows[user_id]]
+        return complete or k + removed <= len(rows)
 
     def recommend(self, user_id: str, k: int) -> Recommendation:
         seen = self.seen_rows(user_id)

@@ -72,6 +72,8 @@ from dataclasses import asdict, dataclass
 import faiss
 import numpy as np
 
+from service.keyed_vectors import KeyedVectors
+
 log = logging.getLogger(__name__)
 
 KINDS = ("flat", "hnsw", "ivf")
@@ -217,11 +219,9 @@ class ItemIndex:
         self._row_slot: dict[int, int] = {}
         self._n_slots = 0
         self._n_dead = 0
-        # ivf's exact side list (vectors longer than the bound): dense arrays, a removal moves the last entry
-        # into the gap, so a change costs O(dim) and a query one matrix-vector product, whatever its length
-        self._side_slots = np.zeros(0, dtype=np.int64)
-        self._side_vectors = np.zeros((0, self.dim), dtype=np.float32)
-        self._side_pos: dict[int, int] = {}  # slot -> position in the arrays
+        # ivf's exact side list (vectors longer than the bound), by slot: a change costs O(dim) and a query one
+        # matrix-vector product, whatever its length
+        self._side = KeyedVectors(self.dim)
         self._ivf_total = 0  # ivf: vectors ever added to the lists (the side list's are not)
         self._query_bits: np.ndarray | None = None  # per-query selector bitmap (see _selector)
         self._sel = None
@@ -323,7 +323,7 @@ class ItemIndex:
         vectors = self._index.reconstruct_batch(slots[found])[:, : self.dim]
         scores = np.full(slots.shape, -np.inf, dtype=np.float32)
         scores[found] = np.einsum("nd,nd->n", vectors, np.broadcast_to(q[:, None, :], (*slots.shape, self.dim))[found])
-        side_slots, side_vectors = self._side_arrays()
+        side_slots, side_vectors = self._side.arrays()
         slots = np.hstack([slots, np.broadcast_to(side_slots, (len(q), len(side_slots)))])
         scores = np.hstack([scores, q @ side_vectors.T])
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -354,7 +354,7 @@ class ItemIndex:
             listed = np.flatnonzero(~longer)
             self._index.add_with_ids(self._augment(vectors[listed]), first + listed)
             self._ivf_total += len(listed)
-            self._side_append(first + np.flatnonzero(longer), vectors[longer])
+            self._side.extend(first + np.flatnonzero(longer), vectors[longer])
         else:
             self._index.add(vectors)
         slots = np.arange(first, first + n)
@@ -380,7 +380,7 @@ class ItemIndex:
     def _kill(self, slot: int) -> None:
         self._bits[slot >> 3] &= np.uint8(~(1 << (slot & 7)) & 0xFF)
         self._slot_rows[slot] = -1
-        self._side_remove(slot)
+        self._side.remove(slot)
         self._n_dead += 1
 
     # -- changes ---------------------------------------------------------------------------------------
@@ -437,8 +437,8 @@ class ItemIndex:
     def vector(self, row: int) -> np.ndarray:
         """The vector FAISS holds for ``row`` (KeyError if it is not live)."""
         slot = self._row_slot[row]
-        if slot in self._side_pos:
-            return self._side_vectors[self._side_pos[slot]].copy()
+        if slot in self._side:
+            return self._side.get(slot)
         return self._index.reconstruct(slot)[: self.dim]
 
     def problems(self) -> list[str]:
@@ -447,10 +447,8 @@ class ItemIndex:
         expected = self._ivf_total if self.kind == "ivf" else self._n_slots
         if self._index.ntotal != expected:
             out.append(f"FAISS holds {self._index.ntotal} vectors, expected {expected}")
-        side_slots, _ = self._side_arrays()
-        positions = np.fromiter(self._side_pos.values(), dtype=np.int64, count=len(self._side_pos))
-        mapped = np.fromiter(self._side_pos.keys(), dtype=np.int64, count=len(self._side_pos))
-        if np.any(self._slot_rows[side_slots] < 0) or not np.array_equal(side_slots[positions], mapped):
+        side_slots, _ = self._side.arrays()
+        if np.any(self._slot_rows[side_slots] < 0) or not self._side.consistent():
             out.append("the exact side list holds a dead slot, or its position map disagrees with it")
         live = np.unpackbits(self._bits, bitorder="little")[: self._n_slots].astype(bool)
         if int(live.sum()) != len(self._row_slot):
@@ -559,8 +557,8 @@ class ItemIndex:
         _, slots = self._index.search(self._query_aug, want, params=params)
         slots = slots[0][slots[0] >= 0]
         scores = self._index.reconstruct_batch(slots)[:, : self.dim] @ q[0] if len(slots) else np.zeros(0, np.float32)
-        if self._side_pos:  # longer than the bound: scored exactly, always
-            side_slots, matrix = self._side_arrays()
+        if len(self._side):  # longer than the bound: scored exactly, always
+            side_slots, matrix = self._side.arrays()
             side_scores = matrix @ q[0]  # all of them, then filtered: no copy of the matrix per query
             # Only side vectors scoring at least the lists' want-th best can be among the best want of both
             # (a comparison over the side list is far cheaper than a partition of all of it).
@@ -576,28 +574,3 @@ class ItemIndex:
                 side_slots, side_scores = side_slots[best], side_scores[best]
             slots, scores = np.concatenate([slots, side_slots]), np.concatenate([scores, side_scores])
         return self._slot_rows[slots], scores
-
-    def _side_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The exact side list: (slots, vectors), views of its live entries."""
-        n = len(self._side_pos)
-        return self._side_slots[:n], self._side_vectors[:n]
-
-    def _side_append(self, slots: np.ndarray, vectors: np.ndarray) -> None:
-        n, m = len(self._side_pos), len(slots)
-        if n + m > len(self._side_slots):  # grown as _reserve grows the slot arrays
-            extra = max(n + m, 2 * len(self._side_slots), 16) - len(self._side_slots)
-            self._side_slots = np.concatenate([self._side_slots, np.zeros(extra, np.int64)])
-            self._side_vectors = np.concatenate([self._side_vectors, np.zeros((extra, self.dim), np.float32)])
-        self._side_slots[n : n + m] = slots
-        self._side_vectors[n : n + m] = vectors
-        self._side_pos.update(zip(slots.tolist(), range(n, n + m), strict=True))
-
-    def _side_remove(self, slot: int) -> None:
-        pos = self._side_pos.pop(slot, None)
-        if pos is None:
-            return
-        last = len(self._side_pos)  # the entry to move into the gap (the count already excludes ``slot``)
-        if pos != last:
-            moved = int(self._side_slots[last])
-            self._side_slots[pos], self._side_vectors[pos] = moved, self._side_vectors[last]
-            self._side_pos[moved] = pos

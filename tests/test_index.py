@@ -256,8 +256,8 @@ def test_ivf_scores_the_longest_vectors_exactly() -> None:
     np.testing.assert_allclose(index.vector(top), items[top] * 1e-3, rtol=1e-5)
     assert top in [r for r, _ in index.search(q, 4000)]
     assert index.problems() == [] and index.ntotal == 4000
-    a, b = list(index._side_pos)[:2]  # a corrupted position map is reported
-    index._side_pos[a], index._side_pos[b] = index._side_pos[b], index._side_pos[a]
+    a, b = list(index._side._pos)[:2]  # a corrupted position map is reported
+    index._side._pos[a], index._side._pos[b] = index._side._pos[b], index._side._pos[a]
     assert any("side list" in p for p in index.problems())
 
 
@@ -275,7 +275,7 @@ def test_ivf_side_list_answers_stay_exact_with_exclusions_and_ties() -> None:
     items[2993, 0] = top_first
     config = IndexConfig(kind="ivf", ivf_nprobe=10_000, target_recall=0.0, build_threads=1, ivf_exact_min_items=100)
     index = ItemIndex(config, items)
-    side = sorted(index._slot_rows[index._side_arrays()[0]].tolist())
+    side = sorted(index._slot_rows[index._side.arrays()[0]].tolist())
     assert index.params["exact_items"] == len(side) == 150 and 7 in side and 2993 not in side
     for n, q in enumerate(queries[:40]):
         top = exact_top(items, q, 60, set())

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from service.engine import Engine
+from service.keyed_vectors import KeyedVectors
 from service.loading import load_bundle
-from service.precomputed import OnlineVectors, PrecomputedTopK, row_scores
+from service.precomputed import PrecomputedTopK, row_scores
 from tests.service_support import Artifact, rec
 
 
@@ -64,21 +65,29 @@ def test_a_tie_across_the_cut_is_left_out() -> None:
     assert lists.best(1)[0].tolist() == [4, 5, 6, 8]
 
 
-def test_online_vectors_follow_puts_and_removes() -> None:
+def test_keyed_vectors_follow_puts_extends_and_removes() -> None:
+    """The bookkeeping behind the online scan and ivf's exact side list."""
     rng = np.random.default_rng(1)
-    online, expected = OnlineVectors(4), {}
+    held, expected = KeyedVectors(4), {}
     for _ in range(500):
-        row = int(rng.integers(0, 60))
-        if rng.random() < 0.6:
-            expected[row] = rng.normal(size=4).astype(np.float32)
-            online.put(row, expected[row])
+        key, action = int(rng.integers(0, 60)), rng.random()
+        if action < 0.4:
+            expected[key] = rng.normal(size=4).astype(np.float32)
+            held.put(key, expected[key])
+        elif action < 0.6:
+            new = np.setdiff1d(rng.integers(0, 60, 3), list(expected))
+            vectors = rng.normal(size=(len(new), 4)).astype(np.float32)
+            held.extend(new, vectors)
+            expected.update(zip(new.tolist(), vectors, strict=True))
         else:
-            expected.pop(row, None)
-            online.remove(row)
-        rows, vectors = online.arrays()
-        assert len(online) == len(expected) == len(rows) and set(rows.tolist()) == set(expected)
-        for r, v in zip(rows.tolist(), vectors, strict=True):
-            np.testing.assert_array_equal(v, expected[r])
+            expected.pop(key, None)
+            held.remove(key)
+        keys, vectors = held.arrays()
+        assert len(held) == len(expected) == len(keys) and set(keys.tolist()) == set(expected)
+        assert held.consistent() and all(k in held for k in expected)
+        for k, v in zip(keys.tolist(), vectors, strict=True):
+            np.testing.assert_array_equal(v, expected[k])
+            np.testing.assert_array_equal(held.get(k), expected[k])
 
 
 @pytest.mark.parametrize("scan_max", [10_000, 3])
