@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +77,17 @@ def _project_imports(statements: list[ast.stmt]) -> set[str]:
     return {m for m in found if m.split(".")[0] in ("models", "training") and _module_path(m) is not None}
 
 
+_PARSE_LOCK = threading.Lock()
+
+
+def _parse(source: str) -> ast.Module:
+    # CPython 3.11 before 3.11.8 tracks ast.parse's recursion depth per interpreter, not per thread, so two
+    # threads parsing at once can fail with "AST constructor recursion depth mismatch" (gh-106905); runners
+    # in threads of one process (tests/test_experiments.py) did.
+    with _PARSE_LOCK:
+        return ast.parse(source)
+
+
 def code_modules(model: str | None = None) -> tuple[str, list[str]]:
     """(registry part, project modules) whose sources decide the results of ``model`` (None: the
     evaluation-only scorers): the model's registry target and the module-level import closure of its
@@ -92,7 +104,7 @@ def code_modules(model: str | None = None) -> tuple[str, list[str]]:
 
             source = textwrap.dedent(inspect.getsource(getattr(models.registry, attr)))
             registry_part += "\n" + source
-            roots |= _project_imports(list(ast.walk(ast.parse(source))))
+            roots |= _project_imports(list(ast.walk(_parse(source))))
         else:
             roots.add(module)
     seen: set[str] = set()
@@ -101,7 +113,7 @@ def code_modules(model: str | None = None) -> tuple[str, list[str]]:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
-            todo += sorted(_project_imports(ast.parse(_module_path(module).read_text()).body) - NOT_CODE - seen)
+            todo += sorted(_project_imports(_parse(_module_path(module).read_text()).body) - NOT_CODE - seen)
     return registry_part, sorted(seen)
 
 
