@@ -34,7 +34,7 @@ import models.grcn
 from models.edge_ops import EdgePattern, edge_scores, weighted_sum
 from training.allocator import keep_freed_memory
 from training.sampling import BPRSampler
-from training.trainer import build_model
+from training.trainer import build_model, make_optimizer
 
 
 def gather_scores(a: Tensor, b: Tensor, pattern: EdgePattern) -> Tensor:
@@ -93,7 +93,7 @@ def main() -> None:
     x = torch.randn(pattern.num_nodes, dim, generator=g, requires_grad=True)
     w = torch.rand(n_edges, generator=g, requires_grad=True)
     users, pos, neg = (torch.from_numpy(a) for a in next(BPRSampler(data.train, data.n_items, BATCH).epoch()))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model, 1e-3)
 
     def grcn_step() -> float:
         loss = model.calculate_loss(users, pos, neg)

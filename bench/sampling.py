@@ -34,14 +34,14 @@ def measure(args: argparse.Namespace) -> dict:
     from training.cli import load_data
     from training.config import load_run_config
     from training.sampling import BPRSampler
-    from training.trainer import build_model, seed_everything
+    from training.trainer import build_model, make_optimizer, seed_everything
 
     run = load_run_config(args.config, args.set)
     batch_size = args.batch_size or run.train.batch_size
     data = load_data(run.data)
     seed_everything(run.train.seed)
     model = build_model(data, run.model, run.train.reg_weight)
-    optimizer = torch.optim.Adam(model.parameters(), lr=run.train.lr)
+    optimizer = make_optimizer(model, run.train.lr)
     sampler = BPRSampler(data.train, data.n_items, batch_size, seed=run.train.seed)
     fanouts = args.fanouts or [10] * run.model.gcn_layers
     generator = torch.Generator().manual_seed(run.train.seed)

@@ -57,7 +57,7 @@ from training.data import RecData, load_mmrec, save_mmrec  # noqa: E402
 from training.precision import PRECISIONS, run_precision, step_precision  # noqa: E402
 from training.sampling import BPRSampler  # noqa: E402
 from training.synthetic import SyntheticConfig, generate_synthetic  # noqa: E402
-from training.trainer import build_model, evaluate_split, seed_everything  # noqa: E402
+from training.trainer import build_model, evaluate_split, make_optimizer, seed_everything  # noqa: E402
 
 CACHE = Path(os.environ.get("MMF_BENCH_CACHE", ROOT / "bench" / ".cache"))  # generated data sets
 BATCH = 3000
@@ -145,7 +145,7 @@ def _measure_steps(spec: dict) -> dict:
     seed_everything(0)
     config = model_config(spec["dataset"], spec["model"], spec["tensor"])
     model = build_model(data, config, reg_weight=1e-2).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model, 1e-3)
     batches = BPRSampler(data.train, data.n_items, BATCH, seed=0).epoch()
     reference = spec["impl"] == "authors-style"
     if reference and not reference_feasible(data, config):
@@ -217,7 +217,7 @@ def _measure_quality(spec: dict, data: RecData, model_config: ModelConfig, cfg: 
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)
     model = build_model(data, model_config, cfg.reg_weight).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg.lr)
     sampler = BPRSampler(data.train, data.n_items, cfg.batch_size, seed=cfg.seed)
     clock, epoch, best = 0.0, 0, 0.0
     while clock < spec["max_seconds"]:

@@ -54,6 +54,14 @@ def build_model(data: RecData, config: ModelConfig, reg_weight: float) -> RecMod
     return build_registered(model_inputs(data), config, reg_weight)
 
 
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam over the model's parameters, with PyTorch's fused kernel where it has one (CPU and CUDA): one
+    pass per parameter instead of one per Adam operation, about 1.5 ms of a 35 ms MetaMMF_GCN step on TikTok."""
+    params = list(model.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
 @dataclass
 class TrainResult:
     """The best model (weights restored) and what happened on the way."""
@@ -129,7 +137,7 @@ def _train(
         evaluate = partial(_evaluate_data, data=data, cfg=cfg)
     seed_everything(cfg.seed)
     model = build_model(data, model_config, cfg.reg_weight).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg.lr)
     # Seeded alike on every rank: all ranks draw the same global batches (each computes its share).
     sampler = BPRSampler(data.train, data.n_items, cfg.batch_size, seed=cfg.seed)
     if cfg.monitor not in {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "hit") for k in cfg.ks}:
