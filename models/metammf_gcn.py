@@ -23,6 +23,7 @@ from models.base import RecModel, bpr_loss, l2_penalty
 from models.config import ModelConfig
 from models.metammf_mf import MultimodalItemEncoder, fusion_weights
 from models.neighbor_sampling import NeighborSampler
+from models.sage_rows import sage_rows
 
 
 def bipartite_edge_index(train_pairs: Tensor, n_users: int, n_items: int) -> Tensor:
@@ -146,6 +147,13 @@ class SAGETower(nn.Module):
         """``combine(forward(x, aggregate))[rows]`` without computing the last layer for other nodes:
         a training batch touches about half of the nodes, and the last layer is a quarter of the work."""
         unique, inverse = rows.unique(return_inverse=True)
+        if not torch.is_autocast_enabled(x.device.type):  # (under autocast: the plain autograd version)
+            weights = [w for conv in self.convs for w in (conv.lin_l.weight, conv.lin_l.bias, conv.lin_r.weight)]
+            slope = self.activation.negative_slope
+            mean = self.layer_combine == "mean"
+            matrix, transposed = aggregate.matrix, aggregate.transposed
+            out = sage_rows(x, matrix, transposed, _csr_matmul, unique, slope, self.activate_last, mean, weights)
+            return out.index_select(0, inverse)
         states = [x]
         for layer in range(len(self.convs) - 1):
             states.append(self.node_update(layer, states[-1], aggregate(states[-1])))

@@ -204,24 +204,63 @@ def test_sage_tower_matches_pyg_sageconv_values_and_gradients(tiny_data: RecData
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("combine", ["mean", "last"])
-def test_final_rows_equals_full_propagation(tiny_data: RecData, make_config, combine: str) -> None:
-    """The training shortcut (last layer only for the batch's nodes, repeated rows allowed) gives the
-    same embeddings and gradients as propagating everything and indexing."""
-    model = make_model(tiny_data, make_config("metammf_gcn", gcn_layers=2, layer_combine=combine))
+@pytest.mark.parametrize(
+    ("combine", "gcn_layers", "activate_last", "sage_bias"),
+    [("mean", 2, True, True), ("last", 2, True, True), ("mean", 3, False, False), ("last", 1, False, True),
+     ("mean", 1, True, False)],
+)  # fmt: skip
+def test_final_rows_equals_full_propagation(
+    tiny_data: RecData, make_config, combine: str, gcn_layers: int, activate_last: bool, sage_bias: bool
+) -> None:
+    """The training shortcut (last layer only for the batch's nodes, repeated rows allowed, the
+    hand-written backward of models/sage_rows.py) gives the same embeddings and gradients as
+    propagating everything with autograd and indexing."""
+    config = make_config(
+        "metammf_gcn", gcn_layers=gcn_layers, layer_combine=combine, activate_last=activate_last, sage_bias=sage_bias
+    )
+    model = make_model(tiny_data, config)
     perturb(model)
     x, _, aggregate = model._graph_input()
     rows = torch.tensor([0, 5, 5, 199, model.n_users + 3, model.n_users + 3, model.n_users + 149])
     fast = model.graph.final_rows(x, aggregate, rows)
     full = model.graph.combine(model.graph(x, aggregate))[rows]
     torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-5)
+    weights = torch.randn(full.shape)  # a loss that weighs every output differently
     params = [p for p in model.parameters() if p.requires_grad]
-    for a, b in zip(torch.autograd.grad(fast.sum(), params, allow_unused=True, retain_graph=True),
-                    torch.autograd.grad(full.sum(), params, allow_unused=True), strict=True):  # fmt: skip
+    for a, b in zip(torch.autograd.grad((fast * weights).sum(), params, allow_unused=True, retain_graph=True),
+                    torch.autograd.grad((full * weights).sum(), params, allow_unused=True), strict=True):  # fmt: skip
         if a is None or b is None:
             assert a is None and b is None
         else:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("combine", ["mean", "last"])
+def test_sage_rows_backward_passes_gradcheck(combine: str) -> None:
+    """The hand-written backward pass against finite differences (float64, a small random graph with an
+    isolated node, repeated and isolated rows, a negative pre-activation range)."""
+    from models.metammf_gcn import MeanAggregation, _csr_matmul
+    from models.sage_rows import sage_rows
+
+    generator = torch.Generator().manual_seed(0)
+    n, dim = 9, 3
+    edges = torch.tensor([[0, 1, 1, 2, 3, 4, 5, 6, 6], [4, 4, 5, 6, 7, 1, 2, 0, 3]])
+    aggregate = MeanAggregation(torch.cat([edges, edges.flip(0)], 1), n)  # node 8 has no neighbours
+    matrix, transposed = (m.to(torch.float64) for m in (aggregate.matrix, aggregate.transposed))
+    x = torch.randn(n, dim, dtype=torch.float64, generator=generator, requires_grad=True)
+    weights = [
+        torch.randn(shape, dtype=torch.float64, generator=generator, requires_grad=True) if shape else None
+        for _ in range(2) for shape in ((dim, dim), (dim,), (dim, dim))
+    ]  # fmt: skip
+    weights[4] = None  # the second layer without a bias
+    rows = torch.tensor([0, 4, 7, 8])
+
+    def run(x, *params):
+        it = iter(params)
+        flat = [w if w is None else next(it) for w in weights]
+        return sage_rows(x, matrix, transposed, _csr_matmul, rows, 0.2, True, combine == "mean", flat)
+
+    assert torch.autograd.gradcheck(run, (x, *(w for w in weights if w is not None)))
 
 
 def _set_row_to_mean_of_others(weight: torch.Tensor, row: int) -> None:

@@ -1,0 +1,146 @@
+r"""The training-step forward and backward of a GraphSAGE tower, for the batch's rows, written by hand.
+
+:meth:`models.metammf_gcn.SAGETower.final_rows` computes, for layers :math:`l = 0 .. L-1` with weights
+:math:`W_l` (neighbour mean, bias :math:`b_l`) and :math:`R_l` (own state),
+
+.. math::
+    m_l = A h_l, \qquad z_l = m_l W_l^\top + b_l + h_l R_l^\top, \qquad h_{l+1} = \mathrm{LeakyReLU}(z_l),
+
+the last layer only for the batch's unique rows :math:`U`, and returns :math:`h_L[U]` or
+:math:`\frac{1}{L+1}\sum_{l \le L} h_l[U]`. Left to autograd, that step is bound by memory traffic on a CPU:
+every gather's backward zero-fills a (nodes x d) tensor, every gradient that reaches a state along two paths is
+summed in a new tensor, and the combined states are summed over all nodes only to gather a quarter of them.
+Here the backward pass runs layer by layer with the gradients of the own-state path and of the layer mean
+added in place (``addmm_``, ``index_add_`` of the batch's rows), and the forward pass sums only the batch's
+rows: the same values and gradients (``tests/test_models.py``) with fewer passes over the node states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SparseProduct = Callable[[Tensor, Tensor], Tensor]  # (CSR matrix, dense) -> matrix @ dense
+
+
+class SAGERows(torch.autograd.Function):
+    """``combine(states)[rows]`` of a GraphSAGE tower with a hand-written backward pass.
+
+    Inputs: the ego states ``x`` (n, d); the normalised adjacency ``matrix`` and its ``transposed``; the
+    sparse product to use; the batch's unique ``rows``; the LeakyReLU ``slope``; whether the last layer
+    is activated; whether the states are averaged (``'mean'``) or the last one returned; then per layer
+    ``W_l`` (d, d), ``b_l`` (d,) or None, ``R_l`` (d, d) (``lin_l.weight``, ``lin_l.bias``,
+    ``lin_r.weight`` of PyG's ``SAGEConv``).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        matrix: Tensor,
+        transposed: Tensor,
+        sparse_mm: SparseProduct,
+        rows: Tensor,
+        slope: float,
+        activate_last: bool,
+        mean: bool,
+        *weights: Tensor | None,
+    ) -> Tensor:
+        n_layers = len(weights) // 3
+        states, means = [x], []
+        for layer in range(n_layers - 1):
+            neighbor_weight, bias, own_weight = weights[3 * layer : 3 * layer + 3]
+            means.append(sparse_mm(matrix, states[-1]))
+            states.append(
+                F.leaky_relu(_project(means[-1], states[-1], neighbor_weight, bias, own_weight), slope, inplace=True)
+            )
+        neighbor_weight, bias, own_weight = weights[-3:]
+        h = states[-1]
+        # The last layer's neighbour means for the rows, as rows of A @ h: the batch's rows hold about three
+        # quarters of the edges, so slicing the matrix to them first is slower than the full product.
+        last_mean = sparse_mm(matrix, h).index_select(0, rows)
+        last_own = h.index_select(0, rows)
+        last = _project(last_mean, last_own, neighbor_weight, bias, own_weight)
+        if activate_last:
+            last = F.leaky_relu(last, slope, inplace=True)
+        out = last
+        if mean:
+            out = last_own + last
+            for state in states[:-1]:
+                out += state.index_select(0, rows)
+            out /= n_layers + 1
+        ctx.sparse_mm, ctx.slope, ctx.activate_last, ctx.mean = sparse_mm, slope, activate_last, mean
+        ctx.has_bias = [weights[3 * layer + 1] is not None for layer in range(n_layers)]
+        ctx.save_for_backward(
+            transposed, rows, last_mean, last_own, last, *states, *means, *(w for w in weights if w is not None)
+        )
+        ctx.n_layers = n_layers
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        n_layers = ctx.n_layers
+        saved = list(ctx.saved_tensors)
+        transposed, rows, last_mean, last_own, last = saved[:5]
+        states = saved[5 : 5 + n_layers]
+        means = saved[5 + n_layers : 4 + 2 * n_layers]
+        params = iter(saved[4 + 2 * n_layers :])
+        weights = [(next(params), next(params) if bias else None, next(params)) for bias in ctx.has_bias]
+        sparse_mm, slope = ctx.sparse_mm, ctx.slope
+
+        grad = grad.contiguous()
+        share = grad / (n_layers + 1) if ctx.mean else None  # each state's part of the layer mean
+        grad_z = share if ctx.mean else grad
+        if ctx.activate_last:
+            grad_z = torch.ops.aten.leaky_relu_backward(grad_z, last, slope, True)
+        weight_grads: list[tuple[Tensor, Tensor | None, Tensor]] = []
+        neighbor_weight, _, own_weight = weights[-1]
+        weight_grads.append(_weight_grads(grad_z, last_mean, last_own, ctx.has_bias[-1]))
+        own_grad = grad_z @ own_weight
+        if share is not None:
+            own_grad += share
+        scattered = grad_z.new_zeros(states[-1].shape).index_add_(0, rows, grad_z @ neighbor_weight)
+        grad_h = sparse_mm(transposed, scattered).index_add_(0, rows, own_grad)
+        for layer in range(n_layers - 2, -1, -1):
+            neighbor_weight, _, own_weight = weights[layer]
+            grad_z = torch.ops.aten.leaky_relu_backward(grad_h, states[layer + 1], slope, True)
+            weight_grads.append(_weight_grads(grad_z, means[layer], states[layer], ctx.has_bias[layer]))
+            grad_h = sparse_mm(transposed, grad_z @ neighbor_weight).addmm_(grad_z, own_weight)
+            if share is not None:
+                grad_h.index_add_(0, rows, share)
+        flat = [g for layer_grads in reversed(weight_grads) for g in layer_grads]
+        return (grad_h if ctx.needs_input_grad[0] else None, None, None, None, None, None, None, None, *flat)
+
+
+def _project(
+    neighbor_mean: Tensor, own: Tensor, neighbor_weight: Tensor, bias: Tensor | None, own_weight: Tensor
+) -> Tensor:
+    """``lin_l(neighbor_mean) + lin_r(own)``, the second product added in place."""
+    if bias is None:
+        return torch.mm(neighbor_mean, neighbor_weight.t()).addmm_(own, own_weight.t())
+    return torch.addmm(bias, neighbor_mean, neighbor_weight.t()).addmm_(own, own_weight.t())
+
+
+def _weight_grads(
+    grad_z: Tensor, neighbor_mean: Tensor, own: Tensor, has_bias: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Gradients of ``W_l``, ``b_l``, ``R_l`` given the gradient of the layer's pre-activation."""
+    return grad_z.t() @ neighbor_mean, grad_z.sum(0) if has_bias else None, grad_z.t() @ own
+
+
+def sage_rows(
+    x: Tensor,
+    matrix: Tensor,
+    transposed: Tensor,
+    sparse_mm: SparseProduct,
+    rows: Tensor,
+    slope: float,
+    activate_last: bool,
+    mean: bool,
+    weights: Sequence[Tensor | None],
+) -> Tensor:
+    """:class:`SAGERows` applied (``weights``: ``W_l, b_l, R_l`` per layer, flattened)."""
+    return SAGERows.apply(x, matrix, transposed, sparse_mm, rows, slope, activate_last, mean, *weights)
