@@ -41,6 +41,14 @@ def _csr_matmul(matrix: Tensor, x: Tensor) -> Tensor:
     return torch.sparse.mm(matrix, x, "sum") if x.device.type == "cpu" else matrix @ x
 
 
+def _unique_rows(rows: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """``rows.unique(return_inverse=True)`` for indices below ``n_rows``, with a mask instead of a sort."""
+    present = torch.zeros(n_rows, dtype=torch.bool, device=rows.device)
+    present[rows] = True
+    position = present.cumsum(0) - 1
+    return present.nonzero().squeeze(1), position.index_select(0, rows)
+
+
 class _SparseMatmul(torch.autograd.Function):
     """``matrix @ x`` whose backward multiplies by a precomputed ``transposed`` (no per-step transpose)."""
 
@@ -146,7 +154,7 @@ class SAGETower(nn.Module):
     def final_rows(self, x: Tensor, aggregate: MeanAggregation, rows: Tensor) -> Tensor:
         """``combine(forward(x, aggregate))[rows]`` without computing the last layer for other nodes:
         a training batch touches about half of the nodes, and the last layer is a quarter of the work."""
-        unique, inverse = rows.unique(return_inverse=True)
+        unique, inverse = _unique_rows(rows, x.shape[0])
         if not torch.is_autocast_enabled(x.device.type):  # (under autocast: the plain autograd version)
             weights = [w for conv in self.convs for w in (conv.lin_l.weight, conv.lin_l.bias, conv.lin_r.weight)]
             slope = self.activation.negative_slope

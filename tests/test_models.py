@@ -357,3 +357,12 @@ def test_mf_inference_encoder(tiny_data: RecData, make_config) -> None:
 def test_models_are_the_right_types(tiny_data: RecData, make_config) -> None:
     assert isinstance(make_model(tiny_data, make_config("metammf_mf")), MetaMMF_MF)
     assert isinstance(make_model(tiny_data, make_config("metammf_gcn")), MetaMMF_GCN)
+
+
+def test_unique_rows_equals_torch_unique() -> None:
+    from models.metammf_gcn import _unique_rows
+
+    rows = torch.tensor([7, 0, 7, 3, 9, 0, 3, 3])
+    expected = rows.unique(return_inverse=True)
+    for a, b in zip(_unique_rows(rows, 10), expected, strict=True):
+        assert torch.equal(a, b)
