@@ -23,7 +23,7 @@ from models.base import RecModel, bpr_loss, l2_penalty
 from models.config import ModelConfig
 from models.metammf_mf import MultimodalItemEncoder, fusion_weights
 from models.neighbor_sampling import NeighborSampler
-from models.sage_rows import sage_rows
+from models.sage_rows import SparseGraph, TowerSettings, sage_rows
 
 
 def bipartite_edge_index(train_pairs: Tensor, n_users: int, n_items: int) -> Tensor:
@@ -157,11 +157,9 @@ class SAGETower(nn.Module):
         unique, inverse = _unique_rows(rows, x.shape[0])
         if not torch.is_autocast_enabled(x.device.type):  # (under autocast: the plain autograd version)
             weights = [w for conv in self.convs for w in (conv.lin_l.weight, conv.lin_l.bias, conv.lin_r.weight)]
-            slope = self.activation.negative_slope
-            mean = self.layer_combine == "mean"
-            matrix, transposed = aggregate.matrix, aggregate.transposed
-            out = sage_rows(x, matrix, transposed, _csr_matmul, unique, slope, self.activate_last, mean, weights)
-            return out.index_select(0, inverse)
+            graph = SparseGraph(aggregate.matrix, aggregate.transposed, _csr_matmul)
+            tower = TowerSettings(self.activation.negative_slope, self.activate_last, self.layer_combine == "mean")
+            return sage_rows(x, graph, unique, tower, weights).index_select(0, inverse)
         states = [x]
         for layer in range(len(self.convs) - 1):
             states.append(self.node_update(layer, states[-1], aggregate(states[-1])))

@@ -21,6 +21,7 @@ node states and 8 MB less kept per step on TikTok.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,29 +30,32 @@ from torch import Tensor
 SparseProduct = Callable[[Tensor, Tensor], Tensor]  # (CSR matrix, dense) -> matrix @ dense
 
 
+class SparseGraph(NamedTuple):
+    """The row-normalised adjacency, its transpose, and the sparse product to multiply with them."""
+
+    matrix: Tensor
+    transposed: Tensor
+    sparse_mm: SparseProduct
+
+
+class TowerSettings(NamedTuple):
+    slope: float  # LeakyReLU negative slope
+    activate_last: bool  # LeakyReLU after the last layer too
+    mean: bool  # average the states h^0..h^L (else return h^L)
+
+
 class SAGERows(torch.autograd.Function):
     """``combine(states)[rows]`` of a GraphSAGE tower with a hand-written backward pass.
 
-    Inputs: the ego states ``x`` (n, d); the normalised adjacency ``matrix`` and its ``transposed``; the
-    sparse product to use; the batch's unique ``rows``; the LeakyReLU ``slope``; whether the last layer
-    is activated; whether the states are averaged (``'mean'``) or the last one returned; then per layer
-    ``W_l`` (d, d), ``b_l`` (d,) or None, ``R_l`` (d, d) (``lin_l.weight``, ``lin_l.bias``,
-    ``lin_r.weight`` of PyG's ``SAGEConv``).
+    Inputs: the ego states ``x`` (n, d); the graph; the batch's unique ``rows``; the tower's
+    settings; then per layer ``W_l`` (d, d), ``b_l`` (d,) or None, ``R_l`` (d, d) (``lin_l.weight``,
+    ``lin_l.bias``, ``lin_r.weight`` of PyG's ``SAGEConv``).
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        matrix: Tensor,
-        transposed: Tensor,
-        sparse_mm: SparseProduct,
-        rows: Tensor,
-        slope: float,
-        activate_last: bool,
-        mean: bool,
-        *weights: Tensor | None,
-    ) -> Tensor:
+    def forward(ctx, x: Tensor, graph: SparseGraph, rows: Tensor, tower: TowerSettings, *weights: Tensor | None):
+        matrix, transposed, sparse_mm = graph
+        slope, activate_last, mean = tower
         n_layers = len(weights) // 3
         states = [x]
         for layer in range(n_layers - 1):
@@ -116,7 +120,7 @@ class SAGERows(torch.autograd.Function):
             if share is not None:
                 grad_h.index_add_(0, rows, share)
         flat = [g for layer_grads in reversed(weight_grads) for g in layer_grads]
-        return (grad_h if ctx.needs_input_grad[0] else None, None, None, None, None, None, None, None, *flat)
+        return (grad_h if ctx.needs_input_grad[0] else None, None, None, None, *flat)
 
 
 def _project(
@@ -138,15 +142,7 @@ def _weight_grads(
 
 
 def sage_rows(
-    x: Tensor,
-    matrix: Tensor,
-    transposed: Tensor,
-    sparse_mm: SparseProduct,
-    rows: Tensor,
-    slope: float,
-    activate_last: bool,
-    mean: bool,
-    weights: Sequence[Tensor | None],
+    x: Tensor, graph: SparseGraph, rows: Tensor, tower: TowerSettings, weights: Sequence[Tensor | None]
 ) -> Tensor:
     """:class:`SAGERows` applied (``weights``: ``W_l, b_l, R_l`` per layer, flattened)."""
-    return SAGERows.apply(x, matrix, transposed, sparse_mm, rows, slope, activate_last, mean, *weights)
+    return SAGERows.apply(x, graph, rows, tower, *weights)
