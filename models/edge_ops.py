@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch_geometric.index import index2ptr
 
-from models.metammf_gcn import _csr_matmul
+from models.csr import csr_matmul
 
 
 class EdgePattern:
@@ -84,8 +84,8 @@ class _EdgeScores(torch.autograd.Function):
         a, b = ctx.saved_tensors
         pattern: EdgePattern = ctx.pattern
         grad = grad.contiguous()
-        grad_a = _csr_matmul(pattern.matrix(grad), b) if ctx.needs_input_grad[0] else None
-        grad_b = _csr_matmul(pattern.transposed(grad), a) if ctx.needs_input_grad[1] else None
+        grad_a = csr_matmul(pattern.matrix(grad), b) if ctx.needs_input_grad[0] else None
+        grad_b = csr_matmul(pattern.transposed(grad), a) if ctx.needs_input_grad[1] else None
         return grad_a, grad_b, None
 
 
@@ -94,7 +94,7 @@ class _WeightedSum(torch.autograd.Function):
     def forward(ctx, weights: Tensor, x: Tensor, pattern: EdgePattern) -> Tensor:
         ctx.save_for_backward(weights, x)
         ctx.pattern = pattern
-        return _csr_matmul(pattern.matrix(weights), x.contiguous())
+        return csr_matmul(pattern.matrix(weights), x.contiguous())
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
@@ -102,7 +102,7 @@ class _WeightedSum(torch.autograd.Function):
         pattern: EdgePattern = ctx.pattern
         grad = grad.contiguous()
         grad_weights = pattern.sampled_products(grad, x.contiguous()) if ctx.needs_input_grad[0] else None
-        grad_x = _csr_matmul(pattern.transposed(weights), grad) if ctx.needs_input_grad[1] else None
+        grad_x = csr_matmul(pattern.transposed(weights), grad) if ctx.needs_input_grad[1] else None
         return grad_weights, grad_x, None
 
 

@@ -20,22 +20,14 @@ node states and 8 MB less kept per step on TikTok.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SparseProduct = Callable[[Tensor, Tensor], Tensor]  # (CSR matrix, dense) -> matrix @ dense
-
-
-class SparseGraph(NamedTuple):
-    """The row-normalised adjacency, its transpose, and the sparse product to multiply with them."""
-
-    matrix: Tensor
-    transposed: Tensor
-    sparse_mm: SparseProduct
+from models.csr import csr_matmul
 
 
 class TowerSettings(NamedTuple):
@@ -47,28 +39,27 @@ class TowerSettings(NamedTuple):
 class SAGERows(torch.autograd.Function):
     """``combine(states)[rows]`` of a GraphSAGE tower with a hand-written backward pass.
 
-    Inputs: the ego states ``x`` (n, d); the graph; the batch's unique ``rows``; the tower's
-    settings; then per layer ``W_l`` (d, d), ``b_l`` (d,) or None, ``R_l`` (d, d) (``lin_l.weight``,
-    ``lin_l.bias``, ``lin_r.weight`` of PyG's ``SAGEConv``).
+    Inputs: the ego states ``x`` (n, d); the row-normalised adjacency (CSR) and its transpose; the batch's
+    unique ``rows``; the tower's settings; then per layer ``W_l`` (d, d), ``b_l`` (d,) or None, ``R_l`` (d, d)
+    (``lin_l.weight``, ``lin_l.bias``, ``lin_r.weight`` of PyG's ``SAGEConv``).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, graph: SparseGraph, rows: Tensor, tower: TowerSettings, *weights: Tensor | None):
-        matrix, transposed, sparse_mm = graph
+    def forward(ctx, x: Tensor, matrix: Tensor, transposed: Tensor, rows: Tensor, tower: TowerSettings, *weights):
         slope, activate_last, mean = tower
         n_layers = len(weights) // 3
         states = [x]
         for layer in range(n_layers - 1):
             neighbor_weight, bias, own_weight = weights[3 * layer : 3 * layer + 3]
             # Not kept for the backward pass: it gets the gradient of W from A^T dz instead (see backward).
-            neighbor_mean = sparse_mm(matrix, states[-1])
+            neighbor_mean = csr_matmul(matrix, states[-1])
             z = _project(neighbor_mean, states[-1], neighbor_weight, bias, own_weight)
             states.append(F.leaky_relu(z, slope, inplace=True))
         neighbor_weight, bias, own_weight = weights[-3:]
         h = states[-1]
         # The last layer's neighbour means for the rows, as rows of A @ h: the batch's rows hold about three
         # quarters of the edges, so slicing the matrix to them first is slower than the full product.
-        last_mean = sparse_mm(matrix, h).index_select(0, rows)
+        last_mean = csr_matmul(matrix, h).index_select(0, rows)
         last_own = h.index_select(0, rows)
         last = _project(last_mean, last_own, neighbor_weight, bias, own_weight)
         if activate_last:
@@ -79,7 +70,7 @@ class SAGERows(torch.autograd.Function):
             for state in states[:-1]:
                 out += state.index_select(0, rows)
             out /= n_layers + 1
-        ctx.sparse_mm, ctx.slope, ctx.activate_last, ctx.mean = sparse_mm, slope, activate_last, mean
+        ctx.slope, ctx.activate_last, ctx.mean = slope, activate_last, mean
         ctx.has_bias = [weights[3 * layer + 1] is not None for layer in range(n_layers)]
         ctx.save_for_backward(
             transposed, rows, last_mean, last_own, last, *states, *(w for w in weights if w is not None)
@@ -95,7 +86,7 @@ class SAGERows(torch.autograd.Function):
         states = saved[5 : 5 + n_layers]
         params = iter(saved[5 + n_layers :])
         weights = [(next(params), next(params) if bias else None, next(params)) for bias in ctx.has_bias]
-        sparse_mm, slope = ctx.sparse_mm, ctx.slope
+        slope = ctx.slope
 
         grad = grad.contiguous()
         share = grad / (n_layers + 1) if ctx.mean else None  # each state's part of the layer mean
@@ -104,23 +95,23 @@ class SAGERows(torch.autograd.Function):
             grad_z = torch.ops.aten.leaky_relu_backward(grad_z, last, slope, True)
         weight_grads: list[tuple[Tensor, Tensor | None, Tensor]] = []
         neighbor_weight, _, own_weight = weights[-1]
-        weight_grads.append(_weight_grads(grad_z, last_own, ctx.has_bias[-1], neighbor_mean=last_mean))
+        weight_grads.append(_weight_grads(grad_z.t() @ last_mean, grad_z, last_own, ctx.has_bias[-1]))
         own_grad = grad_z @ own_weight
         if share is not None:
             own_grad += share
         scattered = grad_z.new_zeros(states[-1].shape).index_add_(0, rows, grad_z @ neighbor_weight)
-        grad_h = sparse_mm(transposed, scattered).index_add_(0, rows, own_grad)
+        grad_h = csr_matmul(transposed, scattered).index_add_(0, rows, own_grad)
         for layer in range(n_layers - 2, -1, -1):
             neighbor_weight, _, own_weight = weights[layer]
             grad_z = torch.ops.aten.leaky_relu_backward(grad_h, states[layer + 1], slope, True)
             # With pulled = A^T dz: dW = dz^T (A h) = pulled^T h and A^T (dz W) = pulled W.
-            pulled = sparse_mm(transposed, grad_z)
-            weight_grads.append(_weight_grads(grad_z, states[layer], ctx.has_bias[layer], pulled))
+            pulled = csr_matmul(transposed, grad_z)
+            weight_grads.append(_weight_grads(pulled.t() @ states[layer], grad_z, states[layer], ctx.has_bias[layer]))
             grad_h = (pulled @ neighbor_weight).addmm_(grad_z, own_weight)
             if share is not None:
                 grad_h.index_add_(0, rows, share)
         flat = [g for layer_grads in reversed(weight_grads) for g in layer_grads]
-        return (grad_h if ctx.needs_input_grad[0] else None, None, None, None, *flat)
+        return (grad_h if ctx.needs_input_grad[0] else None, None, None, None, None, *flat)
 
 
 def _project(
@@ -133,16 +124,14 @@ def _project(
 
 
 def _weight_grads(
-    grad_z: Tensor, own: Tensor, has_bias: bool, pulled: Tensor | None = None, neighbor_mean: Tensor | None = None
+    neighbor_grad: Tensor, grad_z: Tensor, own: Tensor, has_bias: bool
 ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Gradients of ``W_l``, ``b_l``, ``R_l`` given the gradient ``grad_z`` of the layer's pre-activation and
-    either the layer's neighbour means or ``pulled`` = A^T grad_z."""
-    neighbor_grad = pulled.t() @ own if pulled is not None else grad_z.t() @ neighbor_mean
+    """Gradients of ``W_l`` (given), ``b_l``, ``R_l`` from the gradient ``grad_z`` of the layer's pre-activation."""
     return neighbor_grad, grad_z.sum(0) if has_bias else None, grad_z.t() @ own
 
 
 def sage_rows(
-    x: Tensor, graph: SparseGraph, rows: Tensor, tower: TowerSettings, weights: Sequence[Tensor | None]
+    x: Tensor, matrix: Tensor, transposed: Tensor, rows: Tensor, tower: TowerSettings, weights: Sequence[Tensor | None]
 ) -> Tensor:
     """:class:`SAGERows` applied (``weights``: ``W_l, b_l, R_l`` per layer, flattened)."""
-    return SAGERows.apply(x, graph, rows, tower, *weights)
+    return SAGERows.apply(x, matrix, transposed, rows, tower, *weights)

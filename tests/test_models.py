@@ -239,8 +239,8 @@ def test_final_rows_equals_full_propagation(
 def test_sage_rows_backward_passes_gradcheck(combine: str) -> None:
     """The hand-written backward pass against finite differences (float64, a small random graph with an
     isolated node, repeated and isolated rows, a negative pre-activation range)."""
-    from models.metammf_gcn import MeanAggregation, _csr_matmul
-    from models.sage_rows import SparseGraph, TowerSettings, sage_rows
+    from models.metammf_gcn import MeanAggregation
+    from models.sage_rows import TowerSettings, sage_rows
 
     generator = torch.Generator().manual_seed(0)
     n, dim = 9, 3
@@ -258,8 +258,7 @@ def test_sage_rows_backward_passes_gradcheck(combine: str) -> None:
     def run(x, *params):
         it = iter(params)
         flat = [w if w is None else next(it) for w in weights]
-        graph = SparseGraph(matrix, transposed, _csr_matmul)
-        return sage_rows(x, graph, rows, TowerSettings(0.2, True, combine == "mean"), flat)
+        return sage_rows(x, matrix, transposed, rows, TowerSettings(0.2, True, combine == "mean"), flat)
 
     assert torch.autograd.gradcheck(run, (x, *(w for w in weights if w is not None)))
 
