@@ -92,7 +92,7 @@ class Engine:
         self.precomputed = (
             PrecomputedTopK(
                 bundle.user_embeddings, bundle.item_embeddings, self._seen_ptr, self._seen_items,
-                precomputed_k, threads=self.index.config.build_threads,
+                precomputed_k, threads=self.index.config.build_thread_count,
             )
             if precomputed_k > 0 and len(bundle.user_ids)
             else None

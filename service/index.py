@@ -173,6 +173,11 @@ class IndexConfig:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def build_thread_count(self) -> int:
+        """Threads for build-time work (index builds, precomputed lists): ``build_threads``, 0 = every CPU."""
+        return self.build_threads or os.cpu_count() or 1
+
 
 _omp = threading.local()
 
@@ -228,7 +233,7 @@ class ItemIndex:
         self._params: dict[tuple, faiss.SearchParameters] = {}
         self._query_aug = np.zeros((1, self.dim + 1), dtype=np.float32)  # ivf: the query, augmented with 0
         start = time.perf_counter()
-        with omp_threads(config.build_threads or os.cpu_count() or 1):
+        with omp_threads(config.build_thread_count):
             self._index = self._new_index(vectors)
             self._append(rows, vectors)
         self.build_seconds = time.perf_counter() - start
@@ -267,7 +272,7 @@ class ItemIndex:
         pick = rng.choice(len(queries), min(self.config.calibration_queries, len(queries)), replace=False)
         q = np.ascontiguousarray(queries[np.sort(pick)], dtype=np.float32)
         k = self.CALIBRATION_K
-        with omp_threads(self.config.build_threads or os.cpu_count() or 1):
+        with omp_threads(self.config.build_thread_count):
             truth = self._exact_top(q, k)
             name, limit = ("nprobe", self.params["nlist"]) if self.kind == "ivf" else ("ef_search", self.EF_SEARCH_MAX)
             width = self.params[name] if self.kind == "ivf" else max(self.params[name], k)  # hnsw: efSearch >= k

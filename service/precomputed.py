@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Iterator
 
@@ -52,7 +51,7 @@ class PrecomputedTopK:
         item_embeddings: (n_items, d) float32: the artifact's items; row = index row.
         seen_ptr, seen_items: CSR of each user's known interactions (rows of ``seen_items`` per user).
         k: list length (at most ``n_items``).
-        threads: torch threads for the computation (0: every CPU).
+        threads: torch threads for the computation.
     """
 
     def __init__(
@@ -62,7 +61,7 @@ class PrecomputedTopK:
         seen_ptr: np.ndarray,
         seen_items: np.ndarray,
         k: int,
-        threads: int = 0,
+        threads: int = 1,
     ) -> None:
         start = time.perf_counter()
         n_users, n_items = len(user_embeddings), len(item_embeddings)
@@ -79,7 +78,7 @@ class PrecomputedTopK:
         item_array = items.numpy()
         # How far a float32 product can be off: below d * 2^-24 |u| |x| (sums of d products); 4x that.
         error = 4 * item_embeddings.shape[1] * 2.0**-24 * float(np.linalg.norm(item_array, axis=1).max(initial=0))
-        with _torch_threads(threads or os.cpu_count() or 1), torch.no_grad():
+        with _torch_threads(threads), torch.no_grad():
             for lo in range(0, n_users, USER_BLOCK):
                 hi = min(lo + USER_BLOCK, n_users)
                 scores = users[lo:hi] @ items.T
