@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
 def csr_matmul(matrix: Tensor, x: Tensor) -> Tensor:
-    """``matrix @ x`` for a CSR ``matrix`` and a dense ``x``, in the matrix's dtype.
+    """``matrix @ x`` for a CSR ``matrix`` and a dense ``x``, in the matrix's dtype; not differentiable (the
+    callers are autograd Functions that multiply by the transposed matrix in their backward pass).
 
-    On CPU, PyTorch's native CSR "sum" kernel is about 5x faster than the MKL path ``@`` takes (which
-    zero-fills and copies the dense operand); it has no CUDA kernel, where ``@`` uses cuSPARSE. Under bf16
-    autocast ``x`` arrives as bfloat16: the sparse product (autocast leaves it alone) runs in float32.
+    On CPU the product is an ``embedding_bag``: row r of the result is the sum of x's rows at the column indices
+    of matrix row r, weighted by its values, i.e. the CSR arrays are the bags (indices, offsets,
+    per-sample weights). Its kernel is about 3.4x faster on the TikTok graph than PyTorch's CSR "sum" product
+    (which zero-fills the output first), itself about 5x faster than the MKL path ``@`` takes. On CUDA ``@``
+    (cuSPARSE). Under bf16 autocast ``x`` arrives as bfloat16: the sparse product (autocast leaves it alone) runs
+    in float32.
     """
     x = x.to(matrix.dtype)
-    return torch.sparse.mm(matrix, x, "sum") if x.device.type == "cpu" else matrix @ x
+    if x.device.type != "cpu":
+        return matrix @ x
+    return F.embedding_bag(
+        matrix.col_indices(),
+        x.detach().contiguous(),  # (a tensor that requires grad would take the slower, differentiable kernel)
+        matrix.crow_indices(),
+        mode="sum",
+        per_sample_weights=matrix.values(),
+        include_last_offset=True,
+    )

@@ -10,6 +10,7 @@ import torch
 
 from models.base import RecModel
 from models.config import ModelConfig
+from models.csr import csr_matmul
 from models.inference import InferenceEncoder, item_states
 from models.metammf_gcn import MetaMMF_GCN, bipartite_edge_index
 from models.metammf_mf import MetaMMF_MF
@@ -366,3 +367,19 @@ def test_unique_rows_equals_torch_unique() -> None:
     expected = rows.unique(return_inverse=True)
     for a, b in zip(_unique_rows(rows, 10), expected, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_csr_matmul_equals_the_dense_product(dtype: torch.dtype) -> None:
+    # Empty rows (a node without neighbours), a repeated column, an input that requires grad and a strided one.
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.rand(7, 9, generator=generator, dtype=dtype) * (torch.rand(7, 9, generator=generator) < 0.4)
+    dense[[0, 4]] = 0
+    matrix = dense.to_sparse_csr()
+    x = torch.randn(5, 9, generator=generator, dtype=dtype).t().requires_grad_()
+    product = csr_matmul(matrix, x)
+    assert product.dtype == dtype and product.shape == (7, 5) and not product.requires_grad
+    torch.testing.assert_close(product, dense @ x.detach())
+    assert product[[0, 4]].eq(0).all()
+    # bf16 input (as under autocast) is multiplied in the matrix's dtype
+    torch.testing.assert_close(csr_matmul(matrix, x.detach().bfloat16()), dense @ x.detach().bfloat16().to(dtype))
