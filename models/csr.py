@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,3 +29,17 @@ def csr_matmul(matrix: Tensor, x: Tensor) -> Tensor:
         per_sample_weights=matrix.values(),
         include_last_offset=True,
     )
+
+
+class SparseMatmul(torch.autograd.Function):
+    """``matrix @ x`` differentiable in ``x``; the backward pass multiplies by ``transposed``, built once with
+    the matrix instead of transposed (re-sorted) on every step."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, matrix: Tensor, transposed: Tensor) -> Tensor:
+        ctx.transposed = transposed
+        return csr_matmul(matrix, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        return (csr_matmul(ctx.transposed, grad) if ctx.needs_input_grad[0] else None), None, None

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch_geometric.utils import degree, to_torch_csr_tensor
 
-from models.metammf_gcn import _SparseMatmul
+from models.csr import SparseMatmul
 
 
 def standardize_features(item_features: Tensor, normalize: bool = True) -> Tensor:
@@ -49,7 +49,7 @@ class SymmetricPropagation:
         self.device = edge_index.device
 
     def __call__(self, x: Tensor) -> Tensor:
-        return _SparseMatmul.apply(x, self.matrix, self.matrix)
+        return SparseMatmul.apply(x, self.matrix, self.matrix)
 
 
 def batch_rows(n_users: int, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:

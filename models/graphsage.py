@@ -30,7 +30,7 @@ from torch_geometric.nn import SAGEConv
 
 from models.base import RecModel, bpr_loss, l2_penalty
 from models.config import ModelConfig
-from models.graph_utils import standardize_features
+from models.graph_utils import batch_rows, standardize_features
 from models.metammf_gcn import MeanAggregation, bipartite_edge_index
 from models.registry import ModelInputs
 
@@ -107,7 +107,7 @@ class ProjectedFeatureGraph(RecModel):
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         ego = self.ego()
         final = self.propagate(ego)
-        rows = torch.cat([users, self.n_users + pos_items, self.n_users + neg_items])
+        rows = batch_rows(self.n_users, users, pos_items, neg_items)
         u, pos, neg = final[rows].split(len(users))
         return bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + self.reg_weight * l2_penalty(
             *ego[rows].split(len(users))

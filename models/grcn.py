@@ -63,7 +63,7 @@ from torch_geometric.utils import coalesce, dropout_edge, softmax
 from models.base import RecModel, bpr_loss, l2_penalty
 from models.config import ModelConfig
 from models.edge_ops import EdgePattern, edge_scores, weighted_sum
-from models.graph_utils import standardize_features
+from models.graph_utils import batch_rows, standardize_features
 from models.registry import ModelInputs
 
 
@@ -218,7 +218,7 @@ class GRCN(RecModel):
 
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         final = self.propagate()
-        rows = torch.cat([users, self.n_users + pos_items, self.n_users + neg_items])
+        rows = batch_rows(self.n_users, users, pos_items, neg_items)
         u, pos, neg = final[rows].split(len(users))
         reg = l2_penalty(*self.id_embedding[rows].split(len(users)), *(g.preference[users] for g in self.content))
         return bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + self.reg_weight * reg

@@ -21,7 +21,8 @@ from torch_geometric.utils import coalesce, degree, to_torch_csr_tensor
 
 from models.base import RecModel, bpr_loss, l2_penalty
 from models.config import ModelConfig
-from models.csr import csr_matmul
+from models.csr import SparseMatmul
+from models.graph_utils import batch_rows
 from models.metammf_mf import MultimodalItemEncoder, fusion_weights
 from models.neighbor_sampling import NeighborSampler
 from models.sage_rows import TowerSettings, sage_rows
@@ -40,19 +41,6 @@ def _unique_rows(rows: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
     present[rows] = True
     position = present.cumsum(0) - 1
     return present.nonzero().squeeze(1), position.index_select(0, rows)
-
-
-class _SparseMatmul(torch.autograd.Function):
-    """``matrix @ x`` whose backward multiplies by a precomputed ``transposed`` (no per-step transpose)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, matrix: Tensor, transposed: Tensor) -> Tensor:
-        ctx.transposed = transposed
-        return csr_matmul(matrix, x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
-        return (csr_matmul(ctx.transposed, grad.contiguous()) if ctx.needs_input_grad[0] else None), None, None
 
 
 class MeanAggregation:
@@ -77,7 +65,7 @@ class MeanAggregation:
         self.device = edge_index.device
 
     def __call__(self, x: Tensor) -> Tensor:
-        return _SparseMatmul.apply(x, self.matrix, self.transposed)
+        return SparseMatmul.apply(x, self.matrix, self.transposed)
 
 
 class SAGETower(nn.Module):
@@ -263,7 +251,7 @@ class MetaMMF_GCN(RecModel):
 
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         x, item_ego, aggregate = self._graph_input()
-        rows = torch.cat([users, self.n_users + pos_items, self.n_users + neg_items])
+        rows = batch_rows(self.n_users, users, pos_items, neg_items)
         u, pos, neg = self.graph.final_rows(x, aggregate, rows).split(len(users))
         loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1))
         if self.config.reg_target == "final":
@@ -319,7 +307,7 @@ class MetaMMF_GCN(RecModel):
         """:meth:`calculate_loss` on a neighbour-sampled subgraph around the batch's users, positive and
         negative items (``fanouts[k]`` neighbours per node at hop ``k + 1``, -1 = all; one per layer).
         Equal to :meth:`calculate_loss` when every fanout covers the maximum degree."""
-        rows = torch.cat([users, self.n_users + pos_items, self.n_users + neg_items])
+        rows = batch_rows(self.n_users, users, pos_items, neg_items)
         final, ego = self.sampled_rows(rows, fanouts, generator)
         u, pos, neg = final.split(len(users))
         loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1))

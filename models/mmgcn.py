@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from models.base import RecModel, bpr_loss, l2_penalty
 from models.config import ModelConfig
-from models.graph_utils import standardize_features
+from models.graph_utils import batch_rows, standardize_features
 from models.metammf_gcn import MeanAggregation, bipartite_edge_index
 from models.registry import ModelInputs
 
@@ -144,7 +144,7 @@ class MMGCN(RecModel):
 
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         final = self.propagate()
-        rows = torch.cat([users, self.n_users + pos_items, self.n_users + neg_items])
+        rows = batch_rows(self.n_users, users, pos_items, neg_items)
         u, pos, neg = final[rows].split(len(users))
         ids = self.id_embedding[rows].split(len(users))
         preferences = [graph.preference[users] for graph in self.graphs]
