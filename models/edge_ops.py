@@ -94,7 +94,7 @@ class _WeightedSum(torch.autograd.Function):
     def forward(ctx, weights: Tensor, x: Tensor, pattern: EdgePattern) -> Tensor:
         ctx.save_for_backward(weights, x)
         ctx.pattern = pattern
-        return csr_matmul(pattern.matrix(weights), x.contiguous())
+        return csr_matmul(pattern.matrix(weights), x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
