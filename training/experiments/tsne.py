@@ -2,7 +2,8 @@
 
 :func:`tsne` uses scikit-learn's ``TSNE`` when it is installed, else the exact (O(n^2)) t-SNE below,
 which is fine for the few hundred points of a sample: perplexity-calibrated affinities (bisection on the
-Gaussian precision), early exaggeration 12 for 250 iterations, momentum 0.5 then 0.8, adaptive gains,
+Gaussian precision), early exaggeration 12 for 250 iterations, momentum 0.5 then 0.8 (the second stage
+starting afresh, as scikit-learn's), adaptive gains,
 PCA initialisation, learning rate ``max(n / 48, 50)`` (scikit-learn's ``'auto'``).
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from training.data import RecData
+
+EXAGGERATED_ITERATIONS = 250
 
 
 def _affinities(x: np.ndarray, perplexity: float) -> np.ndarray:
@@ -47,7 +50,11 @@ def _tsne_numpy(x: np.ndarray, perplexity: float, n_iter: int, seed: int) -> np.
     lr = max(n / 12.0 / 4.0, 50.0)
     update, gains = np.zeros_like(y), np.ones_like(y)
     for it in range(n_iter):
-        exaggeration, momentum = (12.0, 0.5) if it < 250 else (1.0, 0.8)
+        exaggeration, momentum = (12.0, 0.5) if it < EXAGGERATED_ITERATIONS else (1.0, 0.8)
+        if it == EXAGGERATED_ITERATIONS:
+            # A fresh start for the second stage, as scikit-learn's two gradient-descent runs: the last
+            # exaggerated steps carried on with momentum 0.8 overshoot and tear clusters apart for a while.
+            update, gains = np.zeros_like(y), np.ones_like(y)
         sq = (y * y).sum(1)
         num = 1.0 / (1.0 + np.maximum(sq[:, None] + sq[None, :] - 2.0 * y @ y.T, 0.0))
         np.fill_diagonal(num, 0.0)
