@@ -15,8 +15,8 @@ def csr_matmul(matrix: Tensor, x: Tensor) -> Tensor:
     of matrix row r, weighted by its values, i.e. the CSR arrays are the bags (indices, offsets,
     per-sample weights). Its kernel is about 3.4x faster on the TikTok graph than PyTorch's CSR "sum" product
     (which zero-fills the output first), itself about 5x faster than the MKL path ``@`` takes. On CUDA ``@``
-    (cuSPARSE). Under bf16 autocast ``x`` arrives as bfloat16: the sparse product (autocast leaves it alone) runs
-    in float32.
+    (cuSPARSE). Under bf16 autocast ``x`` arrives as bfloat16: with a float32 matrix (``MeanAggregation``)
+    the product runs in float32; ``SAGERows`` passes a bfloat16 matrix to compute it in bfloat16.
     """
     x = x.to(matrix.dtype)
     if x.device.type != "cpu":

@@ -136,11 +136,22 @@ class SAGETower(nn.Module):
         """``combine(forward(x, aggregate))[rows]`` without computing the last layer for other nodes:
         a training batch touches about half of the nodes, and the last layer is a quarter of the work."""
         unique, inverse = _unique_rows(rows, x.shape[0])
-        if not torch.is_autocast_enabled(x.device.type):  # (under autocast: the plain autograd version)
-            weights = [w for conv in self.convs for w in (conv.lin_l.weight, conv.lin_l.bias, conv.lin_r.weight)]
-            tower = TowerSettings(self.activation.negative_slope, self.activate_last, self.layer_combine == "mean")
-            out = sage_rows(x, aggregate.matrix, aggregate.transposed, unique, tower, weights)
-            return out.index_select(0, inverse)
+        device = x.device.type
+        compute_dtype = None
+        if torch.is_autocast_enabled(device):
+            if device != "cpu":  # (CUDA: the bfloat16 CSR product is not measured there; autocast as it was)
+                return self._final_rows_autocast(x, aggregate, unique, inverse)
+            # The tower computes in bfloat16 itself: one cast in, one out, instead of casts around every product.
+            compute_dtype = torch.get_autocast_dtype(device)
+        weights = [w for conv in self.convs for w in (conv.lin_l.weight, conv.lin_l.bias, conv.lin_r.weight)]
+        tower = TowerSettings(
+            self.activation.negative_slope, self.activate_last, self.layer_combine == "mean", compute_dtype
+        )
+        out = sage_rows(x, aggregate.matrix, aggregate.transposed, unique, tower, weights)
+        return out.index_select(0, inverse)
+
+    def _final_rows_autocast(self, x: Tensor, aggregate: MeanAggregation, unique: Tensor, inverse: Tensor) -> Tensor:
+        """:meth:`final_rows` left to autocast and autograd."""
         states = [x]
         for layer in range(len(self.convs) - 1):
             states.append(self.node_update(layer, states[-1], aggregate(states[-1])))

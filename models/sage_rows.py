@@ -34,6 +34,9 @@ class TowerSettings(NamedTuple):
     slope: float  # LeakyReLU negative slope
     activate_last: bool  # LeakyReLU after the last layer too
     mean: bool  # average the states h^0..h^L (else return h^L)
+    # The dtype of the tower's products, states and gradients (bf16 autocast: torch.bfloat16); None: the
+    # input's. Inputs, outputs and gradients keep their own dtypes either way.
+    compute_dtype: torch.dtype | None = None
 
 
 class SAGERows(torch.autograd.Function):
@@ -42,11 +45,31 @@ class SAGERows(torch.autograd.Function):
     Inputs: the ego states ``x`` (n, d); the row-normalised adjacency (CSR) and its transpose; the batch's
     unique ``rows``; the tower's settings; then per layer ``W_l`` (d, d), ``b_l`` (d,) or None, ``R_l`` (d, d)
     (``lin_l.weight``, ``lin_l.bias``, ``lin_r.weight`` of PyG's ``SAGEConv``).
+
+    With ``tower.compute_dtype`` bfloat16 (what :meth:`SAGETower.final_rows` asks for under bf16 autocast) the
+    states, products and gradients are bfloat16, as autocast would make them, but without autocast's casts
+    around every product: ``x``, the weights and the matrices are cast once, the result and the gradients
+    back once (products accumulate in float32 inside the kernels either way).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, matrix: Tensor, transposed: Tensor, rows: Tensor, tower: TowerSettings, *weights):
-        slope, activate_last, mean = tower
+        slope, activate_last, mean, compute_dtype = tower
+        ctx.dtypes = x.dtype, [w.dtype if w is not None else None for w in weights]
+        if compute_dtype is not None and compute_dtype != x.dtype:
+            with torch.autocast(x.device.type, enabled=False):  # the casts are explicit here
+                return SAGERows._forward(
+                    ctx, x.to(compute_dtype), _csr_in(matrix, compute_dtype), _csr_in(transposed, compute_dtype),
+                    rows, slope, activate_last, mean, [w.to(compute_dtype) if w is not None else None for w in weights],
+                    x.dtype,
+                )  # fmt: skip
+        return SAGERows._forward(ctx, x, matrix, transposed, rows, slope, activate_last, mean, list(weights), x.dtype)
+
+    @staticmethod
+    def _forward(
+        ctx, x: Tensor, matrix: Tensor, transposed: Tensor, rows: Tensor, slope: float, activate_last: bool,
+        mean: bool, weights: list[Tensor | None], out_dtype: torch.dtype,
+    ) -> Tensor:  # fmt: skip
         n_layers = len(weights) // 3
         states = [x]
         for layer in range(n_layers - 1):
@@ -64,9 +87,9 @@ class SAGERows(torch.autograd.Function):
         last = _project(last_mean, last_own, neighbor_weight, bias, own_weight)
         if activate_last:
             last = F.leaky_relu(last, slope, inplace=True)
-        out = last
+        out = last.to(out_dtype)  # (the rows' sum in the output's dtype: a bfloat16 sum would round)
         if mean:
-            out = last_own + last
+            out = out + last_own
             for state in states[:-1]:
                 out += state.index_select(0, rows)
             out /= n_layers + 1
@@ -80,6 +103,7 @@ class SAGERows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x_dtype, weight_dtypes = ctx.dtypes
         n_layers = ctx.n_layers
         saved = list(ctx.saved_tensors)
         transposed, rows, last_mean, last_own, last = saved[:5]
@@ -88,7 +112,7 @@ class SAGERows(torch.autograd.Function):
         weights = [(next(params), next(params) if bias else None, next(params)) for bias in ctx.has_bias]
         slope = ctx.slope
 
-        grad = grad.contiguous()
+        grad = grad.to(states[0].dtype).contiguous()  # in the compute dtype
         share = grad / (n_layers + 1) if ctx.mean else None  # each state's part of the layer mean
         grad_z = share if ctx.mean else grad
         if ctx.activate_last:
@@ -111,7 +135,17 @@ class SAGERows(torch.autograd.Function):
             if share is not None:
                 grad_h.index_add_(0, rows, share)
         flat = [g for layer_grads in reversed(weight_grads) for g in layer_grads]
-        return (grad_h if ctx.needs_input_grad[0] else None, None, None, None, None, *flat)
+        flat = [g.to(dtype) if g is not None else None for g, dtype in zip(flat, weight_dtypes, strict=True)]
+        return (grad_h.to(x_dtype) if ctx.needs_input_grad[0] else None, None, None, None, None, *flat)
+
+
+def _csr_in(matrix: Tensor, dtype: torch.dtype) -> Tensor:
+    """The CSR ``matrix`` with its values in ``dtype`` (the index arrays shared)."""
+    if matrix.dtype == dtype:
+        return matrix
+    return torch.sparse_csr_tensor(
+        matrix.crow_indices(), matrix.col_indices(), matrix.values().to(dtype), matrix.shape, check_invariants=False
+    )
 
 
 def _project(

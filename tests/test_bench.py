@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,16 +29,25 @@ def test_train_bench_runs_and_reference_matches(tmp_path: Path) -> None:
     assert all(line.split("|")[6].strip().replace(".", "").isdigit() for line in rows)
     quality = [line for line in out.stdout.splitlines() if line.startswith("| metammf_")]
     assert len(quality) == 2 and "not reached" not in out.stdout, out.stdout
-    # A bf16 row (autocast runs on CPU too); tf32 needs CUDA and says so in its row.
+    # bf16 rows (autocast runs on CPU too) with a column against the fp32 authors-style step, which runs
+    # first whatever the order asked for; tf32 needs CUDA and says so in its rows.
     out = subprocess.run(
         [sys.executable, "bench/train.py", "--datasets", "tiny", "--steps", "2", "--warmup", "1", "--models",
-         "metammf_gcn", "--tensors", "cp", "--precisions", "bf16", "tf32", "--no-reference", "--device", "cpu"],
+         "metammf_gcn", "--tensors", "cp", "--precisions", "bf16", "tf32", "fp32", "--repeats", "1", "--device",
+         "cpu"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    bf16, tf32 = (line for line in out.stdout.splitlines() if line.startswith("| tiny |"))
-    assert bf16.split("|")[4].strip() == "bf16" and bf16.split("|")[6].strip().replace(".", "").isdigit(), bf16
-    assert "| tf32 | ours | error: ValueError: train.precision=tf32 needs a CUDA device" in tf32, tf32
+    assert "| vs authors-style fp32 |" in out.stdout, out.stdout
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| tiny |")]
+    assert [(r[4].strip(), r[5].strip()) for r in rows] == [
+        (precision, impl) for precision in ("fp32", "bf16", "tf32") for impl in ("ours", "authors-style")
+    ], out.stdout
+    fp32_ours, fp32_ref, bf16_ours = rows[0], rows[1], rows[2]
+    assert fp32_ours[9] == fp32_ours[10], out.stdout  # fp32 against fp32: the same ratio twice
+    ratio = float(fp32_ref[6]) / float(bf16_ours[6])  # (from the printed, rounded seconds)
+    assert float(bf16_ours[10].strip().rstrip("x")) == pytest.approx(ratio, rel=0.05, abs=0.1), out.stdout
+    assert all("error: ValueError: train.precision=tf32 needs a CUDA device" in "|".join(r) for r in rows[4:])
 
 
 def test_allocator_bench_compares_kept_memory_with_none(tmp_path: Path) -> None:

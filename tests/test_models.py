@@ -264,6 +264,33 @@ def test_sage_rows_backward_passes_gradcheck(combine: str) -> None:
     assert torch.autograd.gradcheck(run, (x, *(w for w in weights if w is not None)))
 
 
+@pytest.mark.parametrize("combine", ["mean", "last"])
+def test_final_rows_in_bf16_autocast_computes_the_tower_in_bfloat16(
+    tiny_data: RecData, make_config, combine: str
+) -> None:
+    """Under bf16 autocast on CPU the hand-written tower runs in bfloat16 (one cast in, one out): float32
+    result and gradients, close to float32's (bfloat16 keeps 8 bits of mantissa), and different from them, so
+    the products did run in bfloat16."""
+    model = make_model(tiny_data, make_config("metammf_gcn", gcn_layers=3, layer_combine=combine))
+    perturb(model)
+    x, _, aggregate = model._graph_input()
+    rows = torch.tensor([0, 5, 5, 199, model.n_users + 3, model.n_users + 149])
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.randn(len(rows), x.shape[1])
+    results = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model.graph.final_rows(x, aggregate, rows)
+        grads = torch.autograd.grad((out * weights).sum(), params, allow_unused=True, retain_graph=True)
+        results.append((out, [g for g in grads if g is not None]))
+    (out32, grads32), (out16, grads16) = results
+    assert out16.dtype == torch.float32 and {g.dtype for g in grads16} == {torch.float32}
+    assert not torch.equal(out16, out32)
+    torch.testing.assert_close(out16, out32, atol=0.02 * out32.abs().max().item(), rtol=0.05)
+    for a, b in zip(grads16, grads32, strict=True):
+        assert (a - b).norm() <= 0.05 * b.norm()
+
+
 def _set_row_to_mean_of_others(weight: torch.Tensor, row: int) -> None:
     """After this the mean over all rows equals the row itself."""
     with torch.no_grad():
