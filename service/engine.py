@@ -44,6 +44,27 @@ class Recommendation:
     scores: list[float]
 
 
+def _merge_best(
+    rows_a: list[int], scores_a: list[float], rows_b: list[int], scores_b: list[float], k: int
+) -> tuple[list[int], list[float]]:
+    """The best k of two lists, each ordered by (score descending, row), in that order."""
+    rows, scores = [], []
+    i = j = 0
+    while len(rows) < k and (i < len(rows_a) or j < len(rows_b)):
+        take_a = j == len(rows_b) or (
+            i < len(rows_a) and (scores_a[i] > scores_b[j] or (scores_a[i] == scores_b[j] and rows_a[i] < rows_b[j]))
+        )
+        if take_a:
+            rows.append(rows_a[i])
+            scores.append(scores_a[i])
+            i += 1
+        else:
+            rows.append(rows_b[j])
+            scores.append(scores_b[j])
+            j += 1
+    return rows, scores
+
+
 class Engine:
     """Serves one artifact version plus the online items and interactions applied to it."""
 
@@ -264,11 +285,10 @@ class Engine:
             online_rows, vectors = self._online_vectors.arrays()
             if len(online_rows):
                 query = self.bundle.user_embeddings[user_row]
-                best_rows, best_scores = self._best_online(online_rows, row_scores(vectors, query), k, exclude)
-                picked = sorted(
-                    zip(picked_scores + best_scores, picked_rows + best_rows, strict=True), key=lambda p: (-p[0], p[1])
-                )
-                picked_scores, picked_rows = [p[0] for p in picked[:k]], [p[1] for p in picked[:k]]
+                # (the user's seen rows are mostly training rows: only the online ones concern the scan)
+                seen_online = {r for r in exclude if r in self._online_vectors}
+                best_rows, best_scores = self._best_online(online_rows, row_scores(vectors, query), k, seen_online)
+                picked_rows, picked_scores = _merge_best(picked_rows, picked_scores, best_rows, best_scores, k)
             return [self.row_items[r] for r in picked_rows], picked_scores
 
     @staticmethod

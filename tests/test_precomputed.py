@@ -65,6 +65,23 @@ def test_a_tie_across_the_cut_is_left_out() -> None:
     assert lists.best(1)[0].tolist() == [4, 5, 6, 8]
 
 
+def test_merge_best_orders_by_score_then_row_across_both_lists() -> None:
+    from service.engine import _merge_best
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        rows = rng.permutation(40)[: rng.integers(0, 30)]
+        scores = rng.integers(0, 4, len(rows)).astype(float)  # many ties
+        ranked = sorted(zip(scores.tolist(), rows.tolist(), strict=True), key=lambda p: (-p[0], p[1]))
+        in_a = rng.random(len(ranked)) < 0.5
+        a = [p for p, first in zip(ranked, in_a, strict=True) if first]
+        b = [p for p, first in zip(ranked, in_a, strict=True) if not first]
+        k = int(rng.integers(0, 35))
+        split = [([r for _, r in part], [s for s, _ in part]) for part in (a, b)]
+        got_rows, got_scores = _merge_best(*split[0], *split[1], k)
+        assert list(zip(got_scores, got_rows, strict=True)) == ranked[:k]
+
+
 def test_keyed_vectors_follow_puts_extends_and_removes() -> None:
     """The bookkeeping behind the online scan and ivf's exact side list."""
     rng = np.random.default_rng(1)
