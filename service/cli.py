@@ -142,7 +142,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     client = redis_client(url)
     try:
         state = RedisState(client, settings.namespace, origin="check")
-        engine = Engine(bundle, IndexConfig.from_settings(settings))
+        engine = Engine(bundle, IndexConfig.from_settings(settings), torch_threads=settings.torch_threads)
         try:
             load_state(engine, state)
             report = check_consistency(engine, state)

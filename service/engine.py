@@ -21,6 +21,18 @@ from service.index import IndexConfig, ItemIndex
 from service.keyed_vectors import KeyedVectors
 from service.precomputed import PrecomputedTopK, row_scores
 
+_torch_threads = threading.local()
+
+
+def use_torch_threads(n: int) -> None:
+    """torch's intra-op thread count for the calling thread. Under OpenMP a count is per thread, but a thread
+    takes the process default (the count set last, by any thread) at its first parallel operation: a request
+    thread started while precomputed lists were being built (with more threads, service/precomputed.py) kept
+    the build's count. Remembered per thread, so the common case costs no call into torch."""
+    if getattr(_torch_threads, "n", None) != n:
+        torch.set_num_threads(n)
+        _torch_threads.n = n
+
 
 class InputError(ValueError):
     """A request whose content is wrong (unknown modality, wrong dimension, ...): HTTP 422."""
@@ -72,8 +84,15 @@ class Engine:
     # the scan costs about what an index search does (10,000 x 64 floats: ~0.1 ms), so the index answers.
     ONLINE_SCAN_MAX = 10_000
 
-    def __init__(self, bundle: Bundle, index_config: IndexConfig | None = None, precomputed_k: int = 0) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        index_config: IndexConfig | None = None,
+        precomputed_k: int = 0,
+        torch_threads: int | None = None,
+    ) -> None:
         self.bundle = bundle
+        self.torch_threads = torch_threads  # for fusing items and embedding new users; None: as the thread has it
         self.artifact_id = bundle.artifact_id
         # Tags the events of writes this engine applied itself (its follower skips them); a new engine
         # after a reload has a new origin, so it re-applies what was written through the old one.
@@ -176,12 +195,17 @@ class Engine:
 
     def fuse(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Meta learner on the fly: (b, d_x) raw features -> embeddings (b, d), states (b, n_states, d)."""
+        self._use_torch_threads()
         with torch.no_grad():
             final, states = self.bundle.encoder.encode_items(torch.from_numpy(matrix))
         final, states = final.numpy(), states.permute(1, 0, 2).numpy()
         if not (np.isfinite(final).all() and np.isfinite(states).all()):
             raise InputError("features are too large: the fused embedding overflows float32")
         return final, states
+
+    def _use_torch_threads(self) -> None:
+        if self.torch_threads is not None:
+            use_torch_threads(self.torch_threads)
 
     # -- applying state (called for local writes and for events from other replicas) -------------------
     def upsert(self, item_id: str, row: int, embedding: np.ndarray, states: np.ndarray) -> None:
@@ -351,6 +375,7 @@ class Engine:
             live = [r for r in seen if r in self.row_items]
             states = self.item_states(live) if live else None
         if states is not None:
+            self._use_torch_threads()
             with torch.no_grad():
                 query = self.bundle.encoder.encode_user(torch.from_numpy(states)).numpy()
             items, scores = self._search(query, k, seen)

@@ -129,7 +129,9 @@ class Runtime:
     def build(self, bundle: Bundle) -> tuple[Engine, str]:
         """A new engine for ``bundle`` holding everything in Redis (online items re-fused if they were
         fused by another artifact); raises IncompatibleState if stored items do not fit it."""
-        engine = Engine(bundle, IndexConfig.from_settings(self.settings), self.precomputed_k(bundle))
+        engine = Engine(
+            bundle, IndexConfig.from_settings(self.settings), self.precomputed_k(bundle), self.settings.torch_threads
+        )
         position = load_state(engine, self.state)
         return engine, position
 

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=256,
-        description="torch intra-op threads of the process (fusing new items, embedding new users): requests "
+        description="torch intra-op threads of every thread fusing new items or embedding new users: requests "
         "carry one item or user, and with more threads on a busy machine OpenMP waits made a fusion's p99 3-9x worse",
     )
     faiss_threads: int = Field(1, ge=1, le=256, description="FAISS OpenMP threads per request (search, add)")

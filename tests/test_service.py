@@ -158,6 +158,33 @@ def test_torch_threads_setting(make_client) -> None:
         torch.set_num_threads(before)
 
 
+def test_fusion_keeps_the_configured_torch_threads_when_another_thread_set_more(artifact: Artifact) -> None:
+    """A precomputed-list build sets more torch threads in the reload thread; a request thread that starts
+    meanwhile takes that count as its own (the process default at its first parallel operation). The engine
+    pins its own count before fusing an item or embedding a new user."""
+    from service.engine import Engine
+    from service.loading import load_bundle
+
+    engine = Engine(load_bundle(artifact.path), torch_threads=1)
+    features = engine.feature_matrix([artifact.features(0)])
+
+    def in_new_thread(work) -> int:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(lambda: (work(), torch.get_num_threads())[1]).result()
+
+    before = torch.get_num_threads()
+    try:
+        in_new_thread(lambda: torch.set_num_threads(3))  # as a list build does for its duration
+        assert in_new_thread(lambda: None) == 3  # what a new thread then gets
+        assert in_new_thread(lambda: engine.fuse(features)) == 1
+        engine.record_interaction("new-user", artifact.item_ids[0])
+        strategies = []
+        assert in_new_thread(lambda: strategies.append(engine.recommend("new-user", 5).strategy)) == 1
+        assert strategies == ["inductive"]  # embedding a new user: pinned too
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_unknown_user_gets_popular_items(client: TestClient, artifact: Artifact) -> None:
     body = rec(client, "never-seen-user", 15)
     assert body["strategy"] == "popular"
