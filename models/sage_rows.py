@@ -55,15 +55,13 @@ class SAGERows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, matrix: Tensor, transposed: Tensor, rows: Tensor, tower: TowerSettings, *weights):
         slope, activate_last, mean, compute_dtype = tower
+        dtype = compute_dtype or x.dtype  # (each cast below is a no-op when the dtype is already this)
         ctx.dtypes = x.dtype, [w.dtype if w is not None else None for w in weights]
-        if compute_dtype is not None and compute_dtype != x.dtype:
-            with torch.autocast(x.device.type, enabled=False):  # the casts are explicit here
-                return SAGERows._forward(
-                    ctx, x.to(compute_dtype), _csr_in(matrix, compute_dtype), _csr_in(transposed, compute_dtype),
-                    rows, slope, activate_last, mean, [w.to(compute_dtype) if w is not None else None for w in weights],
-                    x.dtype,
-                )  # fmt: skip
-        return SAGERows._forward(ctx, x, matrix, transposed, rows, slope, activate_last, mean, list(weights), x.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # the casts are explicit here
+            return SAGERows._forward(
+                ctx, x.to(dtype), _csr_in(matrix, dtype), _csr_in(transposed, dtype), rows, slope, activate_last,
+                mean, [w.to(dtype) if w is not None else None for w in weights], x.dtype,
+            )  # fmt: skip
 
     @staticmethod
     def _forward(
