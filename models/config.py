@@ -44,6 +44,31 @@ class ModelConfig(BaseModel):
         "ego", description="what the L2 term penalises: the ego (layer-0) or the final GCN representations"
     )
     layer_reg: float = Field(0.0, ge=0.0, description="L2 weight on the GraphSAGE and fusion weights")
+    # New items (POST /items, held-out items, items without training interactions): content only.
+    cold_item_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of each training batch's items scored through their content-only representation "
+        "(what a new item gets: fused content, the mean ID embedding, no graph neighbours), so the content "
+        "path learns to rank on its own and on the same scale as trained items (DropoutNet-style)",
+    )
+    content_alignment: float = Field(
+        0.0,
+        ge=0.0,
+        description="metammf_gcn: weight of a distillation term pulling each batch item's content-only "
+        "representation towards its trained one (squared distance to the detached final embedding)",
+    )
+    untrained_items: Literal["id", "content"] = Field(
+        "id",
+        description="items without training interactions: their ID embedding (the paper) or the content-only "
+        "representation a new item gets",
+    )
+    isolated_nodes: Literal["zeros", "self"] = Field(
+        "zeros",
+        description="metammf_gcn: neighbour mean of a node without neighbours (a new item): zeros (PyG's mean "
+        "aggregation) or the node's own state (a self loop, so its content survives every layer)",
+    )
     # Baseline-only settings (MetaMMF ignores them); the baselines otherwise reuse the fields above
     # (embedding_dim, gcn_layers, fusion_layers, leaky_slope, normalize_features, ...).
     message_dropout: float = Field(

@@ -12,7 +12,7 @@ The final embedding is :math:`h^L` (``layer_combine='last'``) or :math:`\frac{1}
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,7 @@ from torch_geometric.nn import SAGEConv
 from torch_geometric.utils import coalesce, degree, to_torch_csr_tensor
 
 from models.base import RecModel, bpr_loss, l2_penalty
+from models.cold_items import content_rows, fused_part, replace_rows, untrained_mask, with_mean_id
 from models.config import ModelConfig
 from models.csr import SparseMatmul
 from models.graph_utils import batch_rows
@@ -80,10 +81,14 @@ class SAGETower(nn.Module):
         init: str = "default",
         bias: bool = True,
         activate_last: bool = True,
+        isolated_nodes: str = "zeros",
     ):
         super().__init__()
         if init not in ("default", "mean", "residual"):
             raise ValueError(f"unknown SAGE init {init!r} (expected 'default', 'mean' or 'residual')")
+        if isolated_nodes not in ("zeros", "self"):
+            raise ValueError(f"unknown isolated_nodes {isolated_nodes!r} (expected 'zeros' or 'self')")
+        self.isolated_nodes = isolated_nodes
         self.convs = nn.ModuleList(SAGEConv(dim, dim, aggr="mean", bias=bias) for _ in range(n_layers))
         self.activation = nn.LeakyReLU(leaky_slope)
         self.layer_combine = layer_combine
@@ -101,6 +106,7 @@ class SAGETower(nn.Module):
             init=config.sage_init,
             bias=config.sage_bias,
             activate_last=config.activate_last,
+            isolated_nodes=config.isolated_nodes,
         )
 
     def reset_parameters(self) -> None:
@@ -184,10 +190,12 @@ class SAGETower(nn.Module):
         return self._activate(layer, torch.addmm(conv.lin_l(neighbor_mean), own, conv.lin_r.weight.t()))
 
     def isolated(self, x: Tensor) -> list[Tensor]:
-        """States of nodes with no neighbours yet (a freshly added item)."""
+        """States of nodes with no neighbours yet (a freshly added item): their neighbour mean is zeros
+        (``isolated_nodes='zeros'``, what the graph layers give such a node) or their own state ('self')."""
         states = [x]
         for layer in range(len(self.convs)):
-            states.append(self.node_update(layer, states[-1], torch.zeros_like(states[-1])))
+            h = states[-1]
+            states.append(self.node_update(layer, h, h if self.isolated_nodes == "self" else torch.zeros_like(h)))
         return states
 
 
@@ -197,7 +205,8 @@ class MetaMMF_GCN(RecModel):
     Args:
         n_users: number of users.
         item_features: (n_items, d_x) concatenated raw multimodal features.
-        train_pairs: (n, 2) training (user, item) index pairs: the graph.
+        train_pairs: (n, 2) training (user, item) index pairs: the graph (with
+            ``config.untrained_items='content'``, items absent from it are scored from content alone).
         config: model hyper-parameters (``gcn_layers``, ``layer_combine``, fusion settings).
         reg_weight: L2 weight on the batch ego representations.
         items: the item ego encoder (default: :class:`MultimodalItemEncoder`; see :class:`MetaMMF_MF`).
@@ -223,6 +232,8 @@ class MetaMMF_GCN(RecModel):
         self.graph = SAGETower.from_config(config)
         edge_index = bipartite_edge_index(train_pairs.long(), self.n_users, self.n_items)
         self.register_buffer("edge_index", edge_index, persistent=False)
+        untrained = untrained_mask(train_pairs, self.n_items) if config.untrained_items == "content" else None
+        self.register_buffer("untrained_items", untrained, persistent=False)
         self._aggregation: MeanAggregation | None = None
         self.reset_parameters()
 
@@ -250,10 +261,43 @@ class MetaMMF_GCN(RecModel):
         drop = self.training and self.config.edge_dropout > 0
         return x, item_ego, self._dropped_adjacency() if drop else self._adjacency()
 
+    def new_item_states(self, fused: Tensor) -> list[Tensor]:
+        """Per-layer states of items known by their fused content e^m alone (:mod:`models.cold_items`):
+        the mean ID embedding and no neighbours."""
+        return self.graph.isolated(with_mean_id(fused, self.items.id_embedding))
+
+    def new_item_embeddings(self, fused: Tensor) -> Tensor:
+        """Final embeddings of items known by their fused content e^m alone."""
+        return self.graph.combine(self.new_item_states(fused))
+
     def layer_states(self) -> tuple[list[Tensor], Tensor]:
-        """Per-layer node states [h^0..h^L] (each (n_users + n_items, d)) and the item ego states."""
+        """Per-layer node states [h^0..h^L] (each (n_users + n_items, d)) and the item ego states; items
+        without training interactions get their content-only states with ``untrained_items='content'``."""
         x, item_ego, aggregate = self._graph_input()
-        return self.graph(x, aggregate), item_ego
+        states = self.graph(x, aggregate)
+        if self.untrained_items is not None and bool(self.untrained_items.any()):
+            rows = self.untrained_items.nonzero().squeeze(1)
+            cold = self.new_item_states(fused_part(item_ego[rows], self.items.id_embedding))
+            states = [s.index_copy(0, rows + self.n_users, c.to(s.dtype)) for s, c in zip(states, cold, strict=True)]
+        return states, item_ego
+
+    def _content_items(
+        self, item_ids: Tensor, items: Tensor, ego_rows: Callable[[Tensor], Tensor]
+    ) -> tuple[Tensor, Tensor | float]:
+        """A batch's final item rows ``items`` with the untrained and dropped-out ones from content alone
+        (``ego_rows(positions)``: the ego states of the items at those positions of the batch), and the
+        weighted ``content_alignment`` term (0.0 when off)."""
+
+        def content(rows: Tensor) -> Tensor:
+            return self.new_item_embeddings(fused_part(ego_rows(rows), self.items.id_embedding))
+
+        alignment: Tensor | float = 0.0
+        if self.training and self.config.content_alignment > 0:
+            every = torch.arange(item_ids.shape[0], device=item_ids.device)
+            gap = content(every) - items.detach().to(items.dtype)
+            alignment = self.config.content_alignment * gap.float().pow(2).sum(-1).mean()
+        cold = content_rows(item_ids, self.untrained_items, self.config.cold_item_dropout, self.training)
+        return replace_rows(items, cold, content), alignment
 
     def get_embedding(self) -> tuple[Tensor, Tensor]:
         states, _ = self.layer_states()
@@ -263,8 +307,13 @@ class MetaMMF_GCN(RecModel):
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         x, item_ego, aggregate = self._graph_input()
         rows = batch_rows(self.n_users, users, pos_items, neg_items)
-        u, pos, neg = self.graph.final_rows(x, aggregate, rows).split(len(users))
-        loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1))
+        final = self.graph.final_rows(x, aggregate, rows)
+        item_ids = torch.cat([pos_items, neg_items])
+        items, alignment = self._content_items(
+            item_ids, final[len(users) :], lambda at: item_ego.index_select(0, item_ids[at])
+        )
+        u, (pos, neg) = final[: len(users)], items.split(len(users))
+        loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + alignment
         if self.config.reg_target == "final":
             reg = l2_penalty(u, pos, neg)
         else:
@@ -320,8 +369,11 @@ class MetaMMF_GCN(RecModel):
         Equal to :meth:`calculate_loss` when every fanout covers the maximum degree."""
         rows = batch_rows(self.n_users, users, pos_items, neg_items)
         final, ego = self.sampled_rows(rows, fanouts, generator)
-        u, pos, neg = final.split(len(users))
-        loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1))
+        items, alignment = self._content_items(
+            torch.cat([pos_items, neg_items]), final[len(users) :], lambda at: ego[len(users) :][at]
+        )
+        u, (pos, neg) = final[: len(users)], items.split(len(users))
+        loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + alignment
         reg = l2_penalty(u, pos, neg) if self.config.reg_target == "final" else l2_penalty(*ego.split(len(users)))
         loss = loss + self.reg_weight * reg
         if self.config.layer_reg > 0:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from models.base import RecModel, bpr_loss, l2_penalty
+from models.cold_items import content_rows, fused_part, replace_rows, untrained_mask, with_mean_id
 from models.config import ModelConfig
 from models.fusion import MetaFusionNetwork
 
@@ -61,11 +62,6 @@ class MultimodalItemEncoder(nn.Module):
             return torch.cat([self.fusion.fuse_standardized(self.item_inputs), self.id_embedding.weight], dim=1)
         return torch.cat([self.fusion.fuse_standardized(self.item_inputs[items]), self.id_embedding(items)], dim=1)
 
-    def cold_item(self, features: Tensor) -> Tensor:
-        """Ego representation of items unseen in training: fused content + the mean ID embedding."""
-        mean_id = self.id_embedding.weight.mean(0, keepdim=True).expand(features.shape[0], -1)
-        return torch.cat([self.fusion(features), mean_id], dim=1)
-
 
 class MetaMMF_MF(RecModel):
     """MetaMMF with inner-product scoring.
@@ -77,6 +73,8 @@ class MetaMMF_MF(RecModel):
         reg_weight: L2 weight on the batch representations.
         items: the item ego encoder (default: :class:`MultimodalItemEncoder`, MetaMMF's fusion); the
             static-fusion baselines (:mod:`models.static_fusion`) pass theirs, everything else is shared.
+        train_pairs: (n, 2) training pairs; with ``config.untrained_items='content'`` the items absent
+            from them are scored from content alone (:mod:`models.cold_items`).
     """
 
     def __init__(
@@ -87,6 +85,7 @@ class MetaMMF_MF(RecModel):
         reg_weight: float = 1e-4,
         *,
         items: nn.Module | None = None,
+        train_pairs: Tensor | None = None,
     ):
         super().__init__()
         self.config = config
@@ -94,18 +93,36 @@ class MetaMMF_MF(RecModel):
         self.reg_weight = reg_weight
         self.user_embedding = nn.Embedding(n_users, config.embedding_dim)
         self.items = items if items is not None else MultimodalItemEncoder(config, item_features)
+        untrained = None
+        if train_pairs is not None and config.untrained_items == "content":
+            untrained = untrained_mask(train_pairs, self.n_items)
+        self.register_buffer("untrained_items", untrained, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.user_embedding.weight, std=0.1)
         self.items.reset_parameters()
 
+    def new_item_embeddings(self, fused: Tensor) -> Tensor:
+        """Final embeddings of items known by their fused content e^m alone (:mod:`models.cold_items`)."""
+        return with_mean_id(fused, self.items.id_embedding)
+
     def get_embedding(self) -> tuple[Tensor, Tensor]:
-        return self.user_embedding.weight, self.items()
+        ego = self.items()
+        untrained = None if self.untrained_items is None else self.untrained_items.nonzero().squeeze(1)
+        ego = replace_rows(
+            ego, untrained, lambda rows: self.new_item_embeddings(fused_part(ego[rows], self.items.id_embedding))
+        )
+        return self.user_embedding.weight, ego
 
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         u = self.user_embedding(users)
-        item_rep = self.items(torch.cat([pos_items, neg_items]))
+        item_ids = torch.cat([pos_items, neg_items])
+        item_rep = self.items(item_ids)
+        cold = content_rows(item_ids, self.untrained_items, self.config.cold_item_dropout, self.training)
+        item_rep = replace_rows(
+            item_rep, cold, lambda rows: self.new_item_embeddings(fused_part(item_rep[rows], self.items.id_embedding))
+        )
         pos, neg = item_rep.split(len(users))
         loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + self.reg_weight * l2_penalty(u, pos, neg)
         if self.config.layer_reg > 0:

@@ -84,7 +84,7 @@ class ModelSpec:
 def _metammf_mf(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> RecModel:
     from models.metammf_mf import MetaMMF_MF
 
-    return MetaMMF_MF(inputs.n_users, inputs.item_features, config, reg_weight)
+    return MetaMMF_MF(inputs.n_users, inputs.item_features, config, reg_weight, train_pairs=inputs.train_pairs)
 
 
 def _metammf_gcn(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> RecModel:

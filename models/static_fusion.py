@@ -154,9 +154,10 @@ class StaticFusionMF(MetaMMF_MF):
         config: ModelConfig,
         reg_weight: float = 1e-4,
         mode: FusionMode = "early",
+        train_pairs: Tensor | None = None,
     ) -> None:
         items = StaticItemEncoder(config, item_features, modality_dims, mode)
-        super().__init__(n_users, item_features, config, reg_weight, items=items)
+        super().__init__(n_users, item_features, config, reg_weight, items=items, train_pairs=train_pairs)
         self.fusion_mode = mode
 
 
@@ -180,7 +181,9 @@ class StaticFusionGCN(MetaMMF_GCN):
 
 def _mf(mode: FusionMode):
     def build(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> StaticFusionMF:
-        return StaticFusionMF(inputs.n_users, inputs.item_features, inputs.modality_dims, config, reg_weight, mode)
+        return StaticFusionMF(
+            inputs.n_users, inputs.item_features, inputs.modality_dims, config, reg_weight, mode, inputs.train_pairs
+        )
 
     return build
 

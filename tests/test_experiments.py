@@ -70,7 +70,9 @@ def test_cold_item_split_holds_out_a_seeded_fifth_of_the_items(tiny_data: RecDat
     # No held-out item in training: the warm data only knows the warm items.
     assert split.warm.n_items == len(warm)
     assert not np.isin(warm[split.warm.train[:, 1]], cold).any()
-    assert len(split.warm.valid) == len(split.warm.test) == 0
+    assert (
+        not np.isin(warm[split.warm.valid[:, 1]], cold).any() and not np.isin(warm[split.warm.test[:, 1]], cold).any()
+    )
     # Every warm training interaction is kept, re-indexed.
     kept = tiny_data.train[~np.isin(tiny_data.train[:, 1], cold)]
     got = np.stack([split.warm.train[:, 0], warm[split.warm.train[:, 1]]], axis=1)
@@ -103,7 +105,16 @@ def test_cold_protocol_trains_on_warm_items_and_ranks_held_out_ones() -> None:
     result = train_protocol(cfg, data)
     assert result.model.n_items == split.warm.n_items  # never saw a held-out item
     assert set(result.test.users) == set(np.unique(split.test[:, 0]))
-    assert set(result.test.metrics) == set(metric_keys([10, 20]))
+    plain = set(metric_keys([10, 20]))
+    assert set(result.test.metrics) == plain | {f"full_{k}" for k in plain} | {f"warm_{k}" for k in plain} | {
+        "selection"
+    }
+    for which in (result.valid, result.test):  # the model-selection rule: held-out and warm together
+        assert which.metrics["selection"] == pytest.approx(
+            (which.metrics["recall@20"] + which.metrics["warm_recall@20"]) / 2
+        )
+    # Among all items a held-out item has more competitors: it can only rank lower.
+    assert result.test.metrics["full_recall@20"] <= result.test.metrics["recall@20"]
     # Held-out items are scored from content alone: what the service's encoder computes for new items.
     from models.inference import InferenceEncoder
 

@@ -370,7 +370,7 @@ def test_mf_inference_encoder(tiny_data: RecData, make_config) -> None:
     expected = torch.cat([model.items.fusion(features).detach(), mean_id.expand(7, -1)], dim=1)
     torch.testing.assert_close(emb, expected)
     torch.testing.assert_close(states, expected.unsqueeze(0))
-    assert torch.equal(emb, model.items.cold_item(features).detach())
+    assert torch.equal(emb, model.new_item_embeddings(model.items.fusion(features)).detach())
     # The fused part of existing items equals their trained embedding's fused part.
     fused_dim = make_config().fused_dim
     _, item_emb = model.get_embedding()

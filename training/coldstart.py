@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from models.base import RecModel
+from models.inference import InferenceEncoder
 from training.data import DataError, RecData
 from training.evaluate import EvalResult, full_rank_evaluate
 
@@ -80,9 +81,9 @@ def check_cold_start_model(name: str) -> None:
 class ColdItemSplit:
     """The held-out split: ``warm`` trains the model, ``valid``/``test`` are (user, cold index) pairs.
 
-    ``warm`` has every user, the warm items re-indexed in ``warm_items`` order and empty valid/test
-    (evaluation goes through :func:`cold_evaluator`); ``cold_features`` maps modality -> raw features of
-    the held-out items in ``cold_items`` order.
+    ``warm`` has every user, the warm items re-indexed in ``warm_items`` order, and the data's valid/test
+    interactions with warm items (the warm half of model selection, :func:`cold_evaluator`);
+    ``cold_features`` maps modality -> raw features of the held-out items in ``cold_items`` order.
     """
 
     warm: RecData
@@ -127,6 +128,7 @@ def cold_item_split(data: RecData, ratio: float = 0.2, seed: int = 0) -> ColdIte
     train = data.train[~is_cold[data.train[:, 1]]]
     has_train = np.zeros(data.n_users, dtype=bool)
     has_train[train[:, 0]] = True
+    warm_valid, warm_test = (pairs[~is_cold[pairs[:, 1]]] for pairs in (data.valid, data.test))
     dropped = np.unique(np.concatenate([valid[:, 0], test[:, 0]])[~has_train[np.r_[valid[:, 0], test[:, 0]]]])
     valid, test = valid[has_train[valid[:, 0]]], test[has_train[test[:, 0]]]
     for name, arr in (("valid", valid), ("test", test)):
@@ -143,8 +145,8 @@ def cold_item_split(data: RecData, ratio: float = 0.2, seed: int = 0) -> ColdIte
         n_users=data.n_users,
         n_items=len(warm_items),
         train=remap(train, warm_index),
-        valid=empty,
-        test=empty,
+        valid=remap(warm_valid, warm_index) if len(warm_valid) else empty,
+        test=remap(warm_test, warm_index) if len(warm_test) else empty,
         features={m: np.ascontiguousarray(x[warm_items]) for m, x in data.features.items()},
     )
     return ColdItemSplit(
@@ -187,10 +189,11 @@ def cold_item_embeddings(model: RecModel, features: Tensor, warm_features: Tenso
 
     features = features.float()
     model.eval()
-    if isinstance(model, MetaMMF_MF | MetaMMF_GCN):  # and the static-fusion subclasses
-        mean_id = model.items.id_embedding.weight.mean(0).expand(features.shape[0], -1)
-        ego = torch.cat([model.items.fusion(features), mean_id], dim=1)
-        return model.graph.combine(model.graph.isolated(ego)) if isinstance(model, MetaMMF_GCN) else ego
+    if type(model) in (MetaMMF_MF, MetaMMF_GCN):
+        # The service's own encoder: exactly what POST /items computes for these features.
+        return InferenceEncoder.from_model(model).to(features.device).encode_items(features)[0]
+    if isinstance(model, MetaMMF_MF | MetaMMF_GCN):  # the static-fusion subclasses: the same path
+        return model.new_item_embeddings(model.items.fusion(features))
     x = _standardize_like(model, features, warm_features)
     if isinstance(model, VBPR):
         n = x.shape[0]
@@ -242,18 +245,60 @@ def evaluate_cold_scores(
     )
 
 
+def full_catalogue_targets(split: ColdItemSplit, which: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(targets, exclude) for ranking the held-out items among *all* items, warm rows first and held-out
+    item ``c`` at row ``n_warm + c``: the user's training items are masked, and for test their valid
+    interactions (warm and held-out) too."""
+    n_warm = split.warm.n_items
+
+    def shifted(pairs: np.ndarray) -> np.ndarray:
+        return pairs + np.array([0, n_warm], dtype=pairs.dtype)
+
+    targets = shifted(split.valid if which == "valid" else split.test)
+    exclude = [split.warm.train]
+    if which == "test":
+        exclude += [split.warm.valid, shifted(split.valid)]
+    return targets, exclude
+
+
 def cold_evaluator(split: ColdItemSplit, cfg: TrainConfig) -> Callable[[RecModel, str], EvalResult]:
-    """``evaluate(model, split_name)`` for :func:`training.trainer.train` under the cold-item protocol."""
+    """``evaluate(model, split_name)`` for :func:`training.trainer.train` under the cold-item protocol.
+
+    The result's plain metrics (``recall@20``, ...) and per-user values rank the held-out items among
+    themselves; ``full_<metric>`` ranks them among all items (warm and held-out compete, as in the
+    service's ``/recommend``); ``warm_<metric>`` is the warm protocol's ranking of the warm items for the
+    data's warm valid/test interactions. ``selection`` is the model-selection rule early stopping uses:
+    the mean of the held-out and the warm ``cfg.monitor`` (the warm one alone when a split has no warm
+    targets), so the chosen epoch serves both new and existing items.
+    """
     features = torch.from_numpy(split.cold_item_features())
     warm_features = torch.from_numpy(split.warm.item_features())
+    n_users, n_warm = split.warm.n_users, split.warm.n_items
+    ks, batch, device = cfg.ks, cfg.eval_batch_size, cfg.device
 
     def evaluate(model: RecModel, which: str) -> EvalResult:
-        device = next(model.parameters()).device
         with torch.no_grad():
             model.eval()
-            users = model.get_embedding()[0].detach()
-            items = cold_item_embeddings(model, features.to(device), warm_features.to(device))
-        return evaluate_cold_scores(lambda u: users[u] @ items.T, split, which, cfg.ks, cfg.eval_batch_size, cfg.device)
+            users, warm_items = (t.detach() for t in model.get_embedding())
+            items = cold_item_embeddings(model, features.to(users.device), warm_features.to(users.device))
+        cold = evaluate_cold_scores(lambda u: users[u] @ items.T, split, which, ks, batch, device)
+        metrics = dict(cold.metrics)
+        catalogue = torch.cat([warm_items, items])
+        targets, exclude = full_catalogue_targets(split, which)
+        full = full_rank_evaluate(
+            lambda u: users[u] @ catalogue.T, targets, exclude, n_users, len(catalogue), ks, batch, device
+        )
+        metrics.update({f"full_{k}": v for k, v in full.metrics.items()})
+        warm_targets = split.warm.valid if which == "valid" else split.warm.test
+        metrics["selection"] = metrics[cfg.monitor]
+        if len(warm_targets):
+            exclude = [split.warm.train] if which == "valid" else [split.warm.train, split.warm.valid]
+            warm = full_rank_evaluate(
+                lambda u: users[u] @ warm_items.T, warm_targets, exclude, n_users, n_warm, ks, batch, device
+            )
+            metrics.update({f"warm_{k}": v for k, v in warm.metrics.items()})
+            metrics["selection"] = (metrics[cfg.monitor] + warm.metrics[cfg.monitor]) / 2
+        return EvalResult(metrics, cold.users, cold.per_user)
 
     return evaluate
 

@@ -112,7 +112,8 @@ def train(
     then restore the best weights and score the test split with them.
 
     ``evaluate(model, split)`` scores 'valid' or 'test' (default: :func:`evaluate_split` on ``data``);
-    the cold-start protocol (:mod:`training.coldstart`) passes one that ranks held-out items.
+    the cold-start protocol (:mod:`training.coldstart`) passes one that ranks held-out items. Early stopping
+    follows the validation metrics' ``selection`` entry where the evaluator gives one, else ``cfg.monitor``.
 
     Launched by ``torchrun`` with several processes, trains data-parallel (see :mod:`training.distributed`)
     and returns the result on rank 0 only (``None`` on the other ranks).
@@ -180,7 +181,8 @@ def _train(
         if ctx.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             valid = evaluate(model, "valid")
             record.update({f"valid_{k}": v for k, v in valid.metrics.items()})
-            score = valid.metrics[cfg.monitor]
+            # An evaluator may define its own selection rule (the cold-item protocol: training.coldstart).
+            score = valid.metrics.get("selection", valid.metrics[cfg.monitor])
             if score > best_score:
                 best_score, best_epoch, best_valid, stale = score, epoch, valid.metrics, 0
                 best_state = copy.deepcopy(model.state_dict())
