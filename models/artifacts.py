@@ -162,9 +162,9 @@ class Bundle:
             self.item_states = embeddings["item_states"].numpy()
             self.item_popularity = embeddings["item_popularity"].numpy()
             self.interactions = np.load(self.path / "interactions.npy", allow_pickle=False)
-            self.encoder = InferenceEncoder(self.model_config, sum(self.modalities.values()))
-            self.encoder.load_state_dict(load_file(self.path / "encoder.safetensors"))
-            self.encoder.eval()
+            self.encoder = InferenceEncoder.from_state_dict(
+                self.model_config, sum(self.modalities.values()), load_file(self.path / "encoder.safetensors")
+            )
             self.index = faiss.read_index(str(self.path / "items.faiss"))
         except (KeyError, ValueError, RuntimeError, OSError) as exc:
             raise ArtifactError(f"{self.path}: unreadable artifact ({type(exc).__name__}: {exc})") from None

@@ -47,6 +47,9 @@ class RecModel(nn.Module, ABC):
         """Compute and cache the final embeddings once before many :meth:`full_sort_predict` calls."""
         self._cache = tuple(t.detach().clone() for t in self.get_embedding())  # a snapshot, not live weights
 
+    def on_epoch_start(self) -> None:
+        """Called by the trainer before each epoch (a model that keeps per-epoch state refreshes it)."""
+
     def clear_inference_cache(self) -> None:
         self._cache = None
 

@@ -6,6 +6,12 @@ embedding in place of its own :math:`e_i^c`, and (with a graph backbone) the gra
 without neighbours. With ``cold_item_dropout`` = p, each training batch scores a random share p of its
 items through that representation instead of their trained one (DropoutNet, Volkovs et al. 2017), so the
 content path learns to rank by itself and its scores land on the same scale as trained items'.
+
+With ``content_neighbors`` = k (graph backbone), a new item is also placed among its k nearest trained
+items by content (cosine of the standardised raw features, :class:`ContentNeighbors`): its per-layer
+states are the mean of theirs plus its own content-only states, and the dropped-out training items learn
+the content-only part as the residual over that mean (the neighbours' states detached, refreshed once
+per epoch).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -47,3 +54,47 @@ def replace_rows(rows: Tensor, positions: Tensor | None, new_rows: Callable[[Ten
     if positions is None or positions.numel() == 0:
         return rows
     return rows.index_copy(0, positions, new_rows(positions).to(rows.dtype))
+
+
+@torch.no_grad()
+def nearest(queries: Tensor, keys: Tensor, k: int, skip: Tensor | None = None, chunk: int = 4096) -> Tensor:
+    """(b, k) indices of the ``k`` keys with the largest inner product with each query (unit vectors: cosine);
+    ``skip[i]`` >= 0 is a key that query i must not get (itself)."""
+    k = min(k, keys.shape[0] - (1 if skip is not None else 0))
+    found = []
+    for lo in range(0, queries.shape[0], chunk):
+        similarity = queries[lo : lo + chunk] @ keys.T
+        if skip is not None:
+            own = skip[lo : lo + chunk]
+            rows = (own >= 0).nonzero().squeeze(1)
+            similarity[rows, own[rows]] = float("-inf")
+        found.append(similarity.topk(k, dim=1).indices)
+    return torch.cat(found) if found else torch.zeros(0, k, dtype=torch.long, device=keys.device)
+
+
+class ContentNeighbors(nn.Module):
+    """The ``k`` nearest trained items of every item by content, fixed at construction.
+
+    Args:
+        inputs: (n_items, d_x) the items' inputs to the fusion network (standardised raw features).
+        trained: (n_items,) bool, the items with training interactions: the only possible neighbours.
+        k: neighbours per item.
+    """
+
+    def __init__(self, inputs: Tensor, trained: Tensor, k: int) -> None:
+        super().__init__()
+        self.k = k
+        rows = trained.nonzero().squeeze(1)
+        keys = F.normalize(inputs[rows].float(), dim=1)
+        position = torch.full((inputs.shape[0],), -1, dtype=torch.long, device=inputs.device)
+        position[rows] = torch.arange(len(rows), device=inputs.device)
+        # Every item's neighbours (item rows), a trained item never its own: what training drops out.
+        table = rows[nearest(F.normalize(inputs.float(), dim=1), keys, k, skip=position)]
+        self.register_buffer("keys", keys, persistent=False)  # (n_trained, d_x), unit rows
+        self.register_buffer("rows", rows, persistent=False)  # key index -> item row
+        self.register_buffer("table", table, persistent=False)  # (n_items, k) item rows
+
+
+def neighbor_mean(states: Tensor, neighbors: Tensor) -> Tensor:
+    """(n_states, b, d): the mean over each row of ``neighbors`` (b, k) of ``states`` (n_states, n, d)."""
+    return states[:, neighbors].mean(2)

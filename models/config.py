@@ -59,6 +59,14 @@ class ModelConfig(BaseModel):
         description="metammf_gcn: weight of a distillation term pulling each batch item's content-only "
         "representation towards its trained one (squared distance to the detached final embedding)",
     )
+    content_neighbors: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="metammf_gcn: a new item also borrows the graph states of its k nearest trained items by "
+        "content (cosine of the standardised raw features): its states are their mean plus its own content-only "
+        "states, which training (cold_item_dropout) fits as the residual; 0 = content-only states alone",
+    )
     untrained_items: Literal["id", "content"] = Field(
         "id",
         description="items without training interactions: their ID embedding (the paper) or the content-only "

@@ -1,32 +1,54 @@
 """What the service needs of a trained model to embed items and users it never saw in training.
 
 * a new item: fuse its raw features with its own fusion network, use the mean ID embedding as e^c,
-  then run the graph layers for a node with no neighbours yet;
+  then run the graph layers for a node with no neighbours yet; with ``content_neighbors`` = k, add the
+  mean per-layer states of its k nearest training items by content (:mod:`models.cold_items`);
 * a new user with some online interactions: start from the mean user embedding and aggregate the
   per-layer states of the items they interacted with through the trained graph layers (inductive).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import RecModel
+from models.cold_items import nearest, neighbor_mean
 from models.config import ModelConfig
 from models.metammf_gcn import MetaMMF_GCN, SAGETower
 from models.metammf_mf import MetaMMF_MF, build_fusion
 
 
 class InferenceEncoder(nn.Module):
-    """Fusion network + graph layers + mean embeddings, detached from the training graph."""
+    """Fusion network + graph layers + mean embeddings, detached from the training graph; with
+    ``content_neighbors``, the trained items' content keys and per-layer states (``n_neighbor_keys`` rows)."""
 
-    def __init__(self, config: ModelConfig, in_dim: int) -> None:
+    NEIGHBOR_BUFFERS = ("neighbor_keys", "neighbor_states")
+
+    def __init__(self, config: ModelConfig, in_dim: int, n_neighbor_keys: int = 0) -> None:
         super().__init__()
         self.config = config
         self.fusion = build_fusion(config, in_dim)
         self.graph = SAGETower.from_config(config) if config.name == "metammf_gcn" else None
         self.register_buffer("mean_item_id", torch.zeros(config.id_dim))
         self.register_buffer("mean_user", torch.zeros(config.embedding_dim))
+        self.register_buffer("neighbor_keys", torch.zeros(n_neighbor_keys, in_dim))  # unit rows
+        self.register_buffer("neighbor_states", torch.zeros(self.n_states, n_neighbor_keys, config.embedding_dim))
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, in_dim: int, state: Mapping[str, Tensor]) -> InferenceEncoder:
+        """An encoder holding ``state`` (``encoder.safetensors``); one written without content neighbours
+        may lack their (empty) buffers."""
+        keys = state.get("neighbor_keys")
+        encoder = cls(config, in_dim, 0 if keys is None else keys.shape[0])
+        state = dict(state)
+        for name in cls.NEIGHBOR_BUFFERS:
+            state.setdefault(name, getattr(encoder, name))
+        encoder.load_state_dict(state)
+        return encoder.eval()
 
     @property
     def n_states(self) -> int:
@@ -44,10 +66,14 @@ class InferenceEncoder(nn.Module):
                 + (f" (model {name!r})" if name else "")
                 + ": only MetaMMF models (metammf_gcn, metammf_mf) can be served; baselines are for evaluation only"
             )
-        encoder = cls(model.config, model.items.fusion.in_dim)
+        neighbors = getattr(model, "neighbors", None)
+        encoder = cls(model.config, model.items.fusion.in_dim, 0 if neighbors is None else len(neighbors.rows))
         encoder.fusion.load_state_dict(model.items.fusion.state_dict())
         if isinstance(model, MetaMMF_GCN):
             encoder.graph.load_state_dict(model.graph.state_dict())
+        if neighbors is not None:
+            encoder.neighbor_keys.copy_(neighbors.keys)
+            encoder.neighbor_states.copy_(item_states(model)[:, neighbors.rows])
         encoder.mean_item_id.copy_(model.items.id_embedding.weight.mean(0))
         encoder.mean_user.copy_(model.user_embedding.weight.mean(0))
         return encoder.eval()
@@ -57,10 +83,15 @@ class InferenceEncoder(nn.Module):
         """Raw features (b, d_x) of new items -> (final embeddings (b, d), states (n_states, b, d))."""
         mean_id = self.mean_item_id.expand(features.shape[0], -1)
         ego = torch.cat([self.fusion(features), mean_id], dim=1)
-        if self.graph is None:
-            return ego, ego.unsqueeze(0)
-        states = self.graph.isolated(ego)
-        return self.graph.combine(states), torch.stack(states)
+        states = [ego] if self.graph is None else self.graph.isolated(ego)
+        if self.neighbor_keys.shape[0] and self.config.content_neighbors:
+            queries = F.normalize(self.fusion.standardize(features.float()), dim=1)
+            prior = neighbor_mean(
+                self.neighbor_states, nearest(queries, self.neighbor_keys, self.config.content_neighbors)
+            )
+            states = [s + p for s, p in zip(states, prior, strict=True)]
+        final = states[0] if self.graph is None else self.graph.combine(states)
+        return final, torch.stack(states)
 
     @torch.no_grad()
     def encode_user(self, item_states: Tensor) -> Tensor:

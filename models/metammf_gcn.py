@@ -15,12 +15,22 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
 from torch_geometric.utils import coalesce, degree, to_torch_csr_tensor
 
 from models.base import RecModel, bpr_loss, l2_penalty
-from models.cold_items import content_rows, fused_part, replace_rows, untrained_mask, with_mean_id
+from models.cold_items import (
+    ContentNeighbors,
+    content_rows,
+    fused_part,
+    nearest,
+    neighbor_mean,
+    replace_rows,
+    untrained_mask,
+    with_mean_id,
+)
 from models.config import ModelConfig
 from models.csr import SparseMatmul
 from models.graph_utils import batch_rows
@@ -234,6 +244,11 @@ class MetaMMF_GCN(RecModel):
         self.register_buffer("edge_index", edge_index, persistent=False)
         untrained = untrained_mask(train_pairs, self.n_items) if config.untrained_items == "content" else None
         self.register_buffer("untrained_items", untrained, persistent=False)
+        self.neighbors: ContentNeighbors | None = None
+        if config.content_neighbors > 0:
+            trained = ~untrained_mask(train_pairs, self.n_items)
+            self.neighbors = ContentNeighbors(self.items.item_inputs, trained, config.content_neighbors)
+        self._neighbor_states: Tensor | None = None  # detached (n_states, n_items, d), see _neighbor_prior
         self._aggregation: MeanAggregation | None = None
         self.reset_parameters()
 
@@ -241,6 +256,19 @@ class MetaMMF_GCN(RecModel):
         nn.init.normal_(self.user_embedding.weight, std=0.1)
         self.items.reset_parameters()
         self.graph.reset_parameters()
+        self._neighbor_states = None
+
+    def on_epoch_start(self) -> None:
+        self._neighbor_states = None  # the content neighbours' states follow the weights once per epoch
+
+    def _neighbor_prior(self) -> Tensor:
+        """Detached per-layer states (n_states, n_items, d) of the items, what a dropped-out item's content
+        neighbours contribute during an epoch."""
+        if self._neighbor_states is None:
+            with torch.no_grad():
+                x, _, aggregate = self._graph_input()
+                self._neighbor_states = torch.stack([s[self.n_users :] for s in self.graph(x, aggregate)]).float()
+        return self._neighbor_states
 
     def _adjacency(self) -> MeanAggregation:
         # Built once per device (the graph is fixed during training).
@@ -261,14 +289,34 @@ class MetaMMF_GCN(RecModel):
         drop = self.training and self.config.edge_dropout > 0
         return x, item_ego, self._dropped_adjacency() if drop else self._adjacency()
 
-    def new_item_states(self, fused: Tensor) -> list[Tensor]:
-        """Per-layer states of items known by their fused content e^m alone (:mod:`models.cold_items`):
-        the mean ID embedding and no neighbours."""
-        return self.graph.isolated(with_mean_id(fused, self.items.id_embedding))
+    def new_item_states(
+        self, fused: Tensor, neighbors: Tensor | None = None, item_states: Tensor | None = None
+    ) -> list[Tensor]:
+        """Per-layer states of items known by their content alone (:mod:`models.cold_items`): their fused
+        content e^m with the mean ID embedding and no graph neighbours, plus, with ``neighbors`` (b, k item
+        rows), the mean of those items' ``item_states`` (n_states, n_items, d)."""
+        states = self.graph.isolated(with_mean_id(fused, self.items.id_embedding))
+        if neighbors is None:
+            return states
+        prior = neighbor_mean(item_states, neighbors)
+        return [s + p.to(s.dtype) for s, p in zip(states, prior, strict=True)]
 
-    def new_item_embeddings(self, fused: Tensor) -> Tensor:
-        """Final embeddings of items known by their fused content e^m alone."""
-        return self.graph.combine(self.new_item_states(fused))
+    def new_item_embeddings(
+        self, fused: Tensor, neighbors: Tensor | None = None, item_states: Tensor | None = None
+    ) -> Tensor:
+        """Final embeddings of items known by their content alone (see :meth:`new_item_states`)."""
+        return self.graph.combine(self.new_item_states(fused, neighbors, item_states))
+
+    @torch.no_grad()
+    def encode_new_items(self, features: Tensor) -> Tensor:
+        """Final embeddings of items outside the model from their raw features (evaluation mode)."""
+        fused = self.items.fusion(features)
+        if self.neighbors is None:
+            return self.new_item_embeddings(fused)
+        queries = F.normalize(self.items.fusion.standardize(features.float()), dim=1)
+        found = self.neighbors.rows[nearest(queries, self.neighbors.keys, self.neighbors.k)]
+        states, _ = self.layer_states()
+        return self.new_item_embeddings(fused, found, torch.stack([s[self.n_users :] for s in states]))
 
     def layer_states(self) -> tuple[list[Tensor], Tensor]:
         """Per-layer node states [h^0..h^L] (each (n_users + n_items, d)) and the item ego states; items
@@ -277,7 +325,11 @@ class MetaMMF_GCN(RecModel):
         states = self.graph(x, aggregate)
         if self.untrained_items is not None and bool(self.untrained_items.any()):
             rows = self.untrained_items.nonzero().squeeze(1)
-            cold = self.new_item_states(fused_part(item_ego[rows], self.items.id_embedding))
+            neighbors, items = None, None
+            if self.neighbors is not None:
+                neighbors = self.neighbors.table[rows]
+                items = torch.stack([s[self.n_users :] for s in states]).detach()
+            cold = self.new_item_states(fused_part(item_ego[rows], self.items.id_embedding), neighbors, items)
             states = [s.index_copy(0, rows + self.n_users, c.to(s.dtype)) for s, c in zip(states, cold, strict=True)]
         return states, item_ego
 
@@ -289,7 +341,10 @@ class MetaMMF_GCN(RecModel):
         weighted ``content_alignment`` term (0.0 when off)."""
 
         def content(rows: Tensor) -> Tensor:
-            return self.new_item_embeddings(fused_part(ego_rows(rows), self.items.id_embedding))
+            fused = fused_part(ego_rows(rows), self.items.id_embedding)
+            if self.neighbors is None:
+                return self.new_item_embeddings(fused)
+            return self.new_item_embeddings(fused, self.neighbors.table[item_ids[rows]], self._neighbor_prior())
 
         alignment: Tensor | float = 0.0
         if self.training and self.config.content_alignment > 0:

@@ -88,6 +88,8 @@ class MetaMMF_MF(RecModel):
         train_pairs: Tensor | None = None,
     ):
         super().__init__()
+        if config.content_neighbors:
+            raise ValueError("model.content_neighbors needs a graph backbone (metammf_gcn or a *_fusion_gcn model)")
         self.config = config
         self.n_users, self.n_items = n_users, item_features.shape[0]
         self.reg_weight = reg_weight
@@ -106,6 +108,11 @@ class MetaMMF_MF(RecModel):
     def new_item_embeddings(self, fused: Tensor) -> Tensor:
         """Final embeddings of items known by their fused content e^m alone (:mod:`models.cold_items`)."""
         return with_mean_id(fused, self.items.id_embedding)
+
+    @torch.no_grad()
+    def encode_new_items(self, features: Tensor) -> Tensor:
+        """Final embeddings of items outside the model from their raw features."""
+        return self.new_item_embeddings(self.items.fusion(features))
 
     def get_embedding(self) -> tuple[Tensor, Tensor]:
         ego = self.items()

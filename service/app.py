@@ -258,7 +258,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     # Innermost: the requests it answers still pass the body limit, CORS and the latency metrics.
-    fast = settings.fast_recommend and not settings.require_key_for_reads
+    # (the middleware answers plain requests only: with default fresh slots every request needs the route)
+    fast = settings.fast_recommend and not settings.require_key_for_reads and settings.fresh_slots == 0
     app.add_middleware(FastRecommend, max_k=settings.max_k, enabled=fast)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:  # outermost, so that error answers (413 too) carry the CORS headers
@@ -333,6 +334,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     StateDep = Annotated[RedisState, Depends(state_of)]
     RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
     K = Annotated[int, Query(ge=1, le=settings.max_k, description=f"number of items, 1..{settings.max_k}")]
+    Fresh = Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=settings.max_k,
+            description="reserve up to this many of the k slots for the best items added online within "
+            f"MMF_FRESH_WINDOW_S ({settings.fresh_window_s:g} s); default MMF_FRESH_SLOTS ({settings.fresh_slots})",
+        ),
+    ]
     # Reads check the key only when MMF_REQUIRE_KEY_FOR_READS is set (then the OpenAPI schema says so too):
     # resolving a dependency costs every request.
     reads = [Depends(read_access)] if settings.require_key_for_reads else []
@@ -386,13 +396,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/recommend/{user_id}", response_model=schemas.RecommendationOut, tags=["recommend"],
              dependencies=reads, responses=READ_ERRORS,
              summary="Top-k items for a user, already-seen items excluded")  # fmt: skip
-    async def recommend(request: Request, user_id: UserId, k: K = DEFAULT_K) -> Response:
+    async def recommend(request: Request, user_id: UserId, k: K = DEFAULT_K, fresh: Fresh = None) -> Response:
         engine = request.app.state.runtime.engine  # as engine_of, without a dependency to resolve
-        if engine.quick_recommend(user_id, k):
+        fresh = settings.fresh_slots if fresh is None else fresh
+        if fresh == 0 and engine.quick_recommend(user_id, k):
             rec = engine.recommend(user_id, k)  # bounded work (precomputed list, approximate or small index)
         else:
-            rec = await run_in_threadpool(engine.recommend, user_id, k)
-        body = render_recommendation(user_id, engine.artifact_id, rec.strategy, rec.item_ids, rec.scores)
+            rec = await run_in_threadpool(engine.recommend, user_id, k, fresh, settings.fresh_window_s)
+        body = render_recommendation(user_id, engine.artifact_id, rec.strategy, rec.item_ids, rec.scores, rec.fresh)
         return Response(body, media_type="application/json")
 
     def item_row(runtime: Runtime, engine: Engine, item_id: str) -> int:
@@ -432,9 +443,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 created = [not engine.has_item(i) for i in ids]
                 # One round trip: online rows allocated (or read) and the items stored, acknowledged once
                 # the script has run.
-                rows = state.put_items(stored, origin=engine.origin)
+                now = time.time()
+                rows = state.put_items(stored, origin=engine.origin, now=now)
                 for s, row in zip(stored, rows, strict=True):
-                    engine.upsert(s.item_id, row, s.embedding, s.states)
+                    engine.upsert(s.item_id, row, s.embedding, s.states, now)
             return [schemas.ItemWritten(item_id=i, created=c) for i, c in zip(ids, created, strict=True)]
 
     @app.post("/items", response_model=schemas.ItemWritten, status_code=201, tags=["items"],

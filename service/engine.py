@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -51,9 +51,10 @@ class NotFound(KeyError):
 
 @dataclass
 class Recommendation:
-    strategy: str  # "model", "inductive" or "popular"
+    strategy: str  # "model", "inductive" or "popular"; "+fresh" when fresh slots were filled
     item_ids: list[str]
     scores: list[float]
+    fresh: list[int] = field(default_factory=list)  # positions in item_ids of the fresh slots
 
 
 def _merge_best(
@@ -115,6 +116,7 @@ class Engine:
         self.online_embeddings: dict[int, np.ndarray] = {}
         self.online_states: dict[int, np.ndarray] = {}
         self.online_items: set[str] = set()
+        self.online_added: dict[int, float] = {}  # row -> unix time its item was written online (fresh slots)
         self.popularity: dict[int, float] = dict(enumerate(bundle.item_popularity.tolist()))
         # The most popular rows, best first by (-count, row), deleted ones included (filtered when read):
         # kept up to date as counts grow, rebuilt from ``popularity`` only when too short (see popular()).
@@ -208,9 +210,12 @@ class Engine:
             use_torch_threads(self.torch_threads)
 
     # -- applying state (called for local writes and for events from other replicas) -------------------
-    def upsert(self, item_id: str, row: int, embedding: np.ndarray, states: np.ndarray) -> None:
-        """Add or replace an item. A training item of this artifact always keeps its training row (an id
-        stored online against an older artifact may be a training item of this one)."""
+    def upsert(
+        self, item_id: str, row: int, embedding: np.ndarray, states: np.ndarray, added_at: float | None = None
+    ) -> None:
+        """Add or replace an item, written online at unix time ``added_at`` (default: now). A training item
+        of this artifact always keeps its training row (an id stored online against an older artifact may be
+        a training item of this one)."""
         row = self._training_rows.get(item_id, row)
         if row < len(self._training_rows) and self.bundle.item_ids[row] != item_id:
             raise RowConflict(f"item {item_id!r}: row {row} is the training row of {self.bundle.item_ids[row]!r}")
@@ -227,6 +232,7 @@ class Engine:
             self.online_embeddings[row] = embedding.astype(np.float32)
             self.online_states[row] = states.astype(np.float32)
             self.online_items.add(item_id)
+            self.online_added[row] = time.time() if added_at is None else added_at
             self._online_changed(row)
             if row not in self.popularity:
                 self.popularity[row] = 0.0
@@ -242,6 +248,7 @@ class Engine:
             self.online_embeddings.pop(row, None)
             self.online_states.pop(row, None)
             self.online_items.discard(item_id)
+            self.online_added.pop(row, None)
             self._online_changed(row)
             # popularity is kept: an item added again gets its counts back, as a restarted replica would
             return True
@@ -364,13 +371,25 @@ class Engine:
         removed = len(self.online_seen.get(user_id, ())) + len(self._changed_training_rows)
         return complete or k + removed <= len(rows)
 
-    def recommend(self, user_id: str, k: int) -> Recommendation:
+    def recommend(self, user_id: str, k: int, fresh: int = 0, fresh_window_s: float = 86400.0) -> Recommendation:
+        """The user's top ``k`` unseen items. With ``fresh`` > 0, up to that many of the k slots go to the
+        best items written online in the last ``fresh_window_s`` seconds (scored like every other item: by
+        the user's embedding, or by popularity for a user without history), even where they would rank
+        below the k-th; the list stays ordered by score and ``fresh`` names their positions."""
         seen = self.seen_rows(user_id)
+        query, rec = self._recommend(user_id, k, seen)
+        if fresh <= 0:
+            return rec
+        return self._with_fresh(rec, query, k, min(fresh, k), seen, time.time() - fresh_window_s)
+
+    def _recommend(self, user_id: str, k: int, seen: set[int]) -> tuple[np.ndarray | None, Recommendation]:
+        """(the user's query vector, None for a popularity answer; the top k)."""
         user_row = self.user_rows.get(user_id)
         if user_row is not None:
+            query = self.bundle.user_embeddings[user_row]
             found = self._from_precomputed(user_row, k, seen)
-            items, scores = found or self._search(self.bundle.user_embeddings[user_row], k, seen)
-            return Recommendation("model", items, scores)
+            items, scores = found or self._search(query, k, seen)
+            return query, Recommendation("model", items, scores)
         with self._lock:
             live = [r for r in seen if r in self.row_items]
             states = self.item_states(live) if live else None
@@ -379,8 +398,45 @@ class Engine:
             with torch.no_grad():
                 query = self.bundle.encoder.encode_user(torch.from_numpy(states)).numpy()
             items, scores = self._search(query, k, seen)
-            return Recommendation("inductive", items, scores)
-        return self.popular(k, exclude=seen)
+            return query, Recommendation("inductive", items, scores)
+        return None, self.popular(k, exclude=seen)
+
+    def _fresh_items(
+        self, query: np.ndarray | None, n: int, seen: set[int], since: float
+    ) -> tuple[list[str], list[float]]:
+        """The best ``n`` unseen items written online at or after ``since``, by score then row."""
+        with self._lock:
+            rows = np.fromiter(
+                (r for r, added in self.online_added.items() if added >= since and r not in seen), dtype=np.int64
+            )
+            if not len(rows):
+                return [], []
+            if query is None:
+                scores = np.array([self.popularity.get(int(r), 0.0) for r in rows])
+            else:
+                scores = row_scores(np.stack([self.online_embeddings[int(r)] for r in rows]), query)
+            order = np.lexsort((rows, -scores))[:n]
+            return [self.row_items[int(r)] for r in rows[order]], scores[order].tolist()
+
+    def _with_fresh(
+        self, rec: Recommendation, query: np.ndarray | None, k: int, n: int, seen: set[int], since: float
+    ) -> Recommendation:
+        fresh_ids, fresh_scores = self._fresh_items(query, n, seen, since)
+        if not fresh_ids:
+            return rec
+        picked = set(fresh_ids)
+        rest = [(i, s) for i, s in zip(rec.item_ids, rec.scores, strict=True) if i not in picked][: k - len(picked)]
+        # By score, the model's items first on ties (a stable sort of the two lists, each ordered already).
+        merged = sorted(
+            [(s, False, i) for i, s in rest] + [(s, True, i) for i, s in zip(fresh_ids, fresh_scores, strict=True)],
+            key=lambda entry: (-entry[0], entry[1]),
+        )
+        return Recommendation(
+            f"{rec.strategy}+fresh",
+            [i for _, _, i in merged],
+            [float(s) for s, _, _ in merged],
+            [position for position, (_, is_fresh, _) in enumerate(merged) if is_fresh],
+        )
 
     def popular(self, k: int, exclude: set[int] = frozenset()) -> Recommendation:
         """Most-interacted items (training counts plus online interactions), ties by row."""

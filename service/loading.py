@@ -152,8 +152,8 @@ def diagnose(path: Path) -> str | None:
 
         from models.inference import InferenceEncoder
 
-        encoder = InferenceEncoder(model_config, sum(m["dim"] for m in catalog["modalities"]))
-        encoder.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors["encoder.safetensors"].items()})
+        state = {k: torch.from_numpy(np.array(v)) for k, v in tensors["encoder.safetensors"].items()}
+        InferenceEncoder.from_state_dict(model_config, sum(m["dim"] for m in catalog["modalities"]), state)
     except Exception as exc:
         return f"{path / 'encoder.safetensors'}: weights do not fit config.json and catalog.json ({_first_line(exc)})"
     return None

@@ -59,12 +59,18 @@ class ScoredItem(BaseModel):
 
 class RecommendationOut(BaseModel):
     user_id: str
-    strategy: Literal["model", "inductive", "popular"] = Field(
+    strategy: Literal["model", "inductive", "popular", "model+fresh", "inductive+fresh", "popular+fresh"] = Field(
         description="model: a user from training; inductive: a new user embedded from their online "
-        "interactions through the graph layers; popular: no history, most-interacted items"
+        "interactions through the graph layers; popular: no history, most-interacted items; '+fresh': some "
+        "slots were reserved for items added online recently (`fresh`)"
     )
     artifact_id: str
     items: list[ScoredItem]
+    fresh: list[int] | None = Field(
+        None,
+        description="positions (0-based) in `items` of the fresh slots: the best-scoring items added online "
+        "within MMF_FRESH_WINDOW_S; absent when no slot was reserved",
+    )
 
 
 class SimilarOut(BaseModel):

@@ -26,6 +26,15 @@ class Settings(BaseSettings):
         "in front of FastAPI's router: the same answers at about half the in-process cost; false = all via the route",
     )
     max_k: int = Field(1000, ge=1, description="largest k accepted by /recommend and /similar")
+    fresh_slots: int = Field(
+        0,
+        ge=0,
+        description="default of /recommend's `fresh`: how many of the k slots are reserved for the best items "
+        "added online within MMF_FRESH_WINDOW_S (0 = off)",
+    )
+    fresh_window_s: float = Field(
+        86400.0, gt=0, description="how recently (seconds) an item must have been added online to fill a fresh slot"
+    )
     max_batch: int = Field(1000, ge=1, description="largest number of items in one batch insert")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest accepted request body")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (JSON list)")

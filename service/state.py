@@ -90,6 +90,7 @@ class StoredItem:
     embedding: np.ndarray  # (d,)
     states: np.ndarray  # (n_states, d)
     artifact_id: str | None = None  # artifact whose model computed embedding/states
+    updated: float | None = None  # unix time of the write that stored it (set by put_items)
 
 
 @dataclass
@@ -136,12 +137,14 @@ class RedisState:
         return _decode(value) if value is not None else None
 
     # -- writes -----------------------------------------------------------------------------------
-    def put_items(self, items: list[StoredItem], origin: str | None = None) -> list[int]:
+    def put_items(self, items: list[StoredItem], origin: str | None = None, now: float | None = None) -> list[int]:
         """Store items and their "item" events atomically, in one round trip, and return their rows. An item
         whose ``row`` is None gets its stable online row: an id keeps its row forever, even across replicas
-        (two replicas writing the same new id get the same row)."""
+        (two replicas writing the same new id get the same row). ``now`` (default: the current time) is
+        stored as the items' ``updated`` time."""
         keys = [self.key("item_rows"), self.key("next_row"), self.key("deleted"), self.key("events")]
-        args: list[str | bytes | int] = [ONLINE_ROW_BASE, self.stream_max_len, origin or self.origin, str(time.time())]
+        now = time.time() if now is None else now
+        args: list[str | bytes | int] = [ONLINE_ROW_BASE, self.stream_max_len, origin or self.origin, repr(now)]
         for item in items:
             keys.append(self.key("item", item.item_id))
             args += [
@@ -209,6 +212,7 @@ class RedisState:
                 embedding=embedding,
                 states=states.reshape(-1, dim),
                 artifact_id=artifact,
+                updated=float(raw[b"updated"]) if b"updated" in raw else None,
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise StateError(f"{self.key('item', item_id)}: unreadable ({type(exc).__name__}: {exc})") from None

@@ -67,7 +67,7 @@ def load_state(engine: Engine, state: RedisState, chunk: int = 512) -> str:
         )
     for start in range(0, len(items), chunk):
         for item in fused_for(engine, items[start : start + chunk]):
-            engine.upsert(item.item_id, item.row, item.embedding, item.states)
+            engine.upsert(item.item_id, item.row, item.embedding, item.states, item.updated)
     for item_id in state.deleted_items():
         engine.delete(item_id)
     # Deleted online items too, for their interactions; a training item keeps its training row.
@@ -84,7 +84,7 @@ def sync_item(engine: Engine, state: RedisState, item_id: str) -> None:
     item = state.get_item(item_id, engine.dim)
     if item is not None:
         item = fused_for(engine, [item])[0]
-        engine.upsert(item.item_id, item.row, item.embedding, item.states)
+        engine.upsert(item.item_id, item.row, item.embedding, item.states, item.updated)
     elif state.r.sismember(state.key("deleted"), item_id):
         engine.delete(item_id)
 

@@ -231,8 +231,9 @@ def n_index(client: TestClient) -> int:
     return n
 
 
-def rec(client: TestClient, user_id: str, k: int = 20, **kw) -> dict:
-    r = client.get(f"/recommend/{user_id}", params={"k": k}, **kw)
+def rec(client: TestClient, user_id: str, k: int = 20, fresh: int | None = None, **kw) -> dict:
+    params = {"k": k} if fresh is None else {"k": k, "fresh": fresh}
+    r = client.get(f"/recommend/{user_id}", params=params, **kw)
     assert r.status_code == 200, r.text
     return r.json()
 

@@ -247,3 +247,28 @@ def test_no_targets_and_bad_inputs() -> None:
         full_rank_evaluate(_score_fn(scores), np.array([[0, 1]]), [], 3, 4, ks=(0,))
     with pytest.raises(ValueError, match="score_fn"):
         full_rank_evaluate(lambda u: torch.zeros(len(u), 5), np.array([[0, 1]]), [], 3, 4)
+
+
+def test_untrained_slice_scores_only_items_without_training_interactions() -> None:
+    from functools import partial
+
+    from training.evaluate import add_untrained_slice
+
+    rng = np.random.default_rng(0)
+    n_users, n_items = 30, 40
+    train = np.stack([rng.integers(0, n_users, 200), rng.integers(0, 30, 200)], axis=1)  # items 30.. untrained
+    targets = np.stack([rng.integers(0, n_users, 80), rng.integers(0, n_items, 80)], axis=1)
+    scores = torch.from_numpy(rng.normal(size=(n_users, n_items)).astype(np.float32))
+    evaluate = partial(
+        full_rank_evaluate, lambda u: scores[u], exclude=[train], n_users=n_users, n_items=n_items, ks=[5]
+    )
+    result = evaluate(targets=targets)
+    add_untrained_slice(result, evaluate, targets, train, n_items)
+    expected = evaluate(targets=targets[targets[:, 1] >= 30]).metrics
+    assert expected["recall@5"] > 0
+    assert {k: result.metrics[f"untrained_{k}"] for k in expected} == expected
+    # No target on an untrained item: nothing added.
+    warm_only = evaluate(targets=targets[targets[:, 1] < 30])
+    before = dict(warm_only.metrics)
+    add_untrained_slice(warm_only, evaluate, targets[targets[:, 1] < 30], train, n_items)
+    assert warm_only.metrics == before

@@ -404,7 +404,8 @@ def test_table2_command_writes_table_and_plots_and_resumes(tmp_path: Path, tiny_
     assert "table2: 5 run(s) trained" in first  # popularity is seed-independent: one run
     markdown = (out / "table2" / "table.md").read_text()
     header = [c.strip() for c in markdown.splitlines()[2].strip("|").split("|")]
-    assert header == ["Model", "P@10", "R@10", "HR@10", "NDCG@10", "P@20", "R@20", "HR@20", "NDCG@20"]
+    assert header == ["Model", "P@10", "R@10", "HR@10", "NDCG@10", "P@20", "R@20", "HR@20", "NDCG@20",
+                      "R@20 items without training interactions"]  # fmt: skip
     rows = [line.split("|")[1].strip() for line in markdown.splitlines()[4:]]
     assert rows[:3] == ["MetaMMF_GCN", "VBPR", "Popularity"]
     pvalues = _table_pvalues(markdown)

@@ -193,7 +193,7 @@ def cold_item_embeddings(model: RecModel, features: Tensor, warm_features: Tenso
         # The service's own encoder: exactly what POST /items computes for these features.
         return InferenceEncoder.from_model(model).to(features.device).encode_items(features)[0]
     if isinstance(model, MetaMMF_MF | MetaMMF_GCN):  # the static-fusion subclasses: the same path
-        return model.new_item_embeddings(model.items.fusion(features))
+        return model.encode_new_items(features)
     x = _standardize_like(model, features, warm_features)
     if isinstance(model, VBPR):
         n = x.shape[0]

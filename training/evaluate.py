@@ -274,3 +274,20 @@ def topk_items(
             items_out[start : start + len(batch), :k_eff] = idx.cpu().numpy()
             scores_out[start : start + len(batch), :k_eff] = vals.float().cpu().numpy()
     return items_out, scores_out
+
+
+def add_untrained_slice(
+    result: EvalResult,
+    evaluate: Callable[..., EvalResult],
+    targets: np.ndarray,
+    train: np.ndarray,
+    n_items: int,
+) -> None:
+    """Add ``untrained_<metric>`` to ``result``: ``evaluate(targets=...)`` (the same ranking and masks) on
+    the ``targets`` whose item has no interaction in ``train``; nothing when there are none."""
+    untrained = np.bincount(np.asarray(train)[:, 1], minlength=n_items) == 0
+    targets = np.asarray(targets)
+    if not len(targets) or not untrained[targets[:, 1]].any():
+        return
+    sliced = evaluate(targets=targets[untrained[targets[:, 1]]])
+    result.metrics.update({f"untrained_{key}": value for key, value in sliced.metrics.items()})

@@ -52,11 +52,17 @@ def metrics_summary(result: TrainResult) -> dict:
 
 
 @torch.no_grad()
-def export_artifacts(result: TrainResult, data: RecData, run_config: RunConfig, out: str | Path) -> Path:
+def export_artifacts(
+    result: TrainResult, data: RecData, run_config: RunConfig, out: str | Path, item_ids: list[str] | None = None
+) -> Path:
     """Write weights, embeddings, the FAISS index, id maps, seen interactions, metrics and config.
 
-    Raises :class:`NotServableError` for a baseline (only MetaMMF models can be served)."""
+    Users and items are served under their row numbers as ids, or items under ``item_ids`` (one per row:
+    e.g. the original ids of a cold-item split's warm items). Raises :class:`NotServableError` for a
+    baseline (only MetaMMF models can be served)."""
     check_servable(run_config.model.name)
+    if item_ids is not None and (len(item_ids) != data.n_items or len(set(item_ids)) != data.n_items):
+        raise ValueError(f"item_ids: expected {data.n_items} distinct ids, one per item row, got {len(item_ids)}")
     model = result.model.cpu().eval()
     user_emb, item_emb = (t.contiguous() for t in model.get_embedding())
     encoder = InferenceEncoder.from_model(model)
@@ -78,7 +84,7 @@ def export_artifacts(result: TrainResult, data: RecData, run_config: RunConfig, 
         faiss.write_index(build_item_index(item_emb.numpy()), str(tmp / "items.faiss"))
         catalog = {
             "users": [str(u) for u in range(data.n_users)],
-            "items": [str(i) for i in range(data.n_items)],
+            "items": list(item_ids) if item_ids is not None else [str(i) for i in range(data.n_items)],
             "modalities": [{"name": m, "dim": d} for m, d in data.modality_dims.items()],
         }
         (tmp / "catalog.json").write_text(json.dumps(catalog))

@@ -11,6 +11,7 @@ masking, :func:`training.coldstart.evaluate_cold_scores`).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from training.coldstart import evaluate_cold_scores, split_for
 from training.data import RecData
-from training.evaluate import EvalResult, full_rank_evaluate
+from training.evaluate import EvalResult, add_untrained_slice, full_rank_evaluate
 
 if TYPE_CHECKING:
     from training.config import RunConfig
@@ -72,14 +73,16 @@ def evaluate_popularity(cfg: RunConfig, data: RecData) -> tuple[EvalResult, Eval
     valid = full_rank_evaluate(
         score, data.valid, [data.train], data.n_users, data.n_items, train.ks, train.eval_batch_size, train.device
     )
-    test = full_rank_evaluate(
+    evaluate = partial(
+        full_rank_evaluate,
         score,
-        data.test,
-        [data.train, data.valid],
-        data.n_users,
-        data.n_items,
-        train.ks,
-        train.eval_batch_size,
-        train.device,
+        exclude=[data.train, data.valid],
+        n_users=data.n_users,
+        n_items=data.n_items,
+        ks=train.ks,
+        batch_size=train.eval_batch_size,
+        device=train.device,
     )
+    test = evaluate(targets=data.test)
+    add_untrained_slice(test, evaluate, data.test, data.train, data.n_items)
     return valid, test

@@ -26,7 +26,7 @@ from models.registry import build_model as build_registered
 from training.config import TrainConfig, check_neighbor_sampling
 from training.data import RecData
 from training.distributed import DistContext, all_reduce_sum, broadcast_flag, data_parallel, local_share, process_group
-from training.evaluate import EvalResult, full_rank_evaluate
+from training.evaluate import EvalResult, add_untrained_slice, full_rank_evaluate
 from training.precision import run_precision, step_precision
 from training.sampling import BPRSampler
 
@@ -77,23 +77,27 @@ class TrainResult:
 
 def evaluate_split(model: RecModel, data: RecData, split: str, cfg: TrainConfig) -> EvalResult:
     """Full ranking on ``split`` ('valid' or 'test'): training items (and validation items when
-    scoring test) are masked."""
+    scoring test) are masked. Test also reports ``untrained_<metric>``: the same ranking scored on the
+    interactions with items that have no training interaction (only content can rank them)."""
     targets = data.valid if split == "valid" else data.test
     exclude = [data.train] if split == "valid" else [data.train, data.valid]
     model.eval()
     model.prepare_inference()
     try:
-        return full_rank_evaluate(
+        evaluate = partial(
+            full_rank_evaluate,
             model.full_sort_predict,
-            targets,
-            exclude,
-            data.n_users,
-            data.n_items,
+            exclude=exclude,
+            n_users=data.n_users,
+            n_items=data.n_items,
             ks=cfg.ks,
             batch_size=cfg.eval_batch_size,
             device=cfg.device,
-            show_progress=cfg.progress,
         )
+        result = evaluate(targets=targets, show_progress=cfg.progress)
+        if split == "test":
+            add_untrained_slice(result, evaluate, targets, data.train, data.n_items)
+        return result
     finally:
         model.clear_inference_cache()
 
@@ -158,6 +162,7 @@ def _train(
     bar = tqdm(range(1, cfg.epochs + 1), desc="epochs", disable=not cfg.progress, leave=False)
     for epoch in bar:
         model.train()
+        model.on_epoch_start()
         start, total_loss = time.perf_counter(), 0.0
         for users, pos, neg in sampler.epoch():
             with step_precision(cfg.precision, device):

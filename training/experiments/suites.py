@@ -174,6 +174,7 @@ def _model_table(ctx: Context, suite: str, models: list[str], protocol: str, wha
     table = results_table(
         groups,
         metric_keys(ctx.base.train.ks),
+        extras=slice_columns(protocol, ctx.top_k),
         comparisons=comparisons,
         test=ctx.test,
         caption=_caption(ctx, what, protocol),
@@ -183,6 +184,19 @@ def _model_table(ctx: Context, suite: str, models: list[str], protocol: str, wha
         ctx, lambda: plots.learning_curves(curves, f"recall@{ctx.top_k}", ctx.directory(suite) / "learning_curves.png")
     )
     return _write(ctx, suite, table, figures)
+
+
+def slice_columns(protocol: str, k: int) -> dict[str, Callable[[RunRecord], float]]:
+    """Extra test columns: under the warm protocol, Recall@k on the interactions with items that have no
+    training interaction; under cold_items, Recall@k of the held-out items among all items and the warm
+    items' Recall@k (training.coldstart.cold_evaluator). NaN for runs that lack them (popularity)."""
+
+    def column(key: str) -> Callable[[RunRecord], float]:
+        return lambda record: record.test.get(key, float("nan"))
+
+    if protocol == "warm":
+        return {f"R@{k} items without training interactions": column(f"untrained_recall@{k}")}
+    return {f"R@{k} among all items": column(f"full_recall@{k}"), f"warm R@{k}": column(f"warm_recall@{k}")}
 
 
 def table2(ctx: Context) -> list[Path]:

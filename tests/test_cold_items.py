@@ -1,0 +1,135 @@
+"""Items without interactions: content-only representations, their training, and one code path from the
+offline cold-item protocol to what the service computes for ``POST /items``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.base import bpr_loss, l2_penalty
+from models.inference import InferenceEncoder
+from models.metammf_gcn import SAGETower
+from service.engine import Engine
+from service.loading import load_bundle
+from training.cli import load_data
+from training.coldstart import cold_item_embeddings, cold_item_split, train_protocol
+from training.config import RunConfig
+from training.data import RecData
+from training.export import export_artifacts
+from training.trainer import build_model
+
+CONTENT = {"untrained_items": "content", "isolated_nodes": "self"}
+
+
+def without_items(data: RecData, items: np.ndarray) -> RecData:
+    """``data`` with every training interaction of ``items`` removed (they stay in the catalogue)."""
+    train = data.train[~np.isin(data.train[:, 1], items)]
+    return RecData(data.name, data.n_users, data.n_items, train, data.valid, data.test, data.features)
+
+
+@pytest.mark.parametrize("name", ["metammf_gcn", "metammf_mf"])
+def test_untrained_items_get_exactly_what_a_new_item_gets(tiny_data: RecData, make_config, name: str) -> None:
+    untrained = np.arange(6)
+    data = without_items(tiny_data, untrained)
+    torch.manual_seed(0)
+    model = build_model(data, make_config(name, **CONTENT), 1e-4).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+        _, items = model.get_embedding()
+        encoder = InferenceEncoder.from_model(model)
+        expected, _ = encoder.encode_items(torch.from_numpy(data.item_features()[untrained]))
+    torch.testing.assert_close(items[: len(untrained)], expected, atol=1e-5, rtol=1e-5)
+    # The paper's setting keeps their (never positively trained) ID embeddings: another representation.
+    torch.manual_seed(0)
+    paper = build_model(data, make_config(name), 1e-4).eval()
+    paper.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(paper.get_embedding()[1][: len(untrained)], expected, atol=1e-3)
+
+
+def test_isolated_node_keeps_its_content_with_a_self_loop() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    zeros = SAGETower(8, 3, init="mean", isolated_nodes="zeros")
+    selfloop = SAGETower(8, 3, init="mean", isolated_nodes="self")
+    zeros.reset_parameters()
+    selfloop.load_state_dict(zeros.state_dict())
+    # Plain mean aggregation (W_self = 0) forgets a node without neighbours after the first layer ...
+    lost = zeros.isolated(x)
+    assert torch.equal(lost[1][0], lost[1][1]) and torch.equal(lost[3][0], lost[3][1])
+    # ... a self loop carries its state through every layer.
+    kept = selfloop.isolated(x)
+    assert all(not torch.allclose(h[0], h[1]) for h in kept)
+    torch.testing.assert_close(kept[1], torch.nn.functional.leaky_relu(x, 0.01))  # W_neigh = I, bias 0
+
+
+def test_unknown_isolated_nodes_setting_is_refused() -> None:
+    with pytest.raises(ValueError, match="isolated_nodes"):
+        SAGETower(8, 2, isolated_nodes="neighbours")
+
+
+@pytest.mark.parametrize("name", ["metammf_gcn", "metammf_mf"])
+def test_cold_item_dropout_scores_dropped_items_from_content(tiny_data: RecData, make_config, name: str) -> None:
+    """With a dropout share of (nearly) 1 every batch item is scored as a new item would be."""
+    torch.manual_seed(0)
+    model = build_model(tiny_data, make_config(name, cold_item_dropout=0.999999, reg_target="final"), 1e-3)
+    model.train()
+    users, pos, neg = (torch.from_numpy(a) for a in (tiny_data.train[:64, 0], tiny_data.train[:64, 1],
+                                                      np.arange(64) % tiny_data.n_items))  # fmt: skip
+    loss = model.calculate_loss(users, pos, neg)
+    with torch.no_grad():
+        u_all, _ = model.get_embedding()
+        encoder = InferenceEncoder.from_model(model)
+        content, _ = encoder.encode_items(torch.from_numpy(tiny_data.item_features()))
+    u, p, n = u_all[users], content[pos], content[neg]
+    expected = bpr_loss((u * p).sum(-1), (u * n).sum(-1)) + 1e-3 * l2_penalty(u, p, n)
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)
+    # Gradients reach the fusion network through the content-only rows.
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.items.fusion.parameters())
+    # In evaluation mode nothing is dropped.
+    model.eval()
+    with torch.no_grad():
+        _, items = model.get_embedding()
+        assert not torch.allclose(items, content, atol=1e-3)
+
+
+def test_content_alignment_adds_a_distillation_term(tiny_data: RecData, make_config) -> None:
+    users, pos, neg = (torch.from_numpy(a) for a in (tiny_data.train[:64, 0], tiny_data.train[:64, 1],
+                                                      np.arange(64) % tiny_data.n_items))  # fmt: skip
+    losses = []
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = build_model(tiny_data, make_config("metammf_gcn", content_alignment=weight), 1e-3).train()
+        losses.append(model.calculate_loss(users, pos, neg))
+    assert losses[1] > losses[0]
+
+
+def test_offline_cold_score_is_what_the_service_computes(tmp_path) -> None:
+    """Train under the cold-item protocol, export, serve: the held-out items fused by the service's engine
+    are the embeddings the offline protocol scored, and so are their scores."""
+    run = RunConfig.model_validate({
+        "data": {"synthetic": {"n_users": 80, "n_items": 60, "modality_dims": {"visual": 8, "acoustic": 8}, "seed": 3},
+                 "protocol": "cold_items"},
+        "model": {"fused_dim": 8, "id_dim": 8, "rank": 4, "extractor_hidden": 8, "cold_item_dropout": 0.3, **CONTENT},
+        "train": {"epochs": 2, "batch_size": 128, "progress": False},
+    })  # fmt: skip
+    data = load_data(run.data)
+    split = cold_item_split(data, run.data.cold_item_ratio, run.data.cold_item_seed)
+    result = train_protocol(run, data)
+    features = split.cold_item_features()
+    offline = cold_item_embeddings(
+        result.model, torch.from_numpy(features), torch.from_numpy(split.warm.item_features())
+    )
+    path = export_artifacts(result, split.warm, run, tmp_path / "artifact", [str(i) for i in split.warm_items])
+    engine = Engine(load_bundle(path))
+    assert engine.bundle.item_ids == [str(i) for i in split.warm_items]
+    served, _ = engine.fuse(features)
+    np.testing.assert_allclose(served, offline.numpy(), rtol=1e-5, atol=1e-6)
+    users, _ = result.model.get_embedding()
+    np.testing.assert_allclose(engine.bundle.user_embeddings @ served.T, (users @ offline.T).detach().numpy(),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="item_ids"):
+        export_artifacts(result, split.warm, run, tmp_path / "bad", ["same"] * split.warm.n_items)
