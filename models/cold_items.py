@@ -9,9 +9,9 @@ content path learns to rank by itself and its scores land on the same scale as t
 
 With ``content_neighbors`` = k (graph backbone), a new item is also placed among its k nearest trained
 items by content (cosine of the standardised raw features, :class:`ContentNeighbors`): its per-layer
-states are the mean of theirs plus its own content-only states, and the dropped-out training items learn
-the content-only part as the residual over that mean (the neighbours' states detached, refreshed once
-per epoch).
+states are the mean of theirs times a learned scale, plus (``content_residual``) its own content-only
+states; the dropped-out training items train the scale and the residual (the neighbours' states
+detached, refreshed once per epoch).
 """
 
 from __future__ import annotations
@@ -93,6 +93,9 @@ class ContentNeighbors(nn.Module):
         self.register_buffer("keys", keys, persistent=False)  # (n_trained, d_x), unit rows
         self.register_buffer("rows", rows, persistent=False)  # key index -> item row
         self.register_buffer("table", table, persistent=False)  # (n_items, k) item rows
+        # The mean of k states is shorter than each of them: a learned scale (trained by the dropped-out
+        # items' BPR pairs against trained items) puts new items back on the trained items' score scale.
+        self.scale = nn.Parameter(torch.ones(()))
 
 
 def neighbor_mean(states: Tensor, neighbors: Tensor) -> Tensor:

@@ -64,8 +64,14 @@ class ModelConfig(BaseModel):
         ge=0,
         le=1000,
         description="metammf_gcn: a new item also borrows the graph states of its k nearest trained items by "
-        "content (cosine of the standardised raw features): its states are their mean plus its own content-only "
-        "states, which training (cold_item_dropout) fits as the residual; 0 = content-only states alone",
+        "content (cosine of the standardised raw features): their mean times a learned scale (which puts new "
+        "items on the trained items' score scale), plus its own content-only states (content_residual); "
+        "0 = content-only states alone",
+    )
+    content_residual: bool = Field(
+        True,
+        description="with content_neighbors: a new item's own content-only states are added to the neighbours' "
+        "scaled mean (false: the scaled mean alone)",
     )
     untrained_items: Literal["id", "content"] = Field(
         "id",

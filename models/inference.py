@@ -26,7 +26,7 @@ class InferenceEncoder(nn.Module):
     """Fusion network + graph layers + mean embeddings, detached from the training graph; with
     ``content_neighbors``, the trained items' content keys and per-layer states (``n_neighbor_keys`` rows)."""
 
-    NEIGHBOR_BUFFERS = ("neighbor_keys", "neighbor_states")
+    NEIGHBOR_BUFFERS = ("neighbor_keys", "neighbor_states", "neighbor_scale")
 
     def __init__(self, config: ModelConfig, in_dim: int, n_neighbor_keys: int = 0) -> None:
         super().__init__()
@@ -37,6 +37,7 @@ class InferenceEncoder(nn.Module):
         self.register_buffer("mean_user", torch.zeros(config.embedding_dim))
         self.register_buffer("neighbor_keys", torch.zeros(n_neighbor_keys, in_dim))  # unit rows
         self.register_buffer("neighbor_states", torch.zeros(self.n_states, n_neighbor_keys, config.embedding_dim))
+        self.register_buffer("neighbor_scale", torch.ones(()))
 
     @classmethod
     def from_state_dict(cls, config: ModelConfig, in_dim: int, state: Mapping[str, Tensor]) -> InferenceEncoder:
@@ -73,6 +74,7 @@ class InferenceEncoder(nn.Module):
             encoder.graph.load_state_dict(model.graph.state_dict())
         if neighbors is not None:
             encoder.neighbor_keys.copy_(neighbors.keys)
+            encoder.neighbor_scale.copy_(neighbors.scale)
             encoder.neighbor_states.copy_(item_states(model)[:, neighbors.rows])
         encoder.mean_item_id.copy_(model.items.id_embedding.weight.mean(0))
         encoder.mean_user.copy_(model.user_embedding.weight.mean(0))
@@ -89,7 +91,8 @@ class InferenceEncoder(nn.Module):
             prior = neighbor_mean(
                 self.neighbor_states, nearest(queries, self.neighbor_keys, self.config.content_neighbors)
             )
-            states = [s + p for s, p in zip(states, prior, strict=True)]
+            prior = self.neighbor_scale * prior
+            states = [s + p if self.config.content_residual else p for s, p in zip(states, prior, strict=True)]
         final = states[0] if self.graph is None else self.graph.combine(states)
         return final, torch.stack(states)
 

@@ -298,7 +298,9 @@ class MetaMMF_GCN(RecModel):
         states = self.graph.isolated(with_mean_id(fused, self.items.id_embedding))
         if neighbors is None:
             return states
-        prior = neighbor_mean(item_states, neighbors)
+        prior = self.neighbors.scale * neighbor_mean(item_states, neighbors)
+        if not self.config.content_residual:
+            return [p.to(s.dtype) for s, p in zip(states, prior, strict=True)]
         return [s + p.to(s.dtype) for s, p in zip(states, prior, strict=True)]
 
     def new_item_embeddings(

@@ -28,12 +28,18 @@ def without_items(data: RecData, items: np.ndarray) -> RecData:
     return RecData(data.name, data.n_users, data.n_items, train, data.valid, data.test, data.features)
 
 
-@pytest.mark.parametrize("name", ["metammf_gcn", "metammf_mf"])
-def test_untrained_items_get_exactly_what_a_new_item_gets(tiny_data: RecData, make_config, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "neighbors", "residual"),
+    [("metammf_gcn", 0, True), ("metammf_gcn", 4, True), ("metammf_gcn", 4, False), ("metammf_mf", 0, True)],
+)
+def test_untrained_items_get_exactly_what_a_new_item_gets(
+    tiny_data: RecData, make_config, name: str, neighbors: int, residual: bool
+) -> None:
     untrained = np.arange(6)
     data = without_items(tiny_data, untrained)
     torch.manual_seed(0)
-    model = build_model(data, make_config(name, **CONTENT), 1e-4).eval()
+    config = make_config(name, content_neighbors=neighbors, content_residual=residual, **CONTENT)
+    model = build_model(data, config, 1e-4).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape))
@@ -44,7 +50,7 @@ def test_untrained_items_get_exactly_what_a_new_item_gets(tiny_data: RecData, ma
     # The paper's setting keeps their (never positively trained) ID embeddings: another representation.
     torch.manual_seed(0)
     paper = build_model(data, make_config(name), 1e-4).eval()
-    paper.load_state_dict(model.state_dict())
+    paper.load_state_dict(model.state_dict(), strict=not neighbors)
     with torch.no_grad():
         assert not torch.allclose(paper.get_embedding()[1][: len(untrained)], expected, atol=1e-3)
 
@@ -113,7 +119,8 @@ def test_offline_cold_score_is_what_the_service_computes(tmp_path) -> None:
     run = RunConfig.model_validate({
         "data": {"synthetic": {"n_users": 80, "n_items": 60, "modality_dims": {"visual": 8, "acoustic": 8}, "seed": 3},
                  "protocol": "cold_items"},
-        "model": {"fused_dim": 8, "id_dim": 8, "rank": 4, "extractor_hidden": 8, "cold_item_dropout": 0.3, **CONTENT},
+        "model": {"fused_dim": 8, "id_dim": 8, "rank": 4, "extractor_hidden": 8, "cold_item_dropout": 0.3,
+                  "content_neighbors": 3, **CONTENT},
         "train": {"epochs": 2, "batch_size": 128, "progress": False},
     })  # fmt: skip
     data = load_data(run.data)
@@ -133,3 +140,39 @@ def test_offline_cold_score_is_what_the_service_computes(tmp_path) -> None:
                                rtol=1e-4, atol=1e-5)  # fmt: skip
     with pytest.raises(ValueError, match="item_ids"):
         export_artifacts(result, split.warm, run, tmp_path / "bad", ["same"] * split.warm.n_items)
+
+
+def test_content_neighbors_are_the_nearest_trained_items_by_feature_cosine(tiny_data: RecData, make_config) -> None:
+    untrained = np.arange(10)
+    data = without_items(tiny_data, untrained)
+    model = build_model(data, make_config("metammf_gcn", content_neighbors=5, **CONTENT), 1e-4)
+    table = model.neighbors.table.numpy()
+    assert table.shape == (data.n_items, 5)
+    inputs = torch.nn.functional.normalize(model.items.item_inputs, dim=1).numpy()
+    similarity = inputs @ inputs.T
+    trained = np.unique(data.train[:, 1])  # (a few more items than ``untrained`` have no interaction)
+    for item in range(data.n_items):
+        candidates = trained[trained != item]  # never itself, never an item without interactions
+        best = candidates[np.argsort(-similarity[item, candidates], kind="stable")[:5]]
+        np.testing.assert_allclose(np.sort(similarity[item, table[item]]), np.sort(similarity[item, best]), rtol=1e-5)
+        assert item not in table[item] and np.isin(table[item], trained).all()
+    # The learned scale is a model parameter (trained by the dropped-out items), exported to the encoder.
+    assert any(p is model.neighbors.scale for p in model.parameters())
+    with torch.no_grad():
+        model.neighbors.scale.fill_(2.5)
+    assert InferenceEncoder.from_model(model.eval()).neighbor_scale.item() == 2.5
+    with pytest.raises(ValueError, match="graph backbone"):
+        build_model(data, make_config("metammf_mf", content_neighbors=5), 1e-4)
+
+
+def test_encoder_without_neighbor_buffers_loads(tiny_data: RecData, make_config) -> None:
+    """An encoder file written without content neighbours (no such buffers) still loads."""
+    model = build_model(tiny_data, make_config("metammf_gcn"), 1e-4).eval()
+    state = InferenceEncoder.from_model(model).state_dict()
+    for name in InferenceEncoder.NEIGHBOR_BUFFERS:
+        del state[name]
+    encoder = InferenceEncoder.from_state_dict(model.config, model.items.fusion.in_dim, state)
+    features = torch.from_numpy(tiny_data.item_features()[:3])
+    torch.testing.assert_close(
+        encoder.encode_items(features)[0], InferenceEncoder.from_model(model).encode_items(features)[0]
+    )

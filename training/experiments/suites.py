@@ -7,6 +7,8 @@ variants for seeds ``train.seed + 0 .. seeds - 1`` through the cache, and writes
 * ``table2``: the baselines, MetaMMF and the popularity ranker, warm protocol (Table 2);
 * ``fusion``: static early/late/hybrid fusion against MetaMMF, MF and GCN backbones (Table 3);
 * ``coldstart``: MetaMMF_MF/GCN, VBPR, the static-fusion variants and popularity on held-out items;
+* ``newitems``: ways to represent and train new items (content only, DropoutNet, distillation, content
+  neighbours), one model, held-out items;
 * ``depth``: fusion tower depth N = 1..4 with the MF and GCN backbones (Table 3);
 * ``rank``: CP rank R in {4, 8, 16, 32} and the full tensor: metrics, epochs to converge, seconds per
   epoch (Figure 5, Table 4);
@@ -175,6 +177,7 @@ def _model_table(ctx: Context, suite: str, models: list[str], protocol: str, wha
         groups,
         metric_keys(ctx.base.train.ks),
         extras=slice_columns(protocol, ctx.top_k),
+        extra_digits=4,
         comparisons=comparisons,
         test=ctx.test,
         caption=_caption(ctx, what, protocol),
@@ -237,6 +240,57 @@ def coldstart(ctx: Context) -> list[Path]:
     ratio = ctx.base.data.cold_item_ratio
     what = f"Cold-start items: {ratio:.0%} of items held out, ranked among the held-out items only"
     return _model_table(ctx, "coldstart", models, "cold_items", what)
+
+
+# Held-out items from content alone ("self": a new item's graph layers keep its own state) ...
+_CONTENT = {"model.untrained_items": "content", "model.isolated_nodes": "self"}
+# ... and placed among its k nearest trained items by content, the scale of their mean learned.
+_NEIGHBORS = {**_CONTENT, "model.cold_item_dropout": 0.2, "model.content_residual": False}
+NEW_ITEM_VARIANTS: dict[str, dict[str, Any]] = {
+    "ID embedding as trained (the paper)": {},
+    "content only, DropoutNet p=0.2": {**_CONTENT, "model.cold_item_dropout": 0.2},
+    "content only, DropoutNet p=0.2, no self loop": {
+        "model.untrained_items": "content",
+        "model.cold_item_dropout": 0.2,
+    },
+    "content only, DropoutNet p=0.5": {**_CONTENT, "model.cold_item_dropout": 0.5},
+    "content only, distillation to the trained embedding": {**_CONTENT, "model.content_alignment": 1.0},
+    "content neighbours k=10": {**_NEIGHBORS, "model.content_neighbors": 10},
+    "content neighbours k=30": {**_NEIGHBORS, "model.content_neighbors": 30},
+    "content neighbours k=100": {**_NEIGHBORS, "model.content_neighbors": 100},
+    "content neighbours k=30 + content residual": {**_NEIGHBORS, "model.content_neighbors": 30,
+                                                   "model.content_residual": True},
+}  # fmt: skip
+
+
+def newitems(ctx: Context) -> list[Path]:
+    """Ways to represent and train new items (models.cold_items), one model (the base config's), under the
+    cold-item protocol: each variant's held-out items ranked among themselves, among all items, and the
+    warm items' ranking; the variant with the best validation selection score is compared with the others."""
+    groups = {
+        row: ctx.group(row, {**changes, "data.protocol": "cold_items"}) for row, changes in NEW_ITEM_VARIANTS.items()
+    }
+    monitor = ctx.base.train.monitor
+    extras = {
+        "valid selection": lambda r: selection(r.info["valid"], monitor),
+        **slice_columns("cold_items", ctx.top_k),
+    }
+    chosen = max(groups, key=lambda row: mean_std([selection(r.info["valid"], monitor) for r in groups[row]])[0])
+    what = (
+        f"New items: {label(ctx.base.model.name)}, {ctx.base.data.cold_item_ratio:.0%} of items held out; plain "
+        "columns rank them among the held-out items; 'valid selection' is the mean of held-out and warm validation "
+        f"R@{ctx.top_k} (the early-stopping rule), whose best row ({chosen}) is compared with the others"
+    )
+    table = results_table(
+        groups,
+        metric_keys(ctx.base.train.ks),
+        extras=extras,
+        extra_digits=4,
+        comparisons=[Comparison(chosen, [row for row in groups if row != chosen], f"{chosen} vs the best other")],
+        test=ctx.test,
+        caption=_caption(ctx, what, "cold_items"),
+    )
+    return _write(ctx, "newitems", table, [])
 
 
 def _sweep_rows(ctx: Context, backbones: list[str], values: list, changes_of) -> dict[str, dict[Any, list[RunRecord]]]:
@@ -364,6 +418,12 @@ def tsne_study(ctx: Context) -> list[Path]:
     return _write(ctx, "tsne", Table("\n".join(lines) + "\n", summary), figures)
 
 
+def selection(valid: dict[str, float], monitor: str) -> float:
+    """The validation score early stopping followed: the protocol's selection rule where it has one
+    (cold_items: held-out and warm together), else ``monitor``."""
+    return valid.get("selection", valid[monitor])
+
+
 def grid_points(grid: dict[str, list[Any]], model: str) -> list[dict[str, Any]]:
     """Every combination of ``grid`` for ``model``: the ``layers`` key becomes the model's own layer
     field (``model.gcn_layers``, ...) and is left out for models without one."""
@@ -402,7 +462,7 @@ def tune(ctx: Context) -> list[Path]:
             rows.append(
                 {
                     "changes": changes,
-                    "valid": mean_std([r.info["valid"][monitor] for r in records])[0],
+                    "valid": mean_std([selection(r.info["valid"], monitor) for r in records])[0],
                     "test_recall": mean_std([r.test[f"recall@{k}"] for r in records])[0],
                     "test_ndcg": mean_std([r.test[f"ndcg@{k}"] for r in records])[0],
                     "best_epoch": mean_std([r.best_epoch for r in records])[0],
@@ -446,6 +506,7 @@ SUITES: dict[str, Callable[[Context], list[Path]]] = {
     "table2": table2,
     "fusion": fusion,
     "coldstart": coldstart,
+    "newitems": newitems,
     "depth": depth,
     "rank": rank,
     "static": static,

@@ -104,6 +104,7 @@ def results_table(
     test: str = "ttest",
     caption: str = "",
     digits: int = 4,
+    extra_digits: int = 2,
 ) -> Table:
     """Markdown table of ``groups`` (row label -> runs, one per seed) over the test metrics ``keys``."""
     extras = extras or {}
@@ -131,7 +132,7 @@ def results_table(
             cells.append(f"**{text}**" if best.get(key) == label and len(groups) > 1 else text)
         for name in extras:
             s = stats[label][name]
-            cells.append(_format(s["mean"], s["std"], s["n"], 2))
+            cells.append(_format(s["mean"], s["std"], s["n"], extra_digits))
         lines.append(f"| {' | '.join(cells)} |")
 
     summary: dict = {"rows": stats, "test": test, "comparisons": []}
