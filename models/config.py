@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ModelConfig(BaseModel):
@@ -121,6 +121,15 @@ class ModelConfig(BaseModel):
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(MODELS)}")
         return name
+
+    @model_validator(mode="after")
+    def _neighbors_need_a_graph(self) -> ModelConfig:
+        if self.content_neighbors and (self.name == "metammf_mf" or self.name.endswith("_fusion_mf")):
+            raise ValueError(
+                f"content_neighbors={self.content_neighbors} needs a graph backbone and model {self.name!r} is MF: "
+                "set model.content_neighbors=0 (e.g. --set model.content_neighbors=0)"
+            )
+        return self
 
     @property
     def embedding_dim(self) -> int:

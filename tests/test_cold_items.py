@@ -176,3 +176,29 @@ def test_encoder_without_neighbor_buffers_loads(tiny_data: RecData, make_config)
     torch.testing.assert_close(
         encoder.encode_items(features)[0], InferenceEncoder.from_model(model).encode_items(features)[0]
     )
+
+
+def test_calibration_picks_the_new_item_scale_best_on_validation(tiny_data: RecData, make_config) -> None:
+    from training.config import TrainConfig
+    from training.evaluate import EvalResult
+    from training.trainer import calibrate_new_items
+
+    model = build_model(tiny_data, make_config("metammf_gcn", content_neighbors=3, **CONTENT), 1e-4)
+    learned = model.neighbors.scale.item()
+
+    def evaluate(best: float):
+        def run(m, which: str) -> EvalResult:
+            assert which == "valid"  # never the test split
+            ratio = m.neighbors.scale.item() / learned
+            return EvalResult({"recall@20": 0.0, "all_recall@20": -abs(ratio - best)}, np.zeros(0, dtype=np.int64))
+
+        return run
+
+    assert calibrate_new_items(model, evaluate(2.5), TrainConfig()) == 2.5
+    assert model.neighbors.scale.item() == pytest.approx(2.5 * learned)
+    # No difference on validation: the learned scale is kept.
+    model.neighbors.scale.data.fill_(learned)
+    assert calibrate_new_items(model, lambda m, w: EvalResult({"recall@20": 0.1}, np.zeros(0)), TrainConfig()) == 1.0
+    assert model.neighbors.scale.item() == pytest.approx(learned)
+    plain = build_model(tiny_data, make_config("metammf_gcn"), 1e-4)
+    assert calibrate_new_items(plain, evaluate(2.0), TrainConfig()) is None

@@ -106,9 +106,8 @@ def test_cold_protocol_trains_on_warm_items_and_ranks_held_out_ones() -> None:
     assert result.model.n_items == split.warm.n_items  # never saw a held-out item
     assert set(result.test.users) == set(np.unique(split.test[:, 0]))
     plain = set(metric_keys([10, 20]))
-    assert set(result.test.metrics) == plain | {f"full_{k}" for k in plain} | {f"warm_{k}" for k in plain} | {
-        "selection"
-    }
+    prefixed = {f"{prefix}_{k}" for prefix in ("full", "warm", "all") for k in plain}
+    assert set(result.test.metrics) == plain | prefixed | {"selection"}
     for which in (result.valid, result.test):  # the model-selection rule: held-out and warm together
         assert which.metrics["selection"] == pytest.approx(
             (which.metrics["recall@20"] + which.metrics["warm_recall@20"]) / 2

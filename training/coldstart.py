@@ -267,7 +267,9 @@ def cold_evaluator(split: ColdItemSplit, cfg: TrainConfig) -> Callable[[RecModel
     The result's plain metrics (``recall@20``, ...) and per-user values rank the held-out items among
     themselves; ``full_<metric>`` ranks them among all items (warm and held-out compete, as in the
     service's ``/recommend``); ``warm_<metric>`` is the warm protocol's ranking of the warm items for the
-    data's warm valid/test interactions. ``selection`` is the model-selection rule early stopping uses:
+    data's warm valid/test interactions; ``all_<metric>`` ranks every warm and held-out target in one ranking
+    over all items (what calibrates new items' scale, :func:`training.trainer.calibrate_new_items`).
+    ``selection`` is the model-selection rule early stopping uses:
     the mean of the held-out and the warm ``cfg.monitor`` (the warm one alone when a split has no warm
     targets), so the chosen epoch serves both new and existing items.
     """
@@ -290,6 +292,11 @@ def cold_evaluator(split: ColdItemSplit, cfg: TrainConfig) -> Callable[[RecModel
         )
         metrics.update({f"full_{k}": v for k, v in full.metrics.items()})
         warm_targets = split.warm.valid if which == "valid" else split.warm.test
+        every = np.concatenate([warm_targets, targets]) if len(warm_targets) else targets
+        both = full_rank_evaluate(
+            lambda u: users[u] @ catalogue.T, every, exclude, n_users, len(catalogue), ks, batch, device
+        )
+        metrics.update({f"all_{k}": v for k, v in both.metrics.items()})
         metrics["selection"] = metrics[cfg.monitor]
         if len(warm_targets):
             exclude = [split.warm.train] if which == "valid" else [split.warm.train, split.warm.valid]

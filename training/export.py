@@ -45,6 +45,7 @@ def metrics_summary(result: TrainResult) -> dict:
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "train_seconds": round(result.train_seconds, 3),
+        "new_item_scale": result.new_item_scale,
         "valid": result.valid.metrics,
         "test": result.test.metrics,
         "history": result.history,

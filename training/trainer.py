@@ -73,6 +73,7 @@ class TrainResult:
     test: EvalResult
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
+    new_item_scale: float | None = None  # calibrate_new_items' multiplier (None: the model has no such scale)
 
 
 def evaluate_split(model: RecModel, data: RecData, split: str, cfg: TrainConfig) -> EvalResult:
@@ -217,6 +218,37 @@ def _train(
         return None
     if best_state is not None:
         model.load_state_dict(best_state)
+    new_item_scale = calibrate_new_items(model, evaluate, cfg)
     valid = evaluate(model, "valid")
     test = evaluate(model, "test")
-    return TrainResult(model, best_epoch, best_valid, valid, test, history, train_seconds)
+    return TrainResult(model, best_epoch, best_valid, valid, test, history, train_seconds, new_item_scale)
+
+
+NEW_ITEM_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+
+
+@torch.no_grad()
+def calibrate_new_items(model: RecModel, evaluate: SplitEvaluator, cfg: TrainConfig) -> float | None:
+    """Fit how strongly new items compete with trained ones: the multiplier of the learned scale of their
+    content neighbours' states (``model.content_neighbors``) among ``NEW_ITEM_SCALES`` whose validation
+    ``cfg.monitor`` is best over every validation interaction in one ranking of all items (``all_<monitor>``
+    where the evaluator gives it, the cold-item protocol; else ``<monitor>``: there items without training
+    interactions compete). Ties keep the multiplier nearest 1. Within new items the order does not change
+    (a positive scale); what changes is how many of them reach a user's top k. Returns the multiplier, or
+    None for a model without that scale."""
+    neighbors = getattr(model, "neighbors", None)
+    if neighbors is None:
+        return None
+    learned = neighbors.scale.detach().clone()
+
+    def score(multiplier: float) -> float:
+        neighbors.scale.copy_(learned * multiplier)
+        metrics = evaluate(model, "valid").metrics
+        return metrics.get(f"all_{cfg.monitor}", metrics[cfg.monitor])
+
+    scores = {m: score(m) for m in NEW_ITEM_SCALES}
+    best = max(NEW_ITEM_SCALES, key=lambda m: (scores[m], -abs(m - 1.0)))
+    neighbors.scale.copy_(learned * best)
+    log.info("new items' scale: learned %.3f x %.2f (validation %s %s)", learned.item(), best,
+             cfg.monitor, ", ".join(f"{m:g}: {s:.4f}" for m, s in scores.items()))  # fmt: skip
+    return best

@@ -306,6 +306,7 @@ class Runner:
                 epochs=epochs,
                 history=result.history,
                 train_seconds=result.train_seconds,
+                new_item_scale=result.new_item_scale,
                 seconds_per_epoch=result.train_seconds / max(epochs, 1),
             )
         else:

@@ -75,6 +75,9 @@ DEFAULT_GRID: dict[str, list[Any]] = {
 TUNED_FILE = Path("tune") / "best.json"
 
 
+MF_BACKBONES = frozenset({"metammf_mf", *(f"{mode}_fusion_mf" for mode in ("early", "late", "hybrid"))})
+
+
 def label(name: str) -> str:
     return LABELS.get(name, name)
 
@@ -105,6 +108,8 @@ class Context:
         for dotted, value in changes.items():
             section, key = dotted.split(".", 1)
             dump[section][key] = value
+        if dump["model"]["name"] in MF_BACKBONES:  # content neighbours need a graph backbone: off for MF
+            dump["model"]["content_neighbors"] = 0
         return RunConfig.model_validate(dump)
 
     def group(self, row: str, changes: dict[str, Any], *, embeddings: bool = False) -> list[RunRecord]:
@@ -249,15 +254,10 @@ _NEIGHBORS = {**_CONTENT, "model.cold_item_dropout": 0.2, "model.content_residua
 NEW_ITEM_VARIANTS: dict[str, dict[str, Any]] = {
     "ID embedding as trained (the paper)": {},
     "content only, DropoutNet p=0.2": {**_CONTENT, "model.cold_item_dropout": 0.2},
-    "content only, DropoutNet p=0.2, no self loop": {
-        "model.untrained_items": "content",
-        "model.cold_item_dropout": 0.2,
-    },
     "content only, DropoutNet p=0.5": {**_CONTENT, "model.cold_item_dropout": 0.5},
     "content only, distillation to the trained embedding": {**_CONTENT, "model.content_alignment": 1.0},
     "content neighbours k=10": {**_NEIGHBORS, "model.content_neighbors": 10},
     "content neighbours k=30": {**_NEIGHBORS, "model.content_neighbors": 30},
-    "content neighbours k=100": {**_NEIGHBORS, "model.content_neighbors": 100},
     "content neighbours k=30 + content residual": {**_NEIGHBORS, "model.content_neighbors": 30,
                                                    "model.content_residual": True},
 }  # fmt: skip
