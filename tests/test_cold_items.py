@@ -194,8 +194,8 @@ def test_calibration_picks_the_new_item_scale_best_on_validation(tiny_data: RecD
 
         return run
 
-    assert calibrate_new_items(model, evaluate(2.5), TrainConfig()) == 2.5
-    assert model.neighbors.scale.item() == pytest.approx(2.5 * learned)
+    assert calibrate_new_items(model, evaluate(5.5), TrainConfig()) == pytest.approx(2**2.5)  # the nearest step
+    assert model.neighbors.scale.item() == pytest.approx(2**2.5 * learned)
     # No difference on validation: the learned scale is kept.
     model.neighbors.scale.data.fill_(learned)
     assert calibrate_new_items(model, lambda m, w: EvalResult({"recall@20": 0.1}, np.zeros(0)), TrainConfig()) == 1.0

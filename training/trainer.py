@@ -224,7 +224,9 @@ def _train(
     return TrainResult(model, best_epoch, best_valid, valid, test, history, train_seconds, new_item_scale)
 
 
-NEW_ITEM_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+# Multipliers of the learned scale, 1/4 to 32 in steps of sqrt(2): the learned scale itself is shrunk by the
+# L2 term on the batch representations, so the right multiplier can be well above 1.
+NEW_ITEM_SCALES = tuple(2 ** (step / 2) for step in range(-4, 11))
 
 
 @torch.no_grad()
@@ -250,5 +252,5 @@ def calibrate_new_items(model: RecModel, evaluate: SplitEvaluator, cfg: TrainCon
     best = max(NEW_ITEM_SCALES, key=lambda m: (scores[m], -abs(m - 1.0)))
     neighbors.scale.copy_(learned * best)
     log.info("new items' scale: learned %.3f x %.2f (validation %s %s)", learned.item(), best,
-             cfg.monitor, ", ".join(f"{m:g}: {s:.4f}" for m, s in scores.items()))  # fmt: skip
+             cfg.monitor, ", ".join(f"{m:.3g}: {s:.4f}" for m, s in scores.items()))  # fmt: skip
     return best
