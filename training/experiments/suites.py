@@ -247,14 +247,23 @@ def coldstart(ctx: Context) -> list[Path]:
     return _model_table(ctx, "coldstart", models, "cold_items", what)
 
 
-# Held-out items from content alone ("self": a new item's graph layers keep its own state) ...
-_CONTENT = {"model.untrained_items": "content", "model.isolated_nodes": "self"}
+# Every new-item setting of models/cold_items.py, as the paper has them (a row sets all of them, whatever
+# the base config says) ...
+_PAPER = {
+    "model.untrained_items": "id",
+    "model.isolated_nodes": "zeros",
+    "model.cold_item_dropout": 0.0,
+    "model.content_alignment": 0.0,
+    "model.content_neighbors": 0,
+    "model.content_residual": True,
+}
+# ... held-out items from content alone ("self": a new item's graph layers keep its own state) ...
+_CONTENT = {**_PAPER, "model.untrained_items": "content", "model.isolated_nodes": "self"}
 # ... and placed among its k nearest trained items by content, the scale of their mean learned.
 _NEIGHBORS = {**_CONTENT, "model.cold_item_dropout": 0.2, "model.content_residual": False}
 NEW_ITEM_VARIANTS: dict[str, dict[str, Any]] = {
-    "ID embedding as trained (the paper)": {},
+    "ID embedding as trained (the paper)": _PAPER,
     "content only, DropoutNet p=0.2": {**_CONTENT, "model.cold_item_dropout": 0.2},
-    "content only, DropoutNet p=0.5": {**_CONTENT, "model.cold_item_dropout": 0.5},
     "content only, distillation to the trained embedding": {**_CONTENT, "model.content_alignment": 1.0},
     "content neighbours k=10": {**_NEIGHBORS, "model.content_neighbors": 10},
     "content neighbours k=30": {**_NEIGHBORS, "model.content_neighbors": 30},
