@@ -301,8 +301,8 @@ def run_seed(
 
 
 def table(runs: list[dict], caption: str) -> str:
-    def cell(values: list[float]) -> str:
-        return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+    def cell(values: list[float]) -> str:  # sample standard deviation, as the experiments' tables give it
+        return f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.4f}"
 
     lines = [caption, "", f"| ranking | Recall@{K} | NDCG@{K} |", "|---|---|---|"]
     for label, source, where in ROWS:

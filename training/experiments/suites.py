@@ -267,6 +267,8 @@ NEW_ITEM_VARIANTS: dict[str, dict[str, Any]] = {
     "content only, distillation to the trained embedding": {**_CONTENT, "model.content_alignment": 1.0},
     "content neighbours k=10": {**_NEIGHBORS, "model.content_neighbors": 10},
     "content neighbours k=30": {**_NEIGHBORS, "model.content_neighbors": 30},
+    "content neighbours k=30, no dropout": {**_NEIGHBORS, "model.content_neighbors": 30,
+                                            "model.cold_item_dropout": 0.0},
     "content neighbours k=30 + content residual": {**_NEIGHBORS, "model.content_neighbors": 30,
                                                    "model.content_residual": True},
 }  # fmt: skip
