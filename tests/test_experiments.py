@@ -522,3 +522,27 @@ def test_tuned_without_a_tune_run_and_bad_grids_are_refused(tmp_path: Path, tiny
         assert "--grid" in capsys.readouterr().err
     assert experiments_cli.main(["tune", *base, "--models", "vbpr", "--grid", "train.lr=-1"]) == 2
     assert "lr" in capsys.readouterr().err
+
+
+def test_newitems_suite_puts_every_new_item_variant_side_by_side(tmp_path: Path) -> None:
+    from training.experiments.suites import NEW_ITEM_VARIANTS
+
+    # A base config with new-item settings of its own: every row sets all of them, so rows do not inherit.
+    base = tiny_config(**{"model.content_neighbors": 7, "model.cold_item_dropout": 0.4})
+    ctx = Context(Runner(tmp_path), base, seeds=1, out=tmp_path)
+    SUITES["newitems"](ctx)
+    markdown = (tmp_path / "newitems" / "table.md").read_text()
+    cells = [line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| ")]
+    assert [c for c in cells if not c.startswith("*")][1:] == list(NEW_ITEM_VARIANTS)
+    assert "valid selection" in markdown and "R@20 among all items" in markdown and "warm R@20" in markdown
+    summary = json.loads((tmp_path / "newitems" / "summary.json").read_text())
+    chosen = max(summary["rows"], key=lambda row: summary["rows"][row]["valid selection"]["mean"])
+    assert summary["comparisons"][0]["target"] == chosen
+    configs = [json.loads(p.read_text())["config"]["model"] for p in (tmp_path / "runs").glob("*/config.json")]
+    assert sorted(c["content_neighbors"] for c in configs) == sorted(
+        changes.get("model.content_neighbors", 0) for changes in NEW_ITEM_VARIANTS.values()
+    )
+    assert {c["cold_item_dropout"] for c in configs} <= {0.0, 0.2}
+    # MF backbones cannot take content neighbours: the suites turn them off there.
+    assert ctx.variant(0, {"model.name": "late_fusion_mf"}).model.content_neighbors == 0
+    assert ctx.variant(0, {"model.name": "metammf_gcn"}).model.content_neighbors == 7
