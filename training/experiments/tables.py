@@ -132,7 +132,8 @@ def results_table(
             cells.append(f"**{text}**" if best.get(key) == label and len(groups) > 1 else text)
         for name in extras:
             s = stats[label][name]
-            cells.append(_format(s["mean"], s["std"], s["n"], extra_digits))
+            missing = not math.isfinite(s["mean"])  # a run without that figure (e.g. popularity's)
+            cells.append("n/a" if missing else _format(s["mean"], s["std"], s["n"], extra_digits))
         lines.append(f"| {' | '.join(cells)} |")
 
     summary: dict = {"rows": stats, "test": test, "comparisons": []}
