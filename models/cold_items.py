@@ -85,11 +85,11 @@ class ContentNeighbors(nn.Module):
         super().__init__()
         self.k = k
         rows = trained.nonzero().squeeze(1)
-        keys = F.normalize(inputs[rows].float(), dim=1)
+        keys = content_keys(inputs[rows])
         position = torch.full((inputs.shape[0],), -1, dtype=torch.long, device=inputs.device)
         position[rows] = torch.arange(len(rows), device=inputs.device)
         # Every item's neighbours (item rows), a trained item never its own: what training drops out.
-        table = rows[nearest(F.normalize(inputs.float(), dim=1), keys, k, skip=position)]
+        table = rows[nearest(content_keys(inputs), keys, k, skip=position)]
         self.register_buffer("keys", keys, persistent=False)  # (n_trained, d_x), unit rows
         self.register_buffer("rows", rows, persistent=False)  # key index -> item row
         self.register_buffer("table", table, persistent=False)  # (n_items, k) item rows
@@ -98,6 +98,17 @@ class ContentNeighbors(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
 
 
-def neighbor_mean(states: Tensor, neighbors: Tensor) -> Tensor:
-    """(n_states, b, d): the mean over each row of ``neighbors`` (b, k) of ``states`` (n_states, n, d)."""
-    return states[:, neighbors].mean(2)
+def content_keys(inputs: Tensor) -> Tensor:
+    """Unit rows of the fusion network's inputs (standardised raw features): content neighbours are ranked by
+    their inner products, the cosine."""
+    return F.normalize(inputs.float(), dim=1)
+
+
+def with_neighbors(
+    states: list[Tensor], item_states: Tensor, neighbors: Tensor, scale: Tensor, residual: bool
+) -> list[Tensor]:
+    """A new item's per-layer ``states`` with its content neighbours: ``scale`` times the mean over each row of
+    ``neighbors`` (b, k) of ``item_states`` (n_states, n, d), plus the own content-only ``states`` when
+    ``residual``."""
+    prior = scale * item_states[:, neighbors].mean(2)
+    return [s + p.to(s.dtype) if residual else p.to(s.dtype) for s, p in zip(states, prior, strict=True)]

@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import RecModel
-from models.cold_items import nearest, neighbor_mean
+from models.cold_items import content_keys, nearest, with_neighbors
 from models.config import ModelConfig
 from models.metammf_gcn import MetaMMF_GCN, SAGETower
 from models.metammf_mf import MetaMMF_MF, build_fusion
@@ -87,12 +86,14 @@ class InferenceEncoder(nn.Module):
         ego = torch.cat([self.fusion(features), mean_id], dim=1)
         states = [ego] if self.graph is None else self.graph.isolated(ego)
         if self.neighbor_keys.shape[0] and self.config.content_neighbors:
-            queries = F.normalize(self.fusion.standardize(features.float()), dim=1)
-            prior = neighbor_mean(
-                self.neighbor_states, nearest(queries, self.neighbor_keys, self.config.content_neighbors)
+            found = nearest(
+                content_keys(self.fusion.standardize(features.float())),
+                self.neighbor_keys,
+                self.config.content_neighbors,
             )
-            prior = self.neighbor_scale * prior
-            states = [s + p if self.config.content_residual else p for s, p in zip(states, prior, strict=True)]
+            states = with_neighbors(
+                states, self.neighbor_states, found, self.neighbor_scale, self.config.content_residual
+            )
         final = states[0] if self.graph is None else self.graph.combine(states)
         return final, torch.stack(states)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
 from torch_geometric.utils import coalesce, degree, to_torch_csr_tensor
@@ -23,13 +22,14 @@ from torch_geometric.utils import coalesce, degree, to_torch_csr_tensor
 from models.base import RecModel, bpr_loss, l2_penalty
 from models.cold_items import (
     ContentNeighbors,
+    content_keys,
     content_rows,
     fused_part,
     nearest,
-    neighbor_mean,
     replace_rows,
     untrained_mask,
     with_mean_id,
+    with_neighbors,
 )
 from models.config import ModelConfig
 from models.csr import SparseMatmul
@@ -242,12 +242,13 @@ class MetaMMF_GCN(RecModel):
         self.graph = SAGETower.from_config(config)
         edge_index = bipartite_edge_index(train_pairs.long(), self.n_users, self.n_items)
         self.register_buffer("edge_index", edge_index, persistent=False)
-        untrained = untrained_mask(train_pairs, self.n_items) if config.untrained_items == "content" else None
-        self.register_buffer("untrained_items", untrained, persistent=False)
+        untrained = untrained_mask(train_pairs, self.n_items)
+        self.register_buffer(
+            "untrained_items", untrained if config.untrained_items == "content" else None, persistent=False
+        )
         self.neighbors: ContentNeighbors | None = None
         if config.content_neighbors > 0:
-            trained = ~untrained_mask(train_pairs, self.n_items)
-            self.neighbors = ContentNeighbors(self.items.item_inputs, trained, config.content_neighbors)
+            self.neighbors = ContentNeighbors(self.items.item_inputs, ~untrained, config.content_neighbors)
         self._neighbor_states: Tensor | None = None  # detached (n_states, n_items, d), see _neighbor_prior
         self._aggregation: MeanAggregation | None = None
         self.reset_parameters()
@@ -298,10 +299,7 @@ class MetaMMF_GCN(RecModel):
         states = self.graph.isolated(with_mean_id(fused, self.items.id_embedding))
         if neighbors is None:
             return states
-        prior = self.neighbors.scale * neighbor_mean(item_states, neighbors)
-        if not self.config.content_residual:
-            return [p.to(s.dtype) for s, p in zip(states, prior, strict=True)]
-        return [s + p.to(s.dtype) for s, p in zip(states, prior, strict=True)]
+        return with_neighbors(states, item_states, neighbors, self.neighbors.scale, self.config.content_residual)
 
     def new_item_embeddings(
         self, fused: Tensor, neighbors: Tensor | None = None, item_states: Tensor | None = None
@@ -315,7 +313,7 @@ class MetaMMF_GCN(RecModel):
         fused = self.items.fusion(features)
         if self.neighbors is None:
             return self.new_item_embeddings(fused)
-        queries = F.normalize(self.items.fusion.standardize(features.float()), dim=1)
+        queries = content_keys(self.items.fusion.standardize(features.float()))
         found = self.neighbors.rows[nearest(queries, self.neighbors.keys, self.neighbors.k)]
         states, _ = self.layer_states()
         return self.new_item_embeddings(fused, found, torch.stack([s[self.n_users :] for s in states]))

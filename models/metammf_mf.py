@@ -88,8 +88,6 @@ class MetaMMF_MF(RecModel):
         train_pairs: Tensor | None = None,
     ):
         super().__init__()
-        if config.content_neighbors:
-            raise ValueError("model.content_neighbors needs a graph backbone (metammf_gcn or a *_fusion_gcn model)")
         self.config = config
         self.n_users, self.n_items = n_users, item_features.shape[0]
         self.reg_weight = reg_weight
