@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.patience import HANG_GUARD_S
 from training.allocator import ENV, keep_freed_memory, pad_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def test_setting_from_the_environment_and_its_errors() -> None:
 def test_kept_memory_saves_the_page_faults_of_large_tensors() -> None:
     def faults(keep_mb: str) -> tuple[bool, float]:
         out = subprocess.run(
-            [sys.executable, "-c", FAULTS], cwd=ROOT, capture_output=True, text=True, timeout=120,
+            [sys.executable, "-c", FAULTS], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S,
             env={**os.environ, ENV: keep_mb, "OMP_NUM_THREADS": "1"},
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
@@ -63,7 +64,7 @@ def test_kept_memory_saves_the_page_faults_of_large_tensors() -> None:
 def test_training_cli_names_a_bad_setting() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "training", "train", "--out", "unused"], cwd=ROOT, capture_output=True, text=True,
-        env={**os.environ, ENV: "lots"}, timeout=120,
+        env={**os.environ, ENV: "lots"}, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert out.returncode == 2 and f"error: {ENV}='lots' is not a whole number of MB" in out.stderr, out.stderr
     assert not (ROOT / "unused").exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.patience import HANG_GUARD_S
 from training.cli import build_parser, resolve_config
 from training.config import RunConfig
 from training.data import load_mmrec
@@ -45,14 +46,19 @@ BATCH_SCRIPT = textwrap.dedent(
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "training", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "training", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
     )
 
 
 def run_batch(argvs: list[list[str]], cwd: Path = ROOT) -> list[dict]:
     proc = subprocess.run(
         [sys.executable, "-c", BATCH_SCRIPT, json.dumps(argvs)],
-        cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=ENV, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])

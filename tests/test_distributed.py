@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.patience import HANG_GUARD_S
 from tests.training_support import SMALL_MODEL, TINY
 from training.config import load_run_config
 from training.data import load_mmrec, save_mmrec
@@ -74,7 +75,7 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     single = train(load_mmrec(data_dir), cfg.model, cfg.train)
     assert single is not None and len(single.history) < cfg.train.epochs  # it stops early
 
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout)  # one JSON document: only rank 0 prints
     metrics = json.loads((art / "metrics.json").read_text())

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from service.index import KINDS, IndexConfig, IndexConfigError, ItemIndex
 from service.settings import Settings
+from tests.patience import HANG_GUARD_S
 from tests.service_support import (
     AUTH,
     KEY,
@@ -322,11 +323,13 @@ def test_cli_refuses_invalid_index_settings(artifact: Artifact, redis_url: str, 
     args = [sys.executable, "-m", "service", "run", "--artifacts", str(artifact.path), "--port", str(free_port())]
     for extra, needle in (({"MMF_INDEX": "annoy"}, "'flat', 'hnsw' or 'ivf'"),
                           ({"MMF_INDEX": "ivf", "MMF_IVF_NLIST": "5000"}, "MMF_IVF_NLIST=5000")):  # fmt: skip
-        done = subprocess.run(args, cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            args, cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=HANG_GUARD_S
+        )
         assert done.returncode == 2, done.stderr
         assert "Traceback" not in done.stderr and needle in done.stderr.split("\nerror: ", 1)[-1], done.stderr
     helped = subprocess.run([sys.executable, "-m", "service", "run", "--help"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+                            capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
     assert "MMF_INDEX" in helped.stdout
 
 
@@ -436,7 +439,7 @@ def test_two_workers_with_hnsw_stay_consistent(artifact: Artifact, redis_url: st
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG_GUARD_S
         while True:
             assert server.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "server not ready in time"
