@@ -7,7 +7,6 @@ import hmac
 import json
 import logging
 import math
-import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -25,13 +24,16 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, Info, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from service import schemas
 from service.check import check_consistency
+from service.docs import add_docs
 from service.engine import Engine, InputError, NotFound
 from service.fast_recommend import DEFAULT_K, FastRecommend, render_recommendation
+from service.logs import REDACT
 from service.runtime import ReloadBusy, ReloadRefused, Runtime
-from service.settings import Settings
+from service.settings import Settings, load_settings
 from service.state import RedisState, StoredItem
 from service.sync import sync_item
 
@@ -96,9 +98,12 @@ class BodySizeLimit:
 
 
 def _json_safe(value):
-    """``value`` with non-finite floats replaced by their names ("nan", "inf"), which JSON cannot hold."""
+    """``value`` with what JSON cannot hold made text: non-finite floats by their names ("nan", "inf"), bytes (a
+    body that is not JSON, echoed by a validation error) decoded with undecodable bytes escaped ("\\xff")."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="backslashreplace")
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -127,36 +132,8 @@ class SafeJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-class RedactSecrets(logging.Filter):
-    """Keeps API keys out of log lines: the configured keys wherever they appear (a client may send one as
-    an id or in a URL), and the value of any key/token/secret/password query parameter (uvicorn's access
-    log prints the query string). Also escapes CR/LF in access-log lines. Installed on the loggers of
-    uvicorn and of this service."""
-
-    SENSITIVE_QUERY = re.compile(r"((?:api[_-]?key|key|token|secret|password)=)[^&\s\"]*", re.IGNORECASE)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:
-            return True
-        redacted = self.SENSITIVE_QUERY.sub(r"\1***", message)
-        for secret in self.secrets:
-            redacted = redacted.replace(secret, "***")
-        if record.name == "uvicorn.access":  # a decoded path may hold CR/LF: no forged log lines
-            redacted = redacted.replace("\r", "\\r").replace("\n", "\\n")
-        if redacted != message:
-            record.msg, record.args = redacted, ()
-        return True
-
-
-REDACT = RedactSecrets()
 for _name in ("uvicorn", "uvicorn.access", "uvicorn.error", "service", "service.sync", "fastapi"):
-    logging.getLogger(_name).addFilter(REDACT)
+    logging.getLogger(_name).addFilter(REDACT)  # also when served without logging_config (plain uvicorn)
 
 
 class ObserveLatency:
@@ -197,6 +174,22 @@ class Metrics:
         self.model = Info("mmf_model", "served artifact", registry=self.registry)
 
 
+def reload_on_signal(runtime: Runtime) -> None:
+    try:
+        runtime.reload_in_background()
+    except ReloadBusy:
+        log.warning("SIGHUP while a reload runs: ignored")
+
+
+def allowed_methods(app: FastAPI, scope: dict) -> set[str]:
+    """Methods of every route whose path matches the request's (``Allow`` of a 405)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods
+    return methods
+
+
 _startup_objects_frozen = False
 
 
@@ -214,10 +207,10 @@ def freeze_startup_objects() -> None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    settings = settings or load_settings()
     metrics = Metrics()
-    if settings.api_key is not None and len(settings.api_key.get_secret_value()) >= 4:
-        REDACT.secrets.add(settings.api_key.get_secret_value())
+    if settings.api_key is not None:
+        REDACT.add(settings.api_key.get_secret_value())
 
     def on_swap(engine: Engine) -> None:
         app.state.engine = engine
@@ -240,7 +233,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loop = asyncio.get_running_loop()
         hup = False
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
-            loop.add_signal_handler(signal.SIGHUP, runtime.reload_in_background)
+            loop.add_signal_handler(signal.SIGHUP, reload_on_signal, runtime)
             hup = True
         try:
             yield
@@ -249,13 +242,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 loop.remove_signal_handler(signal.SIGHUP)
             await asyncio.to_thread(runtime.stop)
 
+    closed_reads = settings.require_key_for_reads
     app = FastAPI(
         title="MetaMMF recommendation service",
         version="0.1.0",
         description="Top-k recommendations from MetaMMF_GCN embeddings; new items are fused from their raw "
         "multimodal features by the meta learner and are recommendable at once. Write endpoints need the "
-        "X-API-Key header.",
+        "X-API-Key header" + (", and so do reads (MMF_REQUIRE_KEY_FOR_READS)." if closed_reads else "."),
         lifespan=lifespan,
+        docs_url=None,  # served below, from the package's assets (FastAPI's pages load them from a CDN)
+        redoc_url=None,
+        openapi_url=None if closed_reads else "/openapi.json",
     )
     # Innermost: the requests it answers still pass the body limit, CORS and the latency metrics.
     # (the middleware answers plain requests only: with default fresh slots every request needs the route)
@@ -278,14 +275,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # FastAPI's default handler echoes the offending input, and a NaN/Infinity in it (which the JSON
         # parser accepts) made rendering the 422 fail with a 500: non-finite numbers are echoed as strings,
         # long inputs are cut short.
-        errors = [_short_input(e) for e in _json_safe(jsonable_encoder(exc.errors()))]
+        errors = [_short_input(e) for e in jsonable_encoder(_json_safe(exc.errors()))]
         return SafeJSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code in (204, 304):
             return Response(status_code=exc.status_code, headers=exc.headers)
-        return SafeJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        headers, detail = exc.headers, exc.detail
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's JSON body parsing
+            cause = exc.__cause__
+            detail = f"request body is not UTF-8 ({cause.reason} at byte {cause.start}): send JSON in UTF-8"
+        if exc.status_code == 405:  # Starlette names the methods of the first route matching the path only
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed_methods(request.app, request.scope)))}
+        return SafeJSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(InputError)
     async def input_error(_: Request, exc: InputError) -> JSONResponse:
@@ -302,6 +305,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"detail": "state store unavailable, nothing was written; retry later"},
             status_code=503,
             headers={"Retry-After": "1"},
+        )
+
+    def key_is_valid(supplied: str | None) -> bool:
+        return (
+            settings.api_key is not None
+            and bool(supplied)
+            and hmac.compare_digest(supplied.encode(), settings.api_key.get_secret_value().encode())
         )
 
     def check_key(supplied: str | None) -> None:
@@ -348,6 +358,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     reads = [Depends(read_access)] if settings.require_key_for_reads else []
     writes = [Depends(write_access)]
 
+    add_docs(app, reads)
+
     @app.get("/healthz", response_model=schemas.Health, tags=["ops"], summary="Liveness")
     async def healthz() -> schemas.Health:
         return schemas.Health(status="ok")
@@ -362,14 +374,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"status": "not ready", "detail": "redis unreachable"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response, dependencies=reads)
     def prometheus(engine: EngineDep) -> Response:
         metrics.index_size.set(engine.n_items)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/info", response_model=schemas.Info, tags=["items"], dependencies=reads, responses=READ_ERRORS,
              summary="Served model: artifact id, modalities and dimensions")  # fmt: skip
-    def info(engine: EngineDep, state: StateDep) -> schemas.Info:
+    def info(engine: EngineDep, state: StateDep, key: Annotated[str | None, Security(API_KEY_HEADER)]) -> schemas.Info:
         try:
             stored = state.stored_artifact()
         except redis.RedisError:
@@ -377,7 +389,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return schemas.Info(
             artifact_id=engine.artifact_id,
             stored_artifact_id=stored,
-            artifacts=str(engine.bundle.path),
+            artifacts=str(engine.bundle.path) if key_is_valid(key) else None,  # a server path: operators only
             loaded_at=engine.loaded_at,
             model=engine.bundle.model_config.name,
             modalities=engine.modalities,
@@ -523,12 +535,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               summary="Load a new artifact version and swap it in without downtime")  # fmt: skip
     def reload(runtime: RuntimeDep, body: schemas.ReloadIn | None = None) -> JSONResponse:
         body = body or schemas.ReloadIn()
-        if not body.wait:
-            if runtime.status.state == "loading":
-                raise HTTPException(409, "a reload is already running")
-            runtime.reload_in_background(body.artifacts)
-            return JSONResponse({**runtime.status.as_dict(), "state": "loading"}, status_code=202)
         try:
+            if not body.wait:
+                return JSONResponse(runtime.reload_in_background(body.artifacts), status_code=202)
             status = runtime.reload(body.artifacts)
         except ReloadBusy as exc:
             raise HTTPException(409, str(exc)) from None

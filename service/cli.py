@@ -37,19 +37,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from service.embedded_redis import EmbeddedRedis
     from service.loading import load_bundle
-    from service.settings import Settings
+    from service.settings import load_settings
 
     if args.artifacts:
         os.environ["MMF_ARTIFACTS"] = args.artifacts
-    settings = Settings()
+    settings = load_settings()
     ensure_artifacts(settings.artifacts, args.train_config)
     bundle = load_bundle(settings.artifacts)  # a broken artifact is one line naming the file, exit 2
     embedded = None
     if settings.redis_url is None:
         # One server for all workers: started here, handed to them through the environment.
-        embedded = EmbeddedRedis(settings.state_dir).start()
+        embedded = EmbeddedRedis(settings.state_dir, appendfsync=settings.redis_appendfsync).start()
         os.environ["MMF_REDIS_URL"] = embedded.url
-        log.info("embedded Redis at %s (data in %s)", embedded.url, settings.state_dir)
+        log.info("embedded Redis at %s (data in %s, appendfsync %s)", embedded.url, settings.state_dir,
+                 settings.redis_appendfsync)  # fmt: skip
     try:
         preflight(settings, bundle, os.environ["MMF_REDIS_URL"] if embedded else settings.redis_url)
         del bundle  # each worker loads its own
@@ -65,13 +66,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         uvicorn.run(
             "service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-            log_level=args.log_level,
+            **uvicorn_options(settings, args.log_level),
         )  # fmt: skip
     finally:
         signal.signal(signal.SIGTERM, previous)
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def uvicorn_options(settings, log_level: str = "info") -> dict:
+    """uvicorn's arguments besides the app and the socket: logging (applied in every worker, the key redacted)
+    and the connection limits of the settings (service/protocol.py)."""
+    import functools
+
+    from service.logs import logging_config
+    from service.protocol import ConnectionLimits, GuardedHttpProtocol
+
+    return {
+        "log_level": log_level,
+        "log_config": logging_config(log_level),
+        "http": functools.partial(GuardedHttpProtocol, limits=ConnectionLimits.from_settings(settings)),
+        "timeout_keep_alive": settings.keep_alive_s,
+        "limit_concurrency": settings.max_connections,
+    }
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -129,15 +147,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     from service.index import IndexConfig
     from service.loading import load_bundle
     from service.runtime import redis_client
-    from service.settings import Settings
+    from service.settings import load_settings
     from service.state import RedisState
     from service.sync import IncompatibleState, load_state
 
     overrides = {k: v for k, v in (("artifacts", args.artifacts), ("redis_url", args.redis_url),
                                    ("namespace", args.namespace)) if v}  # fmt: skip
-    settings = Settings(**overrides)
+    settings = load_settings(**overrides)
     bundle = load_bundle(settings.artifacts)
-    embedded = EmbeddedRedis(settings.state_dir).start() if settings.redis_url is None else None
+    embedded = None
+    if settings.redis_url is None:
+        embedded = EmbeddedRedis(settings.state_dir, appendfsync=settings.redis_appendfsync).start()
     url = embedded.url if embedded else settings.redis_url
     client = redis_client(url)
     try:
@@ -172,22 +192,24 @@ def cmd_export_interactions(args: argparse.Namespace) -> int:
     import redis
 
     from service.embedded_redis import EmbeddedRedis
-    from service.settings import Settings
+    from service.settings import load_settings
     from service.state import RedisState
 
-    settings = Settings()
-    embedded = EmbeddedRedis(settings.state_dir).start() if settings.redis_url is None else None
+    settings = load_settings()
+    embedded = None
+    if settings.redis_url is None:
+        embedded = EmbeddedRedis(settings.state_dir, appendfsync=settings.redis_appendfsync).start()
     try:
         client = redis.from_url(embedded.url if embedded else settings.redis_url)
-        state = RedisState(client, settings.namespace, origin="export")
+        kept, dropped = RedisState(client, settings.namespace, origin="export").export_interactions()
         out = Path(args.out)
         with out.open("w") as fh:
             fh.write("userID\titemID\ttimestamp\n")
-            count = 0
-            for user_id, item_id, ts in state.interaction_log():
-                fh.write(f"{user_id}\t{item_id}\t{ts:.3f}\n")
-                count += 1
-        print(f"wrote {count} online interactions to {out}")
+            fh.writelines(f"{e.user_id}\t{e.item_id}\t{e.timestamp:.3f}\n" for e in kept)
+        print(
+            f"wrote {len(kept)} online interactions to {out} (left out: {dropped['repeated']} repeated pairs, "
+            f"{dropped['stale']} with an item deleted or changed since)"
+        )
     finally:
         if embedded is not None:
             embedded.stop()
@@ -209,12 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
         "MMF_FAISS_THREADS (default 1): FAISS threads per request. Other settings: README.",
     )
     p.add_argument("--artifacts", help="artifact directory (default: $MMF_ARTIFACTS or ./artifacts)")
-    p.add_argument("--train-config", help="run config used when artifacts must be trained first")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--train-config",
+        help="run config (YAML) used when the artifacts must be trained first (default: the built-in synthetic data)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1,
                    help="uvicorn worker processes (share one Redis; each holds its own index)")  # fmt: skip
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="log level of uvicorn and the service (default: %(default)s); the API key is redacted at every level",
+    )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("check", help="check that Redis and a freshly built index agree (exit 1 if not)")
     p.add_argument("--artifacts", help="artifact directory (default: $MMF_ARTIFACTS or ./artifacts)")
@@ -222,24 +252,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", help="Redis key prefix (default: $MMF_NAMESPACE or mmf)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_check)
-    p = sub.add_parser("export-interactions", help="write online interactions (for the next training run)")
+    p = sub.add_parser(
+        "export-interactions",
+        help="write online interactions (for the next training run)",
+        description="Write the interactions recorded through POST /interactions as TSV (userID, itemID, timestamp), "
+        "each (user, item) pair once (its first record), leaving out pairs whose item was deleted, or re-posted "
+        "with other features, since the interaction. Redis: $MMF_REDIS_URL, else the embedded one in $MMF_STATE_DIR.",
+    )
     p.add_argument("--out", required=True, help="TSV file to write (userID, itemID, timestamp)")
     p.set_defaults(func=cmd_export_interactions)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from service.logs import configure_logging
+
     args = build_parser().parse_args(argv)
+    configure_logging(getattr(args, "log_level", "info"))  # the API key redacted from here on
     try:
         return args.func(args)
     except Exception as exc:
         import redis
-        from pydantic import ValidationError
 
         from models.artifacts import ArtifactError
+        from service.settings import SettingsError
 
-        if isinstance(exc, ArtifactError | RuntimeError | ValidationError):  # IncompatibleState: RuntimeError
+        if isinstance(exc, ArtifactError | RuntimeError | SettingsError):  # IncompatibleState: RuntimeError
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if isinstance(exc, redis.RedisError):

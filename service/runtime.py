@@ -97,7 +97,7 @@ class Runtime:
     def start(self) -> Runtime:
         redis_url = self.settings.redis_url
         if redis_url is None:
-            self.embedded = EmbeddedRedis(self.settings.state_dir).start()
+            self.embedded = EmbeddedRedis(self.settings.state_dir, appendfsync=self.settings.redis_appendfsync).start()
             redis_url = self.embedded.url
         try:
             bundle = load_bundle(self.artifacts)
@@ -168,60 +168,77 @@ class Runtime:
         if not self._reload_lock.acquire(blocking=False):
             raise ReloadBusy("a reload is already running")
         try:
-            path = Path(artifacts) if artifacts is not None else self.artifacts
-            old = self.engine
-            self.status.state, self.status.artifacts, self.status.detail = "loading", str(path), None
-            self.status.started_at, self.status.finished_at = time.time(), None
-            try:
-                try:
-                    bundle = load_bundle(path)
-                except ArtifactError as exc:
-                    raise ReloadRefused(str(exc), "invalid") from None
-                if bundle.modalities != old.modalities:
-                    raise ReloadRefused(
-                        f"artifact {bundle.artifact_id} at {path} expects modalities {bundle.modalities}, the served "
-                        f"artifact {old.artifact_id} {old.modalities}: refused (items are posted with the served "
-                        "modalities; restart the service to change them)",
-                        "incompatible",
-                    )
-                try:
-                    engine, position = self.build(bundle)
-                except IncompatibleState as exc:
-                    raise ReloadRefused(str(exc), "incompatible") from None
-                self.swap(engine, position)
-                self.artifacts = path
-            except BaseException as exc:
-                self._finish("failed", str(exc) or type(exc).__name__)
-                log.warning("reload of %r failed, still serving %s: %r", str(path), old.artifact_id, str(exc))
-                raise
-            self.status.previous_artifact_id, self.status.artifact_id = old.artifact_id, bundle.artifact_id
-            self.status.reloads += 1
-            self._finish("succeeded", None)
-            try:
-                self.state.set_artifact(bundle.artifact_id)
-            except redis.RedisError:
-                log.warning("could not record artifact %s in Redis", bundle.artifact_id)
-            log.info("reloaded: serving artifact %s from %r (was %s)", bundle.artifact_id, str(path), old.artifact_id)
-            return self.status
+            self._begin(artifacts)
+            return self._reload_locked()
         finally:
             self._reload_lock.release()
+
+    def reload_in_background(self, artifacts: str | Path | None = None) -> dict:
+        """Start a reload in a thread and return the status it starts with (state "loading"): taken before the
+        thread runs, so it never mixes the new state with an outcome. Raises ReloadBusy if one is running."""
+        if not self._reload_lock.acquire(blocking=False):
+            raise ReloadBusy("a reload is already running")
+        try:
+            self._begin(artifacts)
+            started = self.status.as_dict()
+        except BaseException:
+            self._reload_lock.release()
+            raise
+
+        def run() -> None:
+            try:
+                self._reload_locked()
+            except Exception:
+                pass  # recorded in self.status and logged by _reload_locked()
+            finally:
+                self._reload_lock.release()
+
+        threading.Thread(target=run, name="artifact-reload", daemon=True).start()
+        return started
+
+    def _begin(self, artifacts: str | Path | None) -> None:
+        path = Path(artifacts) if artifacts is not None else self.artifacts
+        self.status.state, self.status.artifacts, self.status.detail = "loading", str(path), None
+        self.status.started_at, self.status.finished_at = time.time(), None
+
+    def _reload_locked(self) -> ReloadStatus:
+        path = Path(self.status.artifacts)
+        old = self.engine
+        try:
+            try:
+                bundle = load_bundle(path)
+            except ArtifactError as exc:
+                raise ReloadRefused(str(exc), "invalid") from None
+            if bundle.modalities != old.modalities:
+                raise ReloadRefused(
+                    f"artifact {bundle.artifact_id} at {path} expects modalities {bundle.modalities}, the served "
+                    f"artifact {old.artifact_id} {old.modalities}: refused (items are posted with the served "
+                    "modalities; restart the service to change them)",
+                    "incompatible",
+                )
+            try:
+                engine, position = self.build(bundle)
+            except IncompatibleState as exc:
+                raise ReloadRefused(str(exc), "incompatible") from None
+            self.swap(engine, position)
+            self.artifacts = path
+        except BaseException as exc:
+            self._finish("failed", str(exc) or type(exc).__name__)
+            log.warning("reload of %r failed, still serving %s: %r", str(path), old.artifact_id, str(exc))
+            raise
+        self.status.previous_artifact_id, self.status.artifact_id = old.artifact_id, bundle.artifact_id
+        self.status.reloads += 1
+        self._finish("succeeded", None)
+        try:
+            self.state.set_artifact(bundle.artifact_id)
+        except redis.RedisError:
+            log.warning("could not record artifact %s in Redis", bundle.artifact_id)
+        log.info("reloaded: serving artifact %s from %r (was %s)", bundle.artifact_id, str(path), old.artifact_id)
+        return self.status
 
     def _finish(self, state: str, detail: str | None) -> None:
         self.status.state, self.status.detail, self.status.finished_at = state, detail, time.time()
         self.status.history = [*self.status.history[-9:], self.status.as_dict()]
-
-    def reload_in_background(self, artifacts: str | Path | None = None) -> threading.Thread:
-        def run() -> None:
-            try:
-                self.reload(artifacts)
-            except ReloadBusy:
-                log.warning("reload requested while another one runs: ignored")
-            except Exception:
-                pass  # recorded in self.status and logged by reload()
-
-        thread = threading.Thread(target=run, name="artifact-reload", daemon=True)
-        thread.start()
-        return thread
 
     # -- resync after a gap in the event stream ---------------------------------------------------------
     def resync_in_background(self, reason: str) -> None:

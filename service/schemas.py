@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-ID_PATTERN = r"^[A-Za-z0-9._:@-]+$"
+# Any of these characters, except exactly "." or "..": URL dot-segments, which clients normalise away, so such
+# an item could be created but never fetched or deleted. (No lookahead: pydantic's regex engine has none.)
+ID_PATTERN = r"^(?:[A-Za-z0-9_:@-][A-Za-z0-9._:@-]*|\.[A-Za-z0-9_:@-][A-Za-z0-9._:@-]*|\.\.[A-Za-z0-9._:@-]+)$"
 ID_MAX_LENGTH = 128
 Identifier = Annotated[
     str,
@@ -14,7 +16,7 @@ Identifier = Annotated[
         min_length=1,
         max_length=ID_MAX_LENGTH,
         pattern=ID_PATTERN,
-        description="external id: 1-128 characters of A-Z a-z 0-9 . _ : @ -",
+        description="external id: 1-128 characters of A-Z a-z 0-9 . _ : @ -, other than `.` and `..`",
         examples=["item-42"],
     ),
 ]
@@ -126,7 +128,9 @@ class Info(BaseModel):
     stored_artifact_id: str | None = Field(
         None, description="artifact id recorded in Redis by the replica that loaded one last (null: Redis unreachable)"
     )
-    artifacts: str = Field(description="artifact directory this replica loaded")
+    artifacts: str | None = Field(
+        None, description="artifact directory this replica loaded (null unless the request carries the API key)"
+    )
     loaded_at: float = Field(description="unix time the served engine was built")
     model: str
     modalities: dict[str, int] = Field(description="modality name -> feature dimension expected by POST /items")
@@ -149,7 +153,9 @@ class ReloadIn(BaseModel):
     artifacts: str | None = Field(
         None, min_length=1, max_length=4096, description="artifact directory to load; default: the served one, re-read"
     )
-    wait: bool = Field(True, description="answer when the reload is done (200); false: answer 202 at once")
+    wait: StrictBool = Field(
+        True, description="answer when the reload is done (200); false: answer 202 at once (JSON true or false only)"
+    )
 
 
 class ReloadOut(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,8 +17,16 @@ class Settings(BaseSettings):
     artifacts: Path = Field(Path("artifacts"), description="artifact directory written by `python -m training train`")
     redis_url: str | None = Field(None, description="Redis URL; unset = start an embedded Redis under state_dir")
     state_dir: Path = Field(Path("state"), description="data directory of the embedded Redis (AOF persistence)")
+    redis_appendfsync: Literal["everysec", "always"] = Field(
+        "everysec",
+        description="embedded Redis: when its append-only file is flushed to disk. everysec: a crash of the host "
+        "(power, kernel) can lose about the last second of acknowledged writes; always: none, each write waits "
+        "for the disk (a process crash loses nothing with either)",
+    )
     namespace: str = Field("mmf", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="prefix of every Redis key")
-    api_key: SecretStr | None = Field(None, description="key required in the X-API-Key header of write requests")
+    api_key: SecretStr | None = Field(
+        None, description="key required in the X-API-Key header of write requests (at least 8 characters)"
+    )
     require_key_for_reads: bool = Field(False, description="also require the API key on read endpoints")
     fast_recommend: bool = Field(
         True,
@@ -37,6 +45,24 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(1000, ge=1, description="largest number of items in one batch insert")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest accepted request body")
+    # -- connections (service/protocol.py; uvicorn) ----------------------------------------------------------
+    max_header_bytes: int = Field(
+        64 * 1024, ge=4096, le=16 * 1024 * 1024,
+        description="largest request line plus headers; a larger request is answered 431 and its connection closed",
+    )  # fmt: skip
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=3600,
+        description="a connection must deliver a request's complete headers within this many seconds of opening "
+        "(or of the request's first byte on a kept-alive connection): else 408 and closed",
+    )  # fmt: skip
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="a request's complete body must arrive within this many seconds of its headers"
+    )  # fmt: skip
+    keep_alive_s: float = Field(5.0, gt=0, le=3600, description="an idle kept-alive connection is closed after this")
+    max_connections: int = Field(
+        1000, ge=1, le=1_000_000,
+        description="per process: beyond this many open connections (or running requests), requests are answered 503",
+    )  # fmt: skip
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (JSON list)")
     follow_block_ms: int = Field(200, ge=10, description="how long a replica blocks on the Redis event stream")
     stream_max_len: int = Field(1_000_000, ge=1000, description="approximate cap on the event stream length")
@@ -95,9 +121,36 @@ class Settings(BaseSettings):
         "for 20,000 users x 1M items on 2 cores)",
     )
 
+    @field_validator("api_key")
+    @classmethod
+    def _long_enough(cls, key: SecretStr | None) -> SecretStr | None:
+        # The message never holds the value (pydantic's would echo it): see load_settings.
+        if key is not None and len(key.get_secret_value()) < 8:
+            raise ValueError("at least 8 characters")
+        return key
+
     @model_validator(mode="after")
     def _ivf_probes(self) -> Settings:
         # Only when both are set: the default nprobe is simply capped at a small nlist.
         if self.ivf_nlist and "ivf_nprobe" in self.model_fields_set and self.ivf_nprobe > self.ivf_nlist:
             raise ValueError(f"MMF_IVF_NPROBE={self.ivf_nprobe} is more than MMF_IVF_NLIST={self.ivf_nlist}")
         return self
+
+
+class SettingsError(ValueError):
+    """Invalid settings; the message names each bad ``MMF_*`` variable and why, never its value."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """``Settings`` from the environment (and ``overrides``). A ValidationError's text echoes the input, and for
+    a check across fields the input is every setting, the API key included: it is replaced by a SettingsError
+    that names the variables only."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False, include_context=False):
+            where = "MMF_" + "_".join(str(part) for part in error["loc"]).upper() if error["loc"] else "settings"
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -4,14 +4,18 @@ stream replicas follow to stay in sync.
 Keys (``{ns}`` = settings.namespace):
 
 * ``{ns}:item:{item_id}``     hash: row, features (JSON), embedding + states (float32 bytes), artifact (the
-                              artifact whose model fused the embedding), updated
+                              artifact whose model fused the embedding), updated, version (its content's)
+* ``{ns}:content_version``    counter: an item written with new content (first write, features changed, or
+                              written again after a deletion) gets its next value; a rewrite with the same
+                              features keeps the item's version
 * ``{ns}:item_rows``          hash item_id -> index row for items added online (rows never reused)
 * ``{ns}:next_row``           counter for new rows; online rows start at ``ONLINE_ROW_BASE`` (2**32), far
                               above any training row, so a retrained artifact with more items never
                               collides with them
 * ``{ns}:deleted``            set of deleted item ids (training items included)
 * ``{ns}:user:{user_id}``     set of item ids the user interacted with online
-* ``{ns}:interaction_log``    list of "user<TAB>item<TAB>unix time", kept for the next training run
+* ``{ns}:interaction_log``    list of "user<TAB>item<TAB>unix time<TAB>item version" (0: a training item's
+                              original content), kept for the next training run (``export_interactions``)
 * ``{ns}:events``             stream of {type, origin, ...}: every acknowledged write, in order
 * ``{ns}:artifact_id``        the artifact version served most recently (set at start-up and on reload)
 
@@ -43,12 +47,26 @@ return redis.call('GET', KEYS[1])
 """
 
 
+# An interaction logged with the content version of its item (0 for a training item never written online),
+# its user's set and its event, atomically: KEYS = user set, log, events, the item's hash; ARGV = user id, item
+# id, time, the stream's max length, origin.
+_ADD_INTERACTION = """
+local version = redis.call('HGET', KEYS[4], 'version') or '0'
+redis.call('SADD', KEYS[1], ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[1] .. '\t' .. ARGV[2] .. '\t' .. ARGV[3] .. '\t' .. version)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'type', 'interaction', 'origin', ARGV[5],
+           'item_id', ARGV[2], 'user_id', ARGV[1])
+return version
+"""
+
+
 # Items written with their events in one atomic script (one round trip): KEYS = item_rows (hash item id ->
-# online row), next_row (counter), deleted (set), events (stream), then each item's hash; ARGV = the online
-# row base, the stream's max length, the origin, the time, then 6 values per item: id, row ('' = its stable
-# online row: the one item_rows holds, else the next value of the counter, never below the base, since the
-# counter may be gone if Redis lost its data), features, embedding, states, artifact. Rows are read or
-# allocated before anything is written. Returns the rows.
+# online row), next_row (counter), deleted (set), events (stream), content_version (counter), then each item's
+# hash; ARGV = the online row base, the stream's max length, the origin, the time, then 6 values per item: id,
+# row ('' = its stable online row: the one item_rows holds, else the next value of the counter, never below
+# the base, since the counter may be gone if Redis lost its data), features, embedding, states, artifact. Rows
+# are read or allocated before anything is written; an item keeps its content version if its stored features
+# are the same, else gets a new one. Returns the rows.
 _PUT_ITEMS = """
 local base = tonumber(ARGV[1])
 local rows = {}
@@ -67,10 +85,13 @@ for i = 0, (#ARGV - 4) / 6 - 1 do
 end
 for i = 0, #rows - 1 do
   local a = 5 + 6 * i
-  local key = KEYS[5 + i]
+  local key = KEYS[6 + i]
+  local old = redis.call('HMGET', key, 'features', 'version')
+  local version = old[2]
+  if not version or old[1] ~= ARGV[a + 2] then version = redis.call('INCR', KEYS[5]) end
   redis.call('DEL', key)  -- no field of an older format survives
   redis.call('HSET', key, 'row', rows[i + 1], 'features', ARGV[a + 2], 'embedding', ARGV[a + 3],
-             'states', ARGV[a + 4], 'artifact', ARGV[a + 5], 'updated', ARGV[4])
+             'states', ARGV[a + 4], 'artifact', ARGV[a + 5], 'updated', ARGV[4], 'version', version)
   redis.call('SREM', KEYS[3], ARGV[a])
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'type', 'item', 'origin', ARGV[3], 'item_id', ARGV[a])
 end
@@ -91,6 +112,15 @@ class StoredItem:
     states: np.ndarray  # (n_states, d)
     artifact_id: str | None = None  # artifact whose model computed embedding/states
     updated: float | None = None  # unix time of the write that stored it (set by put_items)
+    version: int | None = None  # content version (set by put_items)
+
+
+@dataclass(frozen=True)
+class LoggedInteraction:
+    user_id: str
+    item_id: str
+    timestamp: float  # unix time
+    version: int | None  # content version of the item when it happened (None: logged without one)
 
 
 @dataclass
@@ -115,6 +145,7 @@ class RedisState:
         self.origin = origin
         self.stream_max_len = stream_max_len
         self._put_items = client.register_script(_PUT_ITEMS)  # EVALSHA, loaded again after a Redis restart
+        self._add_interaction = client.register_script(_ADD_INTERACTION)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.ns, *parts))
@@ -142,7 +173,8 @@ class RedisState:
         whose ``row`` is None gets its stable online row: an id keeps its row forever, even across replicas
         (two replicas writing the same new id get the same row). ``now`` (default: the current time) is
         stored as the items' ``updated`` time."""
-        keys = [self.key("item_rows"), self.key("next_row"), self.key("deleted"), self.key("events")]
+        keys = [self.key("item_rows"), self.key("next_row"), self.key("deleted"), self.key("events"),
+                self.key("content_version")]  # fmt: skip
         now = time.time() if now is None else now
         args: list[str | bytes | int] = [ONLINE_ROW_BASE, self.stream_max_len, origin or self.origin, repr(now)]
         for item in items:
@@ -150,7 +182,7 @@ class RedisState:
             args += [
                 item.item_id,
                 "" if item.row is None else item.row,
-                json.dumps(item.features),
+                json.dumps(item.features, sort_keys=True),  # the same features, the same text: same version
                 item.embedding.astype(np.float32).tobytes(),
                 item.states.astype(np.float32).tobytes(),
                 item.artifact_id or "",
@@ -165,11 +197,10 @@ class RedisState:
         pipe.execute()
 
     def add_interaction(self, user_id: str, item_id: str, origin: str | None = None) -> None:
-        pipe = self.r.pipeline(transaction=True)
-        pipe.sadd(self.key("user", user_id), item_id)
-        pipe.rpush(self.key("interaction_log"), f"{user_id}\t{item_id}\t{time.time():.3f}")
-        self._event(pipe, "interaction", item_id, user_id=user_id, origin=origin)
-        pipe.execute()
+        keys = [self.key("user", user_id), self.key("interaction_log"), self.key("events"), self.key("item", item_id)]
+        self._add_interaction(
+            keys=keys, args=[user_id, item_id, f"{time.time():.3f}", self.stream_max_len, origin or self.origin]
+        )
 
     def _event(
         self,
@@ -179,7 +210,8 @@ class RedisState:
         user_id: str | None = None,
         origin: str | None = None,
     ) -> None:
-        # _PUT_ITEMS appends the "item" events itself, with these fields: keep the two alike (read_events).
+        # _PUT_ITEMS and _ADD_INTERACTION append their events themselves, with these fields: keep them alike
+        # (read_events).
         fields = {"type": kind, "origin": origin or self.origin, "item_id": item_id}
         if user_id is not None:
             fields["user_id"] = user_id
@@ -213,6 +245,7 @@ class RedisState:
                 states=states.reshape(-1, dim),
                 artifact_id=artifact,
                 updated=float(raw[b"updated"]) if b"updated" in raw else None,
+                version=int(raw[b"version"]) if b"version" in raw else None,
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise StateError(f"{self.key('item', item_id)}: unreadable ({type(exc).__name__}: {exc})") from None
@@ -244,10 +277,41 @@ class RedisState:
             for key in self.r.scan_iter(match=prefix + "*", count=1000)
         }
 
-    def interaction_log(self) -> Iterator[tuple[str, str, float]]:
+    def interaction_log(self) -> Iterator[LoggedInteraction]:
+        """Every interaction recorded online, in order (repeats included)."""
         for raw in self.r.lrange(self.key("interaction_log"), 0, -1):
-            user_id, item_id, ts = _decode(raw).split("\t")
-            yield user_id, item_id, float(ts)
+            user_id, item_id, ts, *version = _decode(raw).split("\t")
+            yield LoggedInteraction(user_id, item_id, float(ts), int(version[0]) if version else None)
+
+    def content_versions(self) -> dict[str, int | None]:
+        """Content version of every item stored online (None: stored without one)."""
+        ids = self.stored_item_ids()
+        pipe = self.r.pipeline(transaction=False)
+        for item_id in ids:
+            pipe.hget(self.key("item", item_id), "version")
+        return {i: int(v) if v is not None else None for i, v in zip(ids, pipe.execute(), strict=True)}
+
+    def export_interactions(self) -> tuple[list[LoggedInteraction], dict[str, int]]:
+        """The online interactions worth training on, in log order: each (user, item) pair once (its first
+        record), and only pairs with the item's current content: none whose item was deleted, or re-posted
+        with other features (or after a deletion) since. Also returns how many records were dropped and why."""
+        versions, deleted = self.content_versions(), self.deleted_items()
+        kept, seen = [], set()
+        dropped = {"repeated": 0, "stale": 0}
+        for entry in self.interaction_log():
+            if entry.item_id in versions:  # written online: the content it had then must be the current one
+                stored = versions[entry.item_id]
+                current = entry.version is None or stored is None or entry.version == stored
+            else:  # a training item never written online, unless it was deleted
+                current = entry.item_id not in deleted and entry.version in (None, 0)
+            if not current:
+                dropped["stale"] += 1
+            elif (entry.user_id, entry.item_id) in seen:
+                dropped["repeated"] += 1
+            else:
+                seen.add((entry.user_id, entry.item_id))
+                kept.append(entry)
+        return kept, dropped
 
     def read_events(self, after: str, block_ms: int, count: int = 1000) -> list[Event]:
         reply = self.r.xread({self.key("events"): after}, block=block_ms, count=count)

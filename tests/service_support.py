@@ -34,6 +34,7 @@ from models.inference import InferenceEncoder
 from service.app import create_app
 from service.embedded_redis import find_redis_server
 from service.settings import Settings
+from tests.patience import HANG_GUARD_S, PATIENCE_S
 from training.config import DataConfig, RunConfig, TrainConfig
 from training.data import RecData
 from training.export import export_artifacts
@@ -270,10 +271,10 @@ def assert_error(r: httpx.Response, status: int, *needles: str) -> None:
         assert needle in text, f"{needle!r} not in {text}"
 
 
-def wait_until(check: Callable[[], bool], timeout: float = 1.0) -> None:
+def wait_until(check: Callable[[], bool], timeout: float = PATIENCE_S) -> None:
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, "not replicated within the deadline"
+        assert time.monotonic() < deadline, f"condition not reached within {timeout:g} s"
         time.sleep(0.01)
 
 
@@ -310,15 +311,17 @@ def assert_sorted_scores(items: list[dict]) -> None:
 
 
 @contextlib.contextmanager
-def serve(app, port: int | None = None) -> Iterator[str]:
+def serve(app, port: int | None = None, **options) -> Iterator[str]:
     """A real uvicorn server for ``app`` on 127.0.0.1 in a background thread (lifespan included); yields its
-    base URL. Several can run at once: replicas of one service sharing a Redis namespace."""
+    base URL. Several can run at once: replicas of one service sharing a Redis namespace. ``options``: more
+    ``uvicorn.Config`` arguments."""
     import threading
 
     import uvicorn
 
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", timeout_keep_alive=30)
+    options = {"log_config": None, "lifespan": "on", "timeout_keep_alive": 30, **options}
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
@@ -332,6 +335,32 @@ def serve(app, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=20)
+
+
+def start_service(
+    artifacts: Path, port: int, env: dict, log_path: Path, *extra: str, cwd: Path = ROOT
+) -> subprocess.Popen:
+    """``python -m service run`` as a real process, its output appended to ``log_path``."""
+    import sys
+
+    with log_path.open("a") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service", "run", "--artifacts", str(artifacts), "--port", str(port), *extra],
+            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def wait_ready(proc: subprocess.Popen, base: str, log_path: Path, timeout: float = HANG_GUARD_S) -> None:
+    """Until ``/readyz`` answers 200; fails at once if the server exits (a 2-worker start took 72 s on a
+    2-core machine running two other jobs: only a hung start-up is cut short)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, f"not ready in time:\n{log_path.read_text()}"
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                return
+        time.sleep(0.1)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:

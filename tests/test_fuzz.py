@@ -9,8 +9,11 @@ that the write endpoints run too. Since random modality names and item ids would
 index must still be consistent with Redis (``GET /admin/check``).
 
 Checked for every response: no 5xx; every 4xx is JSON with a non-empty ``detail``; the status code is
-documented, the body matches the documented schema (2xx) and the content type is the documented one. The
-budget is bounded (``FUZZ_EXAMPLES`` per operation) so the module runs in well under a minute.
+documented, the body matches the documented schema (2xx) and the content type is the documented one. Every
+operation that takes a body also gets bodies that are not UTF-8, under every content type: a 4xx with a
+reason, never a 5xx. The budget is ``FUZZ_EXAMPLES`` per operation (default 30, so the module runs in well
+under a minute; ``FUZZ_EXAMPLES=300 pytest tests/test_fuzz.py -s`` for a longer run, which prints the count of
+requests by operation and status).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import numpy as np
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -133,6 +137,49 @@ def test_api_fuzz(case, fuzz_app) -> None:
         ],
         headers=AUTH,
     )
+
+
+BODY_OPERATIONS = sorted(
+    (method.upper(), path)
+    for path, item in SPEC["paths"].items()
+    for method, operation in item.items()
+    if "requestBody" in operation
+)
+CONTENT_TYPES = [
+    None, "application/json", "application/json; charset=utf-8", "application/json; charset=utf-16", "text/plain",
+    "text/plain; charset=latin-1", "application/x-www-form-urlencoded", "multipart/form-data; boundary=fuzz",
+    "application/octet-stream", "application/xml", "*/*",
+]  # fmt: skip
+NOT_UTF8_BODIES = st.one_of(
+    st.binary(min_size=1, max_size=512),
+    st.builds(lambda s: b"\xff" + s.encode(), st.text(max_size=64)),  # JSON-looking text after a bad byte
+    st.builds(lambda s: s.encode("latin-1", "replace") + b"\xe9", st.text(max_size=64)),
+)
+
+
+def not_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("operation", BODY_OPERATIONS, ids=" ".join)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(body=NOT_UTF8_BODIES.filter(not_utf8), content_type=st.sampled_from(CONTENT_TYPES))
+def test_bodies_that_are_not_utf8(operation, body: bytes, content_type: str | None, fuzz_app) -> None:
+    """Any body that is not UTF-8, under any content type, gets a 4xx with a reason (never a 5xx)."""
+    app, _ = fuzz_app
+    method, path = operation
+    path = path.replace("{item_id}", "0").replace("{user_id}", "0")
+    headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
+    client = TestClient(app, raise_server_exceptions=False)  # no `with`: the fixture runs the app's lifespan
+    response = client.request(method, path, content=body, headers=headers)
+    RESULTS.setdefault(f"{method} {path} (not UTF-8)", {}).setdefault(response.status_code, 0)
+    RESULTS[f"{method} {path} (not UTF-8)"][response.status_code] += 1
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    assert response.json()["detail"], response.text
 
 
 def test_index_consistent_after_fuzzing(fuzz_app) -> None:

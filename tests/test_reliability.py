@@ -42,9 +42,11 @@ from service.app import create_app
 from service.cli import main as service_main
 from service.loading import load_bundle
 from service.settings import Settings
+from tests.patience import HANG_GUARD_S
 from tests.service_support import (
     AUTH,
     KEY,
+    PATIENCE_S,
     ROOT,
     Artifact,
     assert_error,
@@ -53,7 +55,9 @@ from tests.service_support import (
     no_mmf_environment,  # noqa: F401 (autouse)
     redis_server,
     serve,
+    start_service,
     stop_process,
+    wait_ready,
     wait_until,
 )
 
@@ -259,25 +263,6 @@ def service_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_service(artifacts: Path, port: int, env: dict, log_path: Path) -> subprocess.Popen:
-    with log_path.open("a") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service", "run", "--artifacts", str(artifacts), "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-
-def wait_ready(proc: subprocess.Popen, base: str, log_path: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, f"not ready in time:\n{log_path.read_text()}"
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return
-        time.sleep(0.1)
-
-
 def rec_list(http: httpx.Client, user: str, k: int = 50) -> list[tuple[str, float]]:
     r = http.get(f"/recommend/{user}", params={"k": k})
     assert r.status_code == 200, r.text
@@ -289,7 +274,7 @@ def assert_same_lists(a: list[tuple[str, float]], b: list[tuple[str, float]]) ->
     np.testing.assert_allclose([s for _, s in a], [s for _, s in b], rtol=1e-5, atol=1e-6)
 
 
-def settle(*apps, timeout: float = 15) -> None:
+def settle(*apps, timeout: float = PATIENCE_S) -> None:
     """Wait until every replica's follower has passed the last event in the stream (all writes applied)."""
 
     def done() -> bool:
@@ -531,7 +516,7 @@ def test_cli_bad_training_inputs_and_broken_artifacts(artifact: Artifact, redis_
     ]  # fmt: skip
     outputs = []
     for proc in procs:
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=HANG_GUARD_S)
         assert proc.returncode == 0, err
         outputs.append(json.loads(out.strip().splitlines()[-1]))
     expected = [*data_cases.items(), *art_cases.items(), ("check: faiss truncated", (None, "items.faiss")),
@@ -578,7 +563,7 @@ def test_redis_outage_and_catch_up(artifact: Artifact, tmp_path: Path) -> None:
                 server.kill()
                 server.wait()
                 for http in (a, b):
-                    wait_until(lambda http=http: http.get("/readyz").status_code == 503, timeout=10)
+                    wait_until(lambda http=http: http.get("/readyz").status_code == 503)
                     assert http.get("/readyz").json() == {"status": "not ready", "detail": "redis unreachable"}
                     writes = [
                         ("POST", "/items", {"item_id": "lost", "features": artifact.features(11)}),
@@ -598,17 +583,17 @@ def test_redis_outage_and_catch_up(artifact: Artifact, tmp_path: Path) -> None:
                     assert info["stored_artifact_id"] is None and info["n_items"] == n
                     assert http.get("/items/lost").status_code == 404
                 outage_start = hammer.count
-                wait_until(lambda: hammer.count > outage_start + 20, timeout=30)  # more reads during the outage
+                wait_until(lambda: hammer.count > outage_start + 20)  # more reads during the outage
                 during_outage = hammer.count
                 with redis_server(data_dir, port) as server:
                     for http in (a, b):
-                        wait_until(lambda http=http: http.get("/readyz").status_code == 200, timeout=15)
+                        wait_until(lambda http=http: http.get("/readyz").status_code == 200)
                     assert a.post("/items", json={"item_id": "after", "features": artifact.features(13)},
                                   headers=AUTH).status_code == 201  # fmt: skip
-                    wait_until(lambda: b.get("/items/after").status_code == 200, timeout=10)
+                    wait_until(lambda: b.get("/items/after").status_code == 200)
                     # B alone is cut off; A keeps writing
                     proxy.disconnect()
-                    wait_until(lambda: b.get("/readyz").status_code == 503, timeout=10)
+                    wait_until(lambda: b.get("/readyz").status_code == 503)
                     r = b.post("/items", json={"item_id": "b-lost", "features": artifact.features(14)}, headers=AUTH)
                     assert_error(r, 503)
                     top = rec_list(b, "1", 1)[0][0]
@@ -628,8 +613,8 @@ def test_redis_outage_and_catch_up(artifact: Artifact, tmp_path: Path) -> None:
                     time.sleep(0.3)
                     assert b.get("/items/while-away").status_code == 404  # B has not seen it yet
                     proxy.reconnect()
-                    wait_until(lambda: b.get("/readyz").status_code == 200, timeout=15)
-                    wait_until(lambda: b.get("/items/while-away").status_code == 200, timeout=15)
+                    wait_until(lambda: b.get("/readyz").status_code == 200)
+                    wait_until(lambda: b.get("/items/while-away").status_code == 200)
                     settle(app_a, app_b)
                     assert [b.get(f"/items/{i}").status_code for i in ("early", "7", "away-0", "away-2")] == [
                         404, 404, 200, 200]  # fmt: skip
@@ -670,9 +655,9 @@ def test_redis_data_loss_triggers_rebuild(artifact: Artifact, tmp_path: Path) ->
         assert http.delete("/items/4").status_code == 200
         server.kill()
         server.wait()
-        wait_until(lambda: http.get("/readyz").status_code == 503, timeout=10)
+        wait_until(lambda: http.get("/readyz").status_code == 503)
         with redis_server(tmp_path / "after", port):  # an empty data directory
-            wait_until(lambda: http.get("/items/gone-0").status_code == 404, timeout=20)
+            wait_until(lambda: http.get("/items/gone-0").status_code == 404)
             assert http.get("/items/4").status_code == 200 and http.get("/readyz").status_code == 200
             report = admin_check(http)
             assert report["ok"] and report["index_size"] == len(artifact.item_ids), report
@@ -681,7 +666,7 @@ def test_redis_data_loss_triggers_rebuild(artifact: Artifact, tmp_path: Path) ->
             with TestClient(other) as c:
                 assert c.post("/items", json={"item_id": "new", "features": artifact.features(5)},
                               headers=AUTH).status_code == 201  # fmt: skip
-            wait_until(lambda: http.get("/items/new").status_code == 200, timeout=10)
+            wait_until(lambda: http.get("/items/new").status_code == 200)
             assert admin_check(http)["ok"]
 
 
@@ -741,7 +726,7 @@ def test_sigkill_mid_write_loses_nothing_acknowledged(artifact: Artifact, v2: Ve
         wait_ready(proc, f"http://127.0.0.1:{port}", log_path)
         thread = threading.Thread(target=writer, daemon=True)
         thread.start()
-        wait_until(lambda: len(present) + len(deleted) >= 40, timeout=60)
+        wait_until(lambda: len(present) + len(deleted) >= 40)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         thread.join(timeout=15)
@@ -755,7 +740,7 @@ def test_sigkill_mid_write_loses_nothing_acknowledged(artifact: Artifact, v2: Ve
         )  # fmt: skip
         port2 = free_port()
         proc = start_service(current, port2, env, log_path)
-        out, err = check.communicate(timeout=120)
+        out, err = check.communicate(timeout=HANG_GUARD_S)
         assert check.returncode == 0, out + err
         report = json.loads(out)
         assert report["ok"] and report["problems"] == []
@@ -783,7 +768,7 @@ def test_sigkill_mid_write_loses_nothing_acknowledged(artifact: Artifact, v2: Ve
             tmp_link.symlink_to(v2.path)
             os.replace(tmp_link, current)
             proc.send_signal(signal.SIGHUP)
-            wait_until(lambda: http.get("/info").json()["artifact_id"] == v2.artifact_id, timeout=60)
+            wait_until(lambda: http.get("/info").json()["artifact_id"] == v2.artifact_id)
             info = http.get("/info").json()
             assert info["stored_artifact_id"] == v2.artifact_id and proc.poll() is None
             assert admin_check(http)["ok"]
@@ -850,14 +835,14 @@ def test_hot_reload_under_load(artifact: Artifact, v1: Version, v2: Version, inc
         readers = [reader("/recommend/0", k=20), reader("/recommend/nobody", k=20), reader("/items/r0/similar"),
                    reader("/items/3"), reader("/info"), write]  # fmt: skip
         with Hammer(readers, [url_a]) as hammer:
-            wait_until(lambda: hammer.count > 10, timeout=30)  # the load is on
+            wait_until(lambda: hammer.count > 10)  # the load is on
             before = hammer.count
             assert_error(a.post("/admin/reload", json={"artifacts": str(v2.path)}), 401)
             r = a.post("/admin/reload", json={"artifacts": str(v2.path)}, headers=AUTH)
             assert r.status_code == 200, r.text
             assert r.json()["state"] == "succeeded" and r.json()["artifact_id"] == v2.artifact_id
             assert r.json()["previous_artifact_id"] == v1.artifact_id
-            wait_until(lambda: hammer.count > before + 10, timeout=30)
+            wait_until(lambda: hammer.count > before + 10)
             swapped_at = hammer.count
             for path, status, needle in ((incompatible, 409, "modalities"), (broken, 422, "items.faiss"),
                                          (tmp_path / "nowhere", 422, "manifest.json")):  # fmt: skip
@@ -866,12 +851,12 @@ def test_hot_reload_under_load(artifact: Artifact, v1: Version, v2: Version, inc
             assert a.get("/admin/reload", headers=AUTH).json()["state"] == "failed"
             r = a.post("/admin/reload", json={"wait": False}, headers=AUTH)  # the served one, re-read
             assert r.status_code == 202
-            wait_until(lambda: a.get("/admin/reload", headers=AUTH).json()["state"] == "succeeded", timeout=30)
-            wait_until(lambda: hammer.count > swapped_at + 10, timeout=30)
+            wait_until(lambda: a.get("/admin/reload", headers=AUTH).json()["state"] == "succeeded")
+            wait_until(lambda: hammer.count > swapped_at + 10)
         print(f"\nreload: {hammer.count} requests through 2 reloads and 3 refused ones, {len(hammer.errors)} failed")
         assert hammer.errors == [], hammer.errors[:5]
         assert before > 5 and swapped_at > before and hammer.count > swapped_at
-        info = a.get("/info").json()
+        info = a.get("/info", headers=AUTH).json()  # the artifact directory is shown to key holders
         assert info["artifact_id"] == v2.artifact_id and info["stored_artifact_id"] == v2.artifact_id
         assert info["artifacts"] == str(v2.path) and a.get("/admin/reload", headers=AUTH).json()["reloads"] == 2
         new = app_a.state.runtime.engine

@@ -8,7 +8,6 @@ Fixtures and helpers live in ``tests/service_support.py``.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import math
 import os
@@ -48,8 +47,10 @@ from tests.service_support import (
     rec_ids,
     redis_server,
     similar_ids,
+    start_service,
     stop_process,
     user_scores,
+    wait_ready,
     wait_until,
 )
 
@@ -512,12 +513,12 @@ def test_redis_crash_loses_no_acknowledged_write(artifact: Artifact, tmp_path: P
         assert_error(c.delete("/items/30", headers=AUTH), 503)
         assert n_index(c) == n and "30" in rec_ids(c, "5")  # reads still served, nothing half-applied
         with redis_server(data_dir, port):
-            wait_until(lambda: c.get("/readyz").status_code == 200, timeout=10)
+            wait_until(lambda: c.get("/readyz").status_code == 200)
             with TestClient(create_app(settings)) as fresh:
                 assert_same_state(snapshot(fresh), before)
                 assert fresh.get("/items/during-outage").status_code == 404
                 post_item(fresh, "after-outage", artifact.features(2))
-                wait_until(lambda: c.get("/items/after-outage").status_code == 200, timeout=5)
+                wait_until(lambda: c.get("/items/after-outage").status_code == 200)
                 post_item(c, "from-survivor", artifact.features(3))
                 wait_until(lambda: fresh.get("/items/from-survivor").status_code == 200)
 
@@ -679,12 +680,14 @@ def test_auth(make_client, artifact: Artifact, stored) -> None:
             assert_error(call(c, method, path, body), 403)
         assert n_index(c) == n and stored() == saved and c.get("/items/3").status_code == 200
     with make_client(require_key_for_reads=True) as c:
-        for path in ("/recommend/0", "/items/3", "/items/3/similar", "/info"):
+        for path in ("/recommend/0", "/items/3", "/items/3/similar", "/info", "/metrics", "/openapi.json"):
             assert_error(c.get(path), 401, "missing")
             assert_error(c.get(path, headers={"X-API-Key": "wrong"}), 401, "invalid")
             assert c.get(path, headers=AUTH).status_code == 200
-        for path in ("/healthz", "/readyz", "/metrics"):
+        for path in ("/healthz", "/readyz"):  # probes stay open
             assert c.get(path).status_code == 200
+        for path in ("/docs", "/redoc", "/docs/assets/swagger-ui-bundle.js"):  # a browser cannot send the key
+            assert c.get(path).status_code == 404
 
 
 def test_body_size_limit(make_client, artifact: Artifact, stored) -> None:
@@ -808,25 +811,11 @@ def test_real_http_server(artifact: Artifact, redis_url: str, ns: str, tmp_path:
     else:
         env["MMF_STATE_DIR"] = str(tmp_path / "state")
     log_path = tmp_path / "server.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "service", "run", "--artifacts", str(artifact.path), "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    server = start_service(artifact.path, port, env, log_path, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
     redis_pid = None
     try:
-        deadline = time.monotonic() + 45
-        while True:
-            assert server.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "server not ready in time"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.1)
+        wait_ready(server, base, log_path)
         if redis_mode == "embedded":
             redis_pid = redis.Redis(unix_socket_path=str(tmp_path / "state" / "redis.sock")).info()["process_id"]
         with httpx.Client(base_url=base, timeout=10) as http:
