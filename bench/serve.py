@@ -35,6 +35,10 @@ like to this service. Prints two Markdown tables.
 
     python bench/serve.py --items 100000 --duration 10
     python bench/serve.py --items 100000 --items 1000000 --index flat --index hnsw --index ivf
+    python bench/serve.py --items 10000 --index flat --appendfsync everysec --appendfsync always
+
+With ``--appendfsync`` the service runs with its embedded Redis (``MMF_REDIS_APPENDFSYNC``) instead of
+``--redis-url``: the write rows then show what each durability policy costs, side by side.
 
 Needs `wrk` (Debian/Ubuntu: apt-get install wrk). Loopback only; every run is bounded by --duration (the
 index build at start-up is not: hnsw over 1M items takes minutes on 2 cores).
@@ -354,25 +358,34 @@ def http_post(path: str, body: bytes, api_key: str) -> bytes:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def bench_service(artifact: Path, n_items: int, kind: str, args: argparse.Namespace) -> tuple[list[dict], dict]:
+def bench_service(
+    artifact: Path, n_items: int, kind: str, fsync: str | None, args: argparse.Namespace
+) -> tuple[list[dict], dict]:
+    """One service run; ``fsync`` None: Redis at --redis-url, else the service's embedded Redis (a fresh state
+    directory) with that appendfsync policy."""
     catalog = json.loads((artifact / "catalog.json").read_text())
     modalities = {m["name"]: m["dim"] for m in catalog["modalities"]}
     n_users = len(catalog["users"])
     api_key, namespace, port = uuid.uuid4().hex, f"bench-{uuid.uuid4().hex[:8]}", free_port()
+    state_dir = tempfile.TemporaryDirectory(prefix="bench-state-", dir=args.state_parent)
     env = {
-        **os.environ,
-        "MMF_REDIS_URL": args.redis_url,
+        **{k: v for k, v in os.environ.items() if k != "MMF_REDIS_URL"},
         "MMF_NAMESPACE": namespace,
         "MMF_API_KEY": api_key,
         "MMF_INDEX": kind,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
+    if fsync is None:
+        env["MMF_REDIS_URL"] = args.redis_url
+    else:
+        env.update(MMF_STATE_DIR=state_dir.name, MMF_REDIS_APPENDFSYNC=fsync)
+    redis_label = "external" if fsync is None else f"embedded, appendfsync {fsync}"
     cmd = [sys.executable, "-m", "service", "run", "--artifacts", str(artifact), "--port", str(port),
            "--workers", str(args.workers), "--log-level", "warning"]  # fmt: skip
-    print(f"[{n_items} items, {kind}] starting the service ...", file=sys.stderr)
+    print(f"[{n_items} items, {kind}, Redis {redis_label}] starting the service ...", file=sys.stderr)
     server = subprocess.Popen(cmd, cwd=ROOT, env=env)
     rows: list[dict] = []
-    summary: dict = {"items": n_items, "index": kind}
+    summary: dict = {"items": n_items, "index": kind, "redis": redis_label}
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + args.start_timeout
@@ -408,17 +421,17 @@ def bench_service(artifact: Path, n_items: int, kind: str, args: argparse.Namesp
             ]
             for name, script, url in runs:
                 result = run_wrk(url, script, args.duration, args.connections, args.threads)
-                rows.append({"items": n_items, "index": kind, "endpoint": name, **result})
+                rows.append({"items": n_items, "index": kind, "redis": redis_label, "endpoint": name, **result})
                 print(f"  {name}: {result}", file=sys.stderr)
             rate = rows[-1]["rps"] / 2
             rng = np.random.default_rng(2)
             paths = [http_get(f"/recommend/{catalog['users'][u]}?k=20") for u in rng.integers(0, n_users, 10_000)]
             result = open_loop(base, lambda i: paths[i % len(paths)], rate, args.duration, args.open_connections)
             name = f"GET /recommend/{{user}}?k=20 at half peak ({rate:.0f}/s, open loop)"
-            rows.append({"items": n_items, "index": kind, "endpoint": name, **result})
+            rows.append({"items": n_items, "index": kind, "redis": redis_label, "endpoint": name, **result})
             print(f"  {name}: {result}", file=sys.stderr)
             result = run_wrk(base, scripts["post"], args.duration, args.connections, args.threads)
-            rows.append({"items": n_items, "index": kind, "endpoint": "POST /items", **result})
+            rows.append({"items": n_items, "index": kind, "redis": redis_label, "endpoint": "POST /items", **result})
             print(f"  POST /items: {result}", file=sys.stderr)
             rate = rows[-1]["rps"] / 2
             features = json.dumps({m: np.round(rng.normal(size=d), 4).tolist() for m, d in modalities.items()})
@@ -428,13 +441,13 @@ def bench_service(artifact: Path, n_items: int, kind: str, args: argparse.Namesp
 
             result = open_loop(base, post, rate, args.duration, args.open_connections)
             name = f"POST /items at half peak ({rate:.0f}/s, open loop)"
-            rows.append({"items": n_items, "index": kind, "endpoint": name, **result})
+            rows.append({"items": n_items, "index": kind, "redis": redis_label, "endpoint": name, **result})
             print(f"  {name}: {result}", file=sys.stderr)
             # Again with the items the writes added: precomputed lists scan them exactly next to each list.
             online = (httpx.get(f"{base}/info", timeout=10).json()["precomputed"] or {}).get("online_items")
             result = run_wrk(base, scripts["recommend"], args.duration, args.connections, args.threads)
             name = "GET /recommend/{user}?k=20 after the writes" + (f" ({online:,} online items)" if online else "")
-            rows.append({"items": n_items, "index": kind, "endpoint": name, **result})
+            rows.append({"items": n_items, "index": kind, "redis": redis_label, "endpoint": name, **result})
             print(f"  {name}: {result}", file=sys.stderr)
         healthz, rec, half, post, post_half, rec_after = rows
         summary.update(
@@ -444,12 +457,14 @@ def bench_service(artifact: Path, n_items: int, kind: str, args: argparse.Namesp
     finally:
         server.terminate()
         server.wait(timeout=60)
-        import redis
+        if fsync is None:
+            import redis
 
-        client = redis.from_url(args.redis_url)
-        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
+            client = redis.from_url(args.redis_url)
+            keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+            for start in range(0, len(keys), 1000):
+                client.delete(*keys[start : start + 1000])
+        state_dir.cleanup()
     return rows, summary
 
 
@@ -466,7 +481,15 @@ def main() -> int:
     parser.add_argument("--recall-users", type=int, default=1000, help="users whose top 20 is checked")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers")
     parser.add_argument("--start-timeout", type=float, default=3600, help="seconds to wait for readiness")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--redis-url", default="redis://127.0.0.1:6379/0", help="Redis of the runs without --appendfsync"
+    )
+    parser.add_argument(
+        "--appendfsync", choices=["everysec", "always"], action="append",
+        help="run with the service's embedded Redis and this fsync policy instead of --redis-url (repeatable: the "
+        "runs side by side)",
+    )  # fmt: skip
+    parser.add_argument("--state-parent", help="directory for the embedded Redis' files (default: the temp dir)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("error: wrk not found (apt-get install wrk)", file=sys.stderr)
@@ -475,27 +498,29 @@ def main() -> int:
     for n in args.items or [100_000]:
         artifact = build_artifact(n, args.users, args.train_items)
         for kind in args.index or list(KINDS):
-            r, s = bench_service(artifact, n, kind, args)
-            rows += r
-            summaries.append(s)
+            for fsync in args.appendfsync or [None]:
+                r, s = bench_service(artifact, n, kind, fsync, args)
+                rows += r
+                summaries.append(s)
     load = os.getloadavg()
     print(f"\nwrk: {args.connections} connection(s), {args.threads} thread(s), {args.duration}s per measurement; "
           f"{args.workers} uvicorn worker(s); {os.cpu_count()} CPU(s); load average at the end "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")  # fmt: skip
-    print("| items | index | endpoint | requests/s | p50 ms | p99 ms | errors |")
-    print("| ---: | --- | --- | ---: | ---: | ---: | ---: |")
+    print("| items | index | Redis | endpoint | requests/s | p50 ms | p99 ms | errors |")
+    print("| ---: | --- | --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        cells = [f"{r['items']:,}", r["index"], r["endpoint"], f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}",
+        cells = [f"{r['items']:,}", r["index"], r["redis"], r["endpoint"], f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}",
                  f"{r['p99_ms']:.2f}", str(r["errors"])]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
-    print("\n| items | index | parameters | build s | precomputed lists | recall@20 | /recommend ÷ no-op throughput "
-          "(after the writes) | /recommend p99 ms at half peak | POST /items p99 ms at peak / half peak |")  # fmt: skip
-    print("| ---: | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    print("\n| items | index | Redis | parameters | build s | precomputed lists | recall@20 | /recommend ÷ no-op "
+          "throughput (after the writes) | /recommend p99 ms at half peak | "
+          "POST /items p99 ms at peak / half peak |")  # fmt: skip
+    print("| ---: | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for s in summaries:
         params = ", ".join(f"{k}={v}" for k, v in s["params"].items()) or "exact"
         lists = f"k={s['precomputed']['k']}, {s['precomputed']['seconds']:.1f} s" if s["precomputed"] else "off"
         post = f"{s['post_p99']:.2f} / {s['post_half_p99']:.2f}"
-        cells = [f"{s['items']:,}", s["index"], params, f"{s['build_s']:.1f}", lists, f"{s['recall']:.3f}",
+        cells = [f"{s['items']:,}", s["index"], s["redis"], params, f"{s['build_s']:.1f}", lists, f"{s['recall']:.3f}",
                  f"{s['ratio']:.0%} ({s['ratio_after']:.0%})", f"{s['half_p99']:.2f}", post]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
     return 1 if any(r["errors"] for r in rows) else 0

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.patience import HANG_GUARD_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,7 +21,7 @@ def test_train_bench_runs_and_reference_matches(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "bench/train.py", "--datasets", "tiny", "--steps", "2", "--warmup", "1",
          "--quality", "--target", "0.0", "--quality-seconds", "60"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| tiny |")]
@@ -36,7 +38,7 @@ def test_train_bench_runs_and_reference_matches(tmp_path: Path) -> None:
         [sys.executable, "bench/train.py", "--datasets", "tiny", "--steps", "2", "--warmup", "1", "--models",
          "metammf_gcn", "--tensors", "cp", "--precisions", "bf16", "tf32", "fp32", "--repeats", "1", "--device",
          "cpu"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "| vs authors-style fp32 |" in out.stdout, out.stdout
@@ -56,7 +58,7 @@ def test_allocator_bench_compares_kept_memory_with_none(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "bench/allocator.py", "--dataset", "tiny", "--models", "gat", "--steps", "2", "--warmup",
          "1", "--repeats", "1", "--keep-mb", "64"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| gat |")]
@@ -68,7 +70,7 @@ def test_edge_ops_bench_times_both_formulations_of_grcn(tmp_path: Path) -> None:
     env = {**os.environ, "MMF_BENCH_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "bench/edge_ops.py", "--dataset", "tiny", "--steps", "2", "--repeats", "1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
@@ -91,7 +93,7 @@ def test_search_bench_prints_a_row_per_side_list_setting(tmp_path: Path) -> None
     out = subprocess.run(
         [sys.executable, "bench/search.py", "--artifact", str(tmp_path), "--side", "0:0", "--side", "0.05:100",
          "--users", "60", "--passes", "1"],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     rows = [
@@ -114,7 +116,7 @@ def test_coldstart_bench_serves_held_out_items_as_the_offline_protocol_scores_th
         [sys.executable, "bench/coldstart.py", "--config", "configs/synthetic.yaml", "--seeds", "1",
          "--out", str(tmp_path), "--set", "data.synthetic.n_users=300", "--set", "data.synthetic.n_items=200",
          "--set", "train.epochs=3", "--set", "model.content_neighbors=5"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {
@@ -130,3 +132,20 @@ def test_coldstart_bench_serves_held_out_items_as_the_offline_protocol_scores_th
     (run,) = json.loads((tmp_path / "results.json").read_text())
     assert 0 < run["service"]["cold"]["recall@20"] <= 1 and 0 <= run["random"]["full"]["recall@20"] < 1
     assert (tmp_path / "seed-2024" / "manifest.json").is_file()
+
+
+def test_connections_bench_shows_the_limits(artifact) -> None:
+    env = {**os.environ, "MMF_HEADER_TIMEOUT_S": "0.5", "MMF_BODY_TIMEOUT_S": "0.5", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "bench/connections.py", "--artifacts", str(artifact.path), "--seconds", "1",
+         "--slow-seconds", "4", "--repeats", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in out.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line}  # fmt: skip
+    assert "connection closed" in rows["48 MB header", "guarded"] or "431" in rows["48 MB header", "guarded"]
+    assert "48.0 MB sent" in rows["48 MB header", "stock"]
+    assert "idle 200/200, headers 200/200, body 200/200" in rows["600 slow connections", "guarded"]
+    assert "idle 0/200, headers 0/200, body 0/200" in rows["600 slow connections", "stock"]
+    assert "/healthz per second" in rows["throughput", "guarded"]
