@@ -26,6 +26,7 @@ configs/tiktok.yaml's new-item settings (``models/cold_items.py``) are turned of
     python bench/train.py                                    # CPU, all data sets, timing rows
     python bench/train.py --datasets tiktok --quality        # + time to Recall@20 >= 0.068
     python bench/train.py --device cuda --datasets paper-tiktok paper-movielens
+    python bench/train.py --contention --datasets tiktok --models metammf_gcn --tensors cp   # a shared CPU
 
 On a GPU the table adds the paper's Table 4 minutes per epoch (MetaMMF_GCN, CP, TITAN Xp) and the speed-up
 against it for the paper-scale rows.
@@ -34,6 +35,7 @@ against it for the paper-scale rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -41,13 +43,19 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from training.hardware import choose_openmp_wait, usable_cpus  # noqa: E402
+
+OPENMP_WAIT = choose_openmp_wait()  # as the training entry points do, before torch loads OpenMP (children inherit it)
+
+import torch  # noqa: E402
 
 from models.base import RecModel, bpr_loss, l2_penalty  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
@@ -59,7 +67,7 @@ from training.data import RecData, load_mmrec, save_mmrec  # noqa: E402
 from training.precision import PRECISIONS, run_precision, step_precision  # noqa: E402
 from training.sampling import BPRSampler  # noqa: E402
 from training.synthetic import SyntheticConfig, generate_synthetic  # noqa: E402
-from training.trainer import build_model, evaluate_split, make_optimizer, seed_everything  # noqa: E402
+from training.trainer import build_model, cpu_threads, evaluate_split, make_optimizer, seed_everything  # noqa: E402
 
 CACHE = Path(os.environ.get("MMF_BENCH_CACHE", ROOT / "bench" / ".cache"))  # generated data sets
 BATCH = 3000
@@ -148,7 +156,11 @@ def authors_style_loss(model: RecModel, users: torch.Tensor, pos: torch.Tensor, 
 
 # -- one row, in its own process -------------------------------------------------------------------------
 def measure_steps(spec: dict) -> dict:
-    with run_precision(spec["precision"], spec["device"]):
+    """One row's step timing, with the threads a training run would use (``spec["threads"]``: a fixed count)."""
+    with (
+        cpu_threads(spec.get("threads"), torch.device(spec["device"])),
+        run_precision(spec["precision"], spec["device"]),
+    ):
         return _measure_steps(spec)
 
 
@@ -207,7 +219,7 @@ def _measure_steps(spec: dict) -> dict:
         "timed_steps": len(times), "loss_gap": same, "n_train": len(data.train),
         "steps_per_epoch": -(-len(data.train) // BATCH),
         "page_faults_per_step": (after.ru_minflt - before.ru_minflt) / len(times),
-        "kernel_s_per_step": (after.ru_stime - before.ru_stime) / len(times),
+        "kernel_s_per_step": (after.ru_stime - before.ru_stime) / len(times), "threads_used": torch.get_num_threads(),
     }  # fmt: skip
 
 
@@ -264,6 +276,49 @@ def run_child(spec: dict, env: dict[str, str] | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@contextlib.contextmanager
+def competing_job() -> Iterator[None]:
+    """A CPU-bound process (a pure-Python loop) running beside the block."""
+    job = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # running before the row starts
+        yield
+    finally:
+        job.kill()
+        job.wait()
+
+
+def contention_table(args: argparse.Namespace) -> None:
+    """Seconds per 100 steps alone and beside one CPU-bound job, per OpenMP wait policy and thread count; the
+    two timings of a row are taken back to back, best of --repeats pairs."""
+    usable = usable_cpus()
+    print(f"device: {args.device}; torch {torch.__version__}; {usable} usable CPU(s); batch {BATCH} triples; "
+          "beside: one CPU-bound process started by this script\n")  # fmt: skip
+    print("| data | model | tensor | OpenMP wait | threads | s / 100 steps alone | beside a busy job | slowdown |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    for dataset, model, tensor in itertools.product(args.datasets, args.models, args.tensors):
+        # "" leaves the policy unset for the child's OpenMP runtime (setdefault keeps it): libgomp's default,
+        # which spins for a while before it sleeps.
+        policies = {"passive": "PASSIVE", "default (spin, then sleep)": "", "active (spin)": "ACTIVE"}
+        for (policy, value), threads in itertools.product(policies.items(), sorted({usable, 1}, reverse=True)):
+            spec = {"dataset": dataset, "model": model, "tensor": tensor, "precision": "fp32", "impl": "ours",
+                    "device": args.device, "tiktok": str(args.tiktok), "steps": args.steps, "warmup": args.warmup,
+                    "max_seconds": args.max_seconds, "threads": threads}  # fmt: skip
+            alone, beside = [], []
+            for _ in range(args.repeats):
+                alone.append(run_child(spec, {"OMP_WAIT_POLICY": value}))
+                with competing_job():
+                    beside.append(run_child(spec, {"OMP_WAIT_POLICY": value}))
+            label = f"| {dataset} | {model} | {tensor} | {policy} | {threads}"
+            failed = [r for r in alone + beside if "error" in r]
+            if failed:
+                print(f"{label} | error: {failed[0]['error']} | | |")
+                continue
+            a = min(r["s_per_100_steps"] for r in alone)
+            b = min(r["s_per_100_steps"] for r in beside)
+            print(f"{label} | {a:.2f} | {b:.2f} | {b / a:.1f}x |", flush=True)
+
+
 def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -299,6 +354,12 @@ def main() -> None:
     p.add_argument("--quality", action="store_true", help="also measure time to test Recall@20 >= --target")
     p.add_argument("--target", type=float, default=0.068)
     p.add_argument("--quality-seconds", type=float, default=600.0, help="give up on the target after this")
+    p.add_argument(
+        "--contention", action="store_true",
+        help="instead of the table above: each row timed alone and beside a CPU-bound job this script starts, with "
+        "OpenMP waiting passively (what the entry points ask for on a busy machine), with libgomp's default and "
+        "spinning, on the threads a training run picks and on 1",
+    )  # fmt: skip
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()  # fmt: skip
     if args.child:
@@ -307,8 +368,12 @@ def main() -> None:
         print(json.dumps(measure_quality(spec) if spec.get("kind") == "quality" else measure_steps(spec)))
         return
 
+    if args.contention:
+        contention_table(args)
+        return
     threads = torch.get_num_threads()
-    print(f"device: {args.device}; torch {torch.__version__}, {threads} threads; batch {BATCH} triples\n")
+    print(f"device: {args.device}; torch {torch.__version__}, {threads} threads; OpenMP wait: {OPENMP_WAIT}; "
+          f"batch {BATCH} triples\n")  # fmt: skip
     gpu = args.device.startswith("cuda")
     mixed = "fp32" in args.precisions and len(args.precisions) > 1
     print(

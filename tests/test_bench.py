@@ -149,3 +149,21 @@ def test_connections_bench_shows_the_limits(artifact) -> None:
     assert "idle 200/200, headers 200/200, body 200/200" in rows["600 slow connections", "guarded"]
     assert "idle 0/200, headers 0/200, body 0/200" in rows["600 slow connections", "stock"]
     assert "/healthz per second" in rows["throughput", "guarded"]
+
+
+def test_train_bench_contention_rows(tmp_path: Path) -> None:
+    """``--contention``: each row alone and beside a CPU-bound job, per OpenMP wait policy and thread count."""
+    env = {**os.environ, "MMF_BENCH_CACHE": str(tmp_path)}
+    env.pop("OMP_NUM_THREADS", None)
+    out = subprocess.run(
+        [sys.executable, "bench/train.py", "--contention", "--datasets", "tiny", "--models", "metammf_mf",
+         "--tensors", "cp", "--steps", "2", "--warmup", "1", "--repeats", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines() if line.startswith("| tiny")]
+    policies = {(r[3], r[4]) for r in rows}
+    threads = {r[4] for r in rows}
+    assert {p for p, _ in policies} == {"passive", "default (spin, then sleep)", "active (spin)"}, out.stdout
+    assert "1" in threads, out.stdout
+    assert all(float(r[5]) > 0 and float(r[6]) > 0 and r[7].endswith("x") for r in rows), out.stdout

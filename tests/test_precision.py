@@ -19,8 +19,13 @@ TRAIN = TrainConfig(epochs=15, batch_size=256, lr=0.005, patience=100, progress=
 
 
 @pytest.mark.parametrize("name", ["metammf_gcn", "metammf_mf", "lightgcn", "lattice", "grcn"])
-def test_bf16_autocast_trains_and_keeps_float32_weights(tiny_data: RecData, make_config, name: str) -> None:
+def test_bf16_autocast_trains_and_keeps_float32_weights(
+    tiny_data: RecData, make_config, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bf16 itself, also on a CPU without bfloat16 instructions (where a run would fall back to fp32)
+    monkeypatch.setattr("training.precision.bf16_instructions", lambda: "avx512_bf16")
     result = train(tiny_data, make_config(name), TRAIN.model_copy(update={"precision": "bf16"}))
+    assert result.precision == "bf16"
     losses = [h["loss"] for h in result.history]
     assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
     assert result.test.metrics["recall@20"] > 1.25 * random_ranker_recall(tiny_data)

@@ -64,6 +64,13 @@ class TrainConfig(BaseModel):
         description="fp32; tf32 (CUDA only: TF32 tensor-core matrix products); bf16 (autocast the loss's "
         "forward pass to bfloat16; parameters, optimiser and evaluation stay float32)",
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="torch threads on a CPU; default: $OMP_NUM_THREADS if set, else the CPUs this process may use "
+        "(its affinity mask, capped by a cgroup CPU quota), not every core of the host",
+    )
     eval_batch_size: int = Field(2048, ge=1, description="users per evaluation batch")
     max_seconds: float | None = Field(None, gt=0, description="stop training after this wall time")
     progress: bool = True

@@ -46,6 +46,7 @@ def metrics_summary(result: TrainResult) -> dict:
         "epochs_run": len(result.history),
         "train_seconds": round(result.train_seconds, 3),
         "new_item_scale": result.new_item_scale,
+        "precision": result.precision,
         "valid": result.valid.metrics,
         "test": result.test.metrics,
         "history": result.history,

@@ -7,13 +7,15 @@
   bfloat16, parameters, optimiser state and evaluation in float32. On CPU MetaMMF_GCN's GraphSAGE tower then
   runs in bfloat16 as a whole (``models/sage_rows.py``): on a CPU with bfloat16 instructions (an AMD EPYC
   with AVX512-BF16) its TikTok step was about 1.5x faster than fp32 at the same test Recall@20; on a CPU
-  without them (AVX2 only) bfloat16 products are not expected to pay (not measured there).
+  without them (AVX2 only) it was 10x slower than fp32 (71.9 against 7.4 s per 100 steps), so training there
+  falls back to fp32 with a warning (``effective_precision``; ``training.hardware.bf16_instructions``).
 
 docs/PERFORMANCE.md measures the speed and the accuracy of each, on CPU and on a GPU.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import get_args
@@ -21,8 +23,22 @@ from typing import get_args
 import torch
 
 from training.config import Precision, check_precision
+from training.hardware import bf16_instructions
 
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+log = logging.getLogger(__name__)
+
+
+def effective_precision(precision: Precision, device: torch.device | str) -> Precision:
+    """The precision a run uses: ``precision``, except bf16 on a CPU without bfloat16 instructions, which
+    trains in fp32 (with a warning): emulated bfloat16 products made the step about 10x slower."""
+    if precision == "bf16" and torch.device(device).type == "cpu" and bf16_instructions() is None:
+        log.warning(
+            "train.precision=bf16, but this CPU has no bfloat16 instructions (no avx512_bf16, amx_bf16 or bf16 "
+            "flag): emulated bfloat16 made a training step about 10x slower than fp32; training in fp32"
+        )
+        return "fp32"
+    return precision
 
 
 @contextmanager

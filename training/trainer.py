@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -27,7 +29,8 @@ from training.config import TrainConfig, check_neighbor_sampling
 from training.data import RecData
 from training.distributed import DistContext, all_reduce_sum, broadcast_flag, data_parallel, local_share, process_group
 from training.evaluate import EvalResult, add_untrained_slice, full_rank_evaluate
-from training.precision import run_precision, step_precision
+from training.hardware import usable_cpus
+from training.precision import effective_precision, run_precision, step_precision
 from training.sampling import BPRSampler
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
     new_item_scale: float | None = None  # calibrate_new_items' multiplier (None: the model has no such scale)
+    precision: str = "fp32"  # the precision the run used (bf16 falls back to fp32 on a CPU without it)
 
 
 def evaluate_split(model: RecModel, data: RecData, split: str, cfg: TrainConfig) -> EvalResult:
@@ -127,8 +131,27 @@ def train(
     with process_group(cfg.device) as (ctx, device):
         if ctx.enabled:
             cfg = cfg.model_copy(update={"device": str(device), "progress": cfg.progress and ctx.is_main})
-        with run_precision(cfg.precision, device):
+        cfg = cfg.model_copy(update={"precision": effective_precision(cfg.precision, device)})
+        with cpu_threads(cfg.threads, device), run_precision(cfg.precision, device):
             return _train(data, model_config, cfg, ctx, device, evaluate)
+
+
+@contextmanager
+def cpu_threads(threads: int | None, device: torch.device) -> Iterator[None]:
+    """torch's intra-op threads for a run on the CPU: ``threads``, else $OMP_NUM_THREADS when set (torch took
+    it already), else the CPUs this process may use (torch's own default is every core of the host, also in a
+    container limited to fewer). Restored afterwards."""
+    if device.type != "cpu" or (threads is None and os.environ.get("OMP_NUM_THREADS")):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or usable_cpus())
+    log.info("training on %d CPU thread(s); OpenMP wait: %s", torch.get_num_threads(),
+             os.environ.get("MMF_OPENMP_WAIT") or os.environ.get("OMP_WAIT_POLICY") or "default")  # fmt: skip
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _train(
@@ -221,7 +244,9 @@ def _train(
     new_item_scale = calibrate_new_items(model, evaluate, cfg)
     valid = evaluate(model, "valid")
     test = evaluate(model, "test")
-    return TrainResult(model, best_epoch, best_valid, valid, test, history, train_seconds, new_item_scale)
+    return TrainResult(
+        model, best_epoch, best_valid, valid, test, history, train_seconds, new_item_scale, precision=cfg.precision
+    )
 
 
 # Multipliers of the learned scale, 1/4 to 32 in steps of sqrt(2): the learned scale itself is shrunk by the
