@@ -11,6 +11,12 @@ PIP_TORCH ?= torch==2.13.0
 install: .venv/bin/python
 	.venv/bin/pip install -q "$(PIP_TORCH)" || .venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 	.venv/bin/pip install -q -e ".[dev]"
+	touch .venv/.installed
+
+# What test, run and the benches need: installed once, again only when pyproject.toml changes (`make install`
+# forces it).
+.venv/.installed: pyproject.toml | .venv/bin/python
+	$(MAKE) install
 
 ## install-locked: like install, but every package at the version pinned in requirements-dev.lock
 install-locked: .venv/bin/python
@@ -33,7 +39,7 @@ audit:
 	$(PYTHON) -m pip_audit -r requirements.lock --strict --no-deps --disable-pip $(AUDIT_IGNORE:%=--ignore-vuln=%)
 
 ## test: lint, then the whole test suite (what CI runs)
-test: install
+test: .venv/.installed
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q
 
@@ -42,11 +48,11 @@ lint:
 	$(PYTHON) -m ruff format --check .
 
 ## run: train on the built-in synthetic data if ./artifacts is missing, then serve on http://127.0.0.1:8000
-run: install
+run: .venv/.installed
 	$(PYTHON) -m service run --artifacts artifacts --train-config configs/synthetic.yaml --host 127.0.0.1 --port 8000
 
 ## bench-train: training speed table (bench/train.py --help for options)
-bench-train: install
+bench-train: .venv/.installed
 	$(PYTHON) bench/train.py --quality
 
 ## bench-gpu: on a machine with CUDA and a CUDA build of torch (PYTHON=...): the GPU tests, then the training
@@ -60,5 +66,5 @@ bench-gpu:
 	$(PYTHON) bench/train.py --device cuda --datasets paper-tiktok paper-movielens --no-reference --precisions fp32 tf32 bf16
 
 ## bench-serve: serving latency/throughput table with wrk (bench/serve.py --help for options)
-bench-serve: install
+bench-serve: .venv/.installed
 	$(PYTHON) bench/serve.py
