@@ -121,6 +121,12 @@ class Settings(BaseSettings):
         "for 20,000 users x 1M items on 2 cores)",
     )
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, key: object) -> object:
+        # MMF_API_KEY= (compose's ${MMF_API_KEY:-} without a key) means no key: writes answer 403
+        return None if key == "" else key
+
     @field_validator("api_key")
     @classmethod
     def _long_enough(cls, key: SecretStr | None) -> SecretStr | None:

@@ -29,8 +29,33 @@ def test_compose_runs_redis_with_aof_then_trainer_then_api() -> None:
     # trainer writes the volume the API reads, read-only there
     assert any(v.startswith("artifacts:/artifacts") and not v.endswith(":ro") for v in services["trainer"]["volumes"])
     assert "artifacts:/artifacts:ro" in api["volumes"]
-    # a host port range, so `--scale api=3` can publish every replica
-    assert api["ports"][0].split(":")[0].count("-") == 1
+    # a host port range, so `--scale api=3` can publish every replica, on the loopback interface by default
+    bind, host_ports, _ = api["ports"][0].rsplit(":", 2)
+    assert bind == "${MMF_BIND:-127.0.0.1}" and host_ports.count("-") == 1
+    # no default write key (empty: the service starts read-only), and time to stop cleanly
+    assert api["environment"]["MMF_API_KEY"] == "${MMF_API_KEY:-}"
+    assert api["stop_grace_period"] == "30s"
+
+
+def test_an_empty_api_key_means_read_only(monkeypatch) -> None:
+    from service.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("MMF_API_KEY", "")
+    assert load_settings().api_key is None
+    monkeypatch.setenv("MMF_API_KEY", "short")
+    with pytest.raises(SettingsError, match="MMF_API_KEY: at least 8 characters"):
+        load_settings()
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.api", "Dockerfile.train"])
+def test_images_install_the_locked_versions(name: str) -> None:
+    text = (ROOT / "docker" / name).read_text()
+    assert "COPY requirements.lock" in text and "pip install -r requirements.lock" in text
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in text
+    assert "pip install --no-deps ." in text
+    pinned = {line.split("==")[0]: line.split("==")[1] for line in (ROOT / "requirements.lock").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}  # fmt: skip
+    assert pinned["torch"] == "2.13.0"
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.api", "Dockerfile.train"])
