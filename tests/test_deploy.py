@@ -18,7 +18,7 @@ def compose() -> dict:
 
 def test_compose_runs_redis_with_aof_then_trainer_then_api() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "trainer", "api"}
+    assert set(services) == {"redis", "trainer", "api", "proxy"}
     assert "--appendonly" in services["redis"]["command"]
     assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
     assert services["redis"]["healthcheck"]["test"][-1] == "ping"
@@ -29,9 +29,12 @@ def test_compose_runs_redis_with_aof_then_trainer_then_api() -> None:
     # trainer writes the volume the API reads, read-only there
     assert any(v.startswith("artifacts:/artifacts") and not v.endswith(":ro") for v in services["trainer"]["volumes"])
     assert "artifacts:/artifacts:ro" in api["volumes"]
-    # a host port range, so `--scale api=3` can publish every replica, on the loopback interface by default
-    bind, host_ports, _ = api["ports"][0].rsplit(":", 2)
-    assert bind == "${MMF_BIND:-127.0.0.1}" and host_ports.count("-") == 1
+    # one stable entry point (the proxy) in front of the replicas, on the loopback interface by default; the
+    # replicas publish nothing, so `--scale api=3` needs no port range
+    assert "ports" not in api and api["expose"] == ["8000"]
+    proxy = services["proxy"]
+    assert proxy["ports"] == ["${MMF_BIND:-127.0.0.1}:${MMF_PORT:-8000}:8080"]
+    assert proxy["depends_on"]["api"]["condition"] == "service_healthy"
     # no default write key (empty: the service starts read-only), and time to stop cleanly
     assert api["environment"]["MMF_API_KEY"] == "${MMF_API_KEY:-}"
     assert api["stop_grace_period"] == "30s"
@@ -58,7 +61,7 @@ def test_images_install_the_locked_versions(name: str) -> None:
     assert pinned["torch"] == "2.13.0"
 
 
-@pytest.mark.parametrize("name", ["Dockerfile.api", "Dockerfile.train"])
+@pytest.mark.parametrize("name", ["Dockerfile.api", "Dockerfile.train", "Dockerfile.proxy"])
 def test_images_run_as_non_root_and_exist_for_compose(name: str) -> None:
     text = (ROOT / "docker" / name).read_text()
     users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
@@ -67,8 +70,22 @@ def test_images_run_as_non_root_and_exist_for_compose(name: str) -> None:
     assert f"docker/{name}" in dockerfiles
 
 
-def test_api_image_has_a_healthcheck() -> None:
-    assert "HEALTHCHECK" in (ROOT / "docker" / "Dockerfile.api").read_text()
+@pytest.mark.parametrize("name", ["Dockerfile.api", "Dockerfile.proxy"])
+def test_served_images_have_a_healthcheck(name: str) -> None:
+    assert "HEALTHCHECK" in (ROOT / "docker" / name).read_text()
+
+
+def test_proxy_bounds_requests_like_the_service() -> None:
+    """The entry point's limits are the service's defaults (body, header time, body time, keep-alive)."""
+    from service.settings import Settings
+
+    conf = (ROOT / "docker" / "proxy" / "nginx.conf").read_text()
+    defaults = Settings.model_fields
+    assert f"client_max_body_size {defaults['max_body_bytes'].default // 2**20}m;" in conf
+    assert f"client_header_timeout {defaults['header_timeout_s'].default:g}s;" in conf
+    assert f"client_body_timeout {defaults['body_timeout_s'].default:g}s;" in conf
+    assert f"keepalive_timeout {defaults['keep_alive_s'].default:g}s;" in conf
+    assert "resolver 127.0.0.11" in conf and "proxy_pass $api;" in conf  # replicas found at request time
 
 
 def test_compose_config_validates_with_a_docker_client() -> None:
