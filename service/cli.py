@@ -89,6 +89,7 @@ def uvicorn_options(settings, log_level: str = "info") -> dict:
         "http": functools.partial(GuardedHttpProtocol, limits=ConnectionLimits.from_settings(settings)),
         "timeout_keep_alive": settings.keep_alive_s,
         "limit_concurrency": settings.max_connections,
+        "timeout_worker_healthcheck": settings.worker_healthcheck_s,
     }
 
 

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         30.0, gt=0, le=3600, description="a request's complete body must arrive within this many seconds of its headers"
     )  # fmt: skip
     keep_alive_s: float = Field(5.0, gt=0, le=3600, description="an idle kept-alive connection is closed after this")
+    worker_healthcheck_s: float = Field(
+        60.0, gt=0, le=3600,
+        description="with --workers > 1: how long uvicorn's supervisor waits for a worker's answer to its health "
+        "ping before it kills and restarts the worker (uvicorn's default, 5 s, killed workers still importing torch "
+        "on a loaded host)",
+    )  # fmt: skip
     max_connections: int = Field(
         1000, ge=1, le=1_000_000,
         description="per process: beyond this many open connections (or running requests), requests are answered 503",

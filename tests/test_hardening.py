@@ -202,6 +202,7 @@ def test_run_hands_the_limits_and_logging_to_uvicorn(monkeypatch, artifact: Arti
     assert seen["http"].func is GuardedHttpProtocol
     assert seen["http"].keywords["limits"] == ConnectionLimits(20000, 3.5, 30.0)
     assert seen["timeout_keep_alive"] == 7 and seen["limit_concurrency"] == 42 and seen["workers"] == 2
+    assert seen["timeout_worker_healthcheck"] == 60.0  # not uvicorn's 5 s: workers importing torch on a busy host
     handlers = seen["log_config"]["handlers"]
     assert all(h["filters"] == ["redact"] for h in handlers.values())
     assert seen["log_config"]["root"]["handlers"] == ["service"]  # the service's INFO lines, in every worker
