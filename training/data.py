@@ -275,7 +275,9 @@ def load_mmrec(
             if cold.size and cold_users == "error":
                 raise DataError(
                     f"{inter_path.name}: {cold.size} {name} user(s) have no train interactions, "
-                    f"e.g. user {int(cold[0])} (pass cold_users='keep' or 'drop' to accept them)"
+                    f"e.g. user {int(cold[0])}: accept them with --set data.cold_users=keep (kept in the "
+                    "evaluation) or --set data.cold_users=drop (left out), or data.cold_users in the run config "
+                    "(load_mmrec(cold_users=...) in Python)"
                 )
             if cold.size:
                 splits[name] = np.ascontiguousarray(splits[name][~np.isin(splits[name][:, 0], cold)])
