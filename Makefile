@@ -1,7 +1,7 @@
 PYTHON ?= .venv/bin/python
 PIP_TORCH ?= torch==2.13.0
 
-.PHONY: install install-locked lock audit test lint run bench-train bench-serve bench-gpu format
+.PHONY: install install-locked lock audit test lint run bench-train bench-serve bench-gpu format compose-check
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -68,3 +68,7 @@ bench-gpu:
 ## bench-serve: serving latency/throughput table with wrk (bench/serve.py --help for options)
 bench-serve: .venv/.installed
 	$(PYTHON) bench/serve.py
+
+## compose-check: the compose stack for real (build, up, API through the entry point, 3 replicas, restart, stop)
+compose-check:
+	bash docker/compose_check.sh

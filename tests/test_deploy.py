@@ -100,3 +100,14 @@ def test_compose_config_validates_with_a_docker_client() -> None:
         pytest.skip("no docker compose client installed")
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_check_script_parses_and_is_the_make_target() -> None:
+    """`make compose-check` runs docker/compose_check.sh (it needs an engine, so CI only checks its syntax)."""
+    script = ROOT / "docker" / "compose_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    makefile = (ROOT / "Makefile").read_text()
+    assert "compose-check:\n\tbash docker/compose_check.sh" in makefile
+    text = script.read_text()
+    for needle in ("--scale api=3", "exited with status 0", "after the restart", "without the key"):
+        assert needle in text
