@@ -24,8 +24,6 @@ from training.evaluate import EvalResult, add_untrained_slice, full_rank_evaluat
 if TYPE_CHECKING:
     from training.config import RunConfig
 
-POPULARITY = "popularity"
-
 
 def item_counts(pairs: np.ndarray, n_items: int) -> np.ndarray:
     """Number of interactions of every item in ``pairs`` (float64, length ``n_items``)."""

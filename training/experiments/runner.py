@@ -40,11 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from training.config import DataConfig, RunConfig
 from training.data import RecData
-from training.popularity import POPULARITY, evaluate_popularity
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # itself) and data loading (the data fingerprint covers it), so adding a baseline or a config field does
 # not invalidate the runs of the other models.
 CORE_MODULES = ("training.trainer", "training.coldstart", "training.popularity")
+POPULARITY = "popularity"  # the scorer that ranks by training popularity (training/popularity.py), not a model
 NOT_CODE = frozenset(
     {"models.registry", "models.config", "training.config", "training.cli", "training.data", "training.synthetic"}
 )
@@ -292,6 +291,8 @@ class Runner:
         start = time.perf_counter()
         info: dict[str, Any] = {"scorer": spec.scorer or cfg.model.name, "protocol": cfg.data.protocol}
         if spec.scorer == POPULARITY:
+            from training.popularity import evaluate_popularity  # (torch: imported when a run needs it)
+
             valid, test = evaluate_popularity(cfg, data)
             info.update(best_epoch=0, epochs=0, history=[], train_seconds=0.0, seconds_per_epoch=0.0)
             model = None
@@ -324,6 +325,8 @@ class Runner:
         if embeddings and model is None:
             raise ValueError(f"scorer {spec.scorer!r} has no embeddings")
         if model is not None:  # always kept (a few MB): a later t-SNE study need not train the run again
+            import torch
+
             with torch.no_grad():
                 model.eval()
                 users, items = (t.detach().cpu().numpy() for t in model.get_embedding())

@@ -34,11 +34,10 @@ import numpy as np
 from models.registry import get_spec, model_names
 from training.config import RunConfig
 from training.experiments import plots
-from training.experiments.runner import MissingRunError, Runner, RunRecord, RunSpec
+from training.experiments.runner import POPULARITY, MissingRunError, Runner, RunRecord, RunSpec
 from training.experiments.stats import mean_std, silhouette_score
 from training.experiments.tables import Comparison, Table, metric_keys, results_table
 from training.experiments.tsne import sample_users, tsne, user_item_points
-from training.popularity import POPULARITY
 
 log = logging.getLogger(__name__)
 
