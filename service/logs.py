@@ -56,6 +56,10 @@ class RedactSecrets(logging.Filter):
         return value if redacted == text else redacted
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # Installed on the service's loggers and on the handlers: a record passing both is redacted once.
+        if getattr(record, "_redacted", False):
+            return True
+        record._redacted = True
         try:
             escape = record.name == "uvicorn.access"
             if isinstance(record.msg, str):
