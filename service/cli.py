@@ -35,7 +35,7 @@ def ensure_artifacts(path: Path, train_config: str | None) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.embedded_redis import EmbeddedRedis
+    from service.embedded_redis import start_unless_url
     from service.loading import load_bundle
     from service.settings import load_settings
 
@@ -44,10 +44,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     ensure_artifacts(settings.artifacts, args.train_config)
     bundle = load_bundle(settings.artifacts)  # a broken artifact is one line naming the file, exit 2
-    embedded = None
-    if settings.redis_url is None:
+    embedded = start_unless_url(settings)
+    if embedded is not None:
         # One server for all workers: started here, handed to them through the environment.
-        embedded = EmbeddedRedis(settings.state_dir, appendfsync=settings.redis_appendfsync).start()
         os.environ["MMF_REDIS_URL"] = embedded.url
         log.info("embedded Redis at %s (data in %s, appendfsync %s)", embedded.url, settings.state_dir,
                  settings.redis_appendfsync)  # fmt: skip
@@ -143,7 +142,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     import redis
 
     from service.check import check_consistency
-    from service.embedded_redis import EmbeddedRedis
+    from service.embedded_redis import start_unless_url
     from service.engine import Engine
     from service.index import IndexConfig
     from service.loading import load_bundle
@@ -156,9 +155,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                                    ("namespace", args.namespace)) if v}  # fmt: skip
     settings = load_settings(**overrides)
     bundle = load_bundle(settings.artifacts)
-    embedded = None
-    if settings.redis_url is None:
-        embedded = EmbeddedRedis(settings.state_dir, appendfsync=settings.redis_appendfsync).start()
+    embedded = start_unless_url(settings)
     url = embedded.url if embedded else settings.redis_url
     client = redis_client(url)
     try:
@@ -192,14 +189,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_export_interactions(args: argparse.Namespace) -> int:
     import redis
 
-    from service.embedded_redis import EmbeddedRedis
+    from service.embedded_redis import start_unless_url
     from service.settings import load_settings
     from service.state import RedisState
 
     settings = load_settings()
-    embedded = None
-    if settings.redis_url is None:
-        embedded = EmbeddedRedis(settings.state_dir, appendfsync=settings.redis_appendfsync).start()
+    embedded = start_unless_url(settings)
     try:
         client = redis.from_url(embedded.url if embedded else settings.redis_url)
         kept, dropped = RedisState(client, settings.namespace, origin="export").export_interactions()

@@ -151,3 +151,10 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_unless_url(settings) -> EmbeddedRedis | None:
+    """The embedded Redis of ``settings`` (state_dir, redis_appendfsync), started, when it sets no redis_url."""
+    if settings.redis_url is not None:
+        return None
+    return EmbeddedRedis(settings.state_dir, appendfsync=settings.redis_appendfsync).start()

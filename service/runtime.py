@@ -21,7 +21,7 @@ from pathlib import Path
 import redis
 
 from models.artifacts import ArtifactError, Bundle
-from service.embedded_redis import EmbeddedRedis
+from service.embedded_redis import EmbeddedRedis, start_unless_url
 from service.engine import Engine
 from service.index import IndexConfig
 from service.loading import load_bundle
@@ -95,10 +95,8 @@ class Runtime:
 
     # -- life cycle -------------------------------------------------------------------------------------
     def start(self) -> Runtime:
-        redis_url = self.settings.redis_url
-        if redis_url is None:
-            self.embedded = EmbeddedRedis(self.settings.state_dir, appendfsync=self.settings.redis_appendfsync).start()
-            redis_url = self.embedded.url
+        self.embedded = start_unless_url(self.settings)
+        redis_url = self.embedded.url if self.embedded else self.settings.redis_url
         try:
             bundle = load_bundle(self.artifacts)
             self.client = redis_client(redis_url)
