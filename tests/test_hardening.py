@@ -455,8 +455,8 @@ def test_embedded_redis_stops_when_the_service_is_killed(artifact: Artifact, tmp
 
 
 def test_an_orphaned_embedded_redis_is_adopted_and_stopped(artifact: Artifact, tmp_path: Path) -> None:
-    """A server left running by a dead owner (started before this version, or where there is no parent-death
-    signal) is reused by the next start, which then owns it: a clean stop stops it too. A server whose owner is
+    """A server left running by a dead owner (one started without the parent-death signal, e.g. on another
+    system) is reused by the next start, which then owns it: a clean stop stops it too. A server whose owner is
     alive (a running service, while ``service check`` borrows it) is left running."""
     from service.embedded_redis import EmbeddedRedis, find_redis_server
 
