@@ -84,10 +84,7 @@ class ContentNeighbors(nn.Module):
     def __init__(self, inputs: Tensor, trained: Tensor, k: int) -> None:
         super().__init__()
         self.k = k
-        rows = trained.nonzero().squeeze(1)
-        keys = content_keys(inputs[rows])
-        position = torch.full((inputs.shape[0],), -1, dtype=torch.long, device=inputs.device)
-        position[rows] = torch.arange(len(rows), device=inputs.device)
+        rows, keys, position = trained_keys(inputs, trained)
         # Every item's neighbours (item rows), a trained item never its own: what training drops out.
         table = rows[nearest(content_keys(inputs), keys, k, skip=position)]
         self.register_buffer("keys", keys, persistent=False)  # (n_trained, d_x), unit rows
@@ -96,6 +93,15 @@ class ContentNeighbors(nn.Module):
         # The mean of k states is shorter than each of them: a learned scale (trained by the dropped-out
         # items' BPR pairs against trained items) puts new items back on the trained items' score scale.
         self.scale = nn.Parameter(torch.ones(()))
+
+
+def trained_keys(inputs: Tensor, trained: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The trained items as content neighbours: their item rows, their content keys (unit rows) and, for every
+    item, its own key index (-1 for an item without training interactions), which a query must skip."""
+    rows = trained.nonzero().squeeze(1)
+    position = torch.full((inputs.shape[0],), -1, dtype=torch.long, device=inputs.device)
+    position[rows] = torch.arange(len(rows), device=inputs.device)
+    return rows, content_keys(inputs[rows]), position
 
 
 def content_keys(inputs: Tensor) -> Tensor:

@@ -13,7 +13,8 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
-        "metammf_gcn", description="the model: metammf_gcn, metammf_mf or a baseline (models.registry.MODELS)"
+        "metammf_gcn",
+        description="the model: metammf_gcn, metammf_lightgcn, metammf_mf or a baseline (models.registry.MODELS)",
     )
     meta_dim: int = Field(5, ge=1, description="d_s: size of the meta information s_i")
     extractor_hidden: int = Field(64, ge=1, description="hidden width of the meta information extractor MLP")
@@ -25,7 +26,9 @@ class ModelConfig(BaseModel):
     static_weights: bool = Field(True, description="keep the static part W of W_i = W + T x3 s_i")
     leaky_slope: float = Field(0.01, ge=0.0, lt=1.0)
     normalize_features: bool = Field(True, description="standardise raw features with training statistics")
-    gcn_layers: int = Field(2, ge=1, le=4, description="GraphSAGE layers (metammf_gcn only)")
+    gcn_layers: int = Field(
+        2, ge=1, le=4, description="graph layers (GraphSAGE for metammf_gcn, LightGCN for metammf_lightgcn)"
+    )
     layer_combine: Literal["last", "mean"] = Field(
         "mean", description="final GCN embedding: last layer, or the mean of all layer outputs (incl. input)"
     )
@@ -56,14 +59,14 @@ class ModelConfig(BaseModel):
     content_alignment: float = Field(
         0.0,
         ge=0.0,
-        description="metammf_gcn: weight of a distillation term pulling each batch item's content-only "
+        description="graph backbones: weight of a distillation term pulling each batch item's content-only "
         "representation towards its trained one (squared distance to the detached final embedding)",
     )
     content_neighbors: int = Field(
         0,
         ge=0,
         le=1000,
-        description="metammf_gcn: a new item also borrows the graph states of its k nearest trained items by "
+        description="graph backbones: a new item also borrows the graph states of its k nearest trained items by "
         "content (cosine of the standardised raw features): their mean times a learned scale (which puts new "
         "items on the trained items' score scale), plus its own content-only states (content_residual); "
         "0 = content-only states alone",
@@ -78,9 +81,20 @@ class ModelConfig(BaseModel):
         description="items without training interactions: their ID embedding (the paper) or the content-only "
         "representation a new item gets",
     )
+    item_graph_k: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="graph backbones: each item's final embedding adds the similarity-weighted mean of the ego "
+        "representations of its k nearest trained items by content (a frozen item-item graph, as in FREEDOM; "
+        "models/item_graph.py); 0 = off",
+    )
+    item_graph_normalize: bool = Field(
+        False, description="with item_graph_k: the item-graph term scaled to unit length (as LATTICE adds it)"
+    )
     isolated_nodes: Literal["zeros", "self"] = Field(
         "zeros",
-        description="metammf_gcn: neighbour mean of a node without neighbours (a new item): zeros (PyG's mean "
+        description="graph backbones: neighbour aggregate of a node without neighbours (a new item): zeros (PyG's mean "
         "aggregation) or the node's own state (a self loop, so its content survives every layer)",
     )
     # Baseline-only settings (MetaMMF ignores them); the baselines otherwise reuse the fields above
@@ -124,11 +138,13 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _neighbors_need_a_graph(self) -> ModelConfig:
-        if self.content_neighbors and (self.name == "metammf_mf" or self.name.endswith("_fusion_mf")):
-            raise ValueError(
-                f"content_neighbors={self.content_neighbors} needs a graph backbone and model {self.name!r} is MF: "
-                "set model.content_neighbors=0 (e.g. --set model.content_neighbors=0)"
-            )
+        is_mf = self.name == "metammf_mf" or self.name.endswith("_fusion_mf")
+        for field in ("content_neighbors", "item_graph_k"):
+            if getattr(self, field) and is_mf:
+                raise ValueError(
+                    f"{field}={getattr(self, field)} needs a graph backbone and model {self.name!r} is MF: "
+                    f"set model.{field}=0 (e.g. --set model.{field}=0)"
+                )
         return self
 
     @property

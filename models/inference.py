@@ -2,7 +2,8 @@
 
 * a new item: fuse its raw features with its own fusion network, use the mean ID embedding as e^c,
   then run the graph layers for a node with no neighbours yet; with ``content_neighbors`` = k, add the
-  mean per-layer states of its k nearest training items by content (:mod:`models.cold_items`);
+  mean per-layer states of its k nearest training items by content (:mod:`models.cold_items`); with
+  ``item_graph_k`` = k, add the item-item content graph's term (:mod:`models.item_graph`);
 * a new user with some online interactions: start from the mean user embedding and aggregate the
   per-layer states of the items they interacted with through the trained graph layers (inductive).
 """
@@ -17,13 +18,19 @@ from torch import Tensor, nn
 from models.base import RecModel
 from models.cold_items import content_keys, nearest, with_neighbors
 from models.config import ModelConfig
-from models.metammf_gcn import MetaMMF_GCN, SAGETower
+from models.item_graph import content_graph_rows
+from models.metammf_gcn import MetaMMF_GCN
+from models.metammf_lightgcn import MetaMMF_LightGCN
 from models.metammf_mf import MetaMMF_MF, build_fusion
+
+# The servable models, by exact type: subclasses (the static-fusion baselines) have another fusion network.
+SERVABLE = {"metammf_gcn": MetaMMF_GCN, "metammf_lightgcn": MetaMMF_LightGCN, "metammf_mf": MetaMMF_MF}
 
 
 class InferenceEncoder(nn.Module):
     """Fusion network + graph layers + mean embeddings, detached from the training graph; with
-    ``content_neighbors``, the trained items' content keys and per-layer states (``n_neighbor_keys`` rows)."""
+    ``content_neighbors`` or ``item_graph_k``, the trained items' content keys and per-layer states
+    (``n_neighbor_keys`` rows)."""
 
     NEIGHBOR_BUFFERS = ("neighbor_keys", "neighbor_states", "neighbor_scale")
 
@@ -31,7 +38,8 @@ class InferenceEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.fusion = build_fusion(config, in_dim)
-        self.graph = SAGETower.from_config(config) if config.name == "metammf_gcn" else None
+        model = SERVABLE.get(config.name)
+        self.graph = model.tower(config) if model is not None and issubclass(model, MetaMMF_GCN) else None
         self.register_buffer("mean_item_id", torch.zeros(config.id_dim))
         self.register_buffer("mean_user", torch.zeros(config.embedding_dim))
         self.register_buffer("neighbor_keys", torch.zeros(n_neighbor_keys, in_dim))  # unit rows
@@ -53,28 +61,30 @@ class InferenceEncoder(nn.Module):
     @property
     def n_states(self) -> int:
         """Per-layer states kept for every item: h^0..h^L for the GCN, the embedding itself for MF."""
-        return 1 if self.graph is None else len(self.graph.convs) + 1
+        return 1 if self.graph is None else self.graph.n_layers + 1
 
     @classmethod
     @torch.no_grad()
     def from_model(cls, model: RecModel) -> InferenceEncoder:
-        # Exact types: subclasses (the static-fusion baselines) have another fusion network.
-        if type(model) not in (MetaMMF_GCN, MetaMMF_MF):
+        if type(model) not in SERVABLE.values():
             name = getattr(getattr(model, "config", None), "name", None)
             raise TypeError(
                 f"no inference encoder for {type(model).__name__}"
                 + (f" (model {name!r})" if name else "")
-                + ": only MetaMMF models (metammf_gcn, metammf_mf) can be served; baselines are for evaluation only"
+                + f": only MetaMMF models ({', '.join(SERVABLE)}) can be served; baselines are for evaluation only"
             )
         neighbors = getattr(model, "neighbors", None)
-        encoder = cls(model.config, model.items.fusion.in_dim, 0 if neighbors is None else len(neighbors.rows))
+        # Content neighbours and the item graph search the same keys: the trained items' content.
+        trained = neighbors if neighbors is not None else getattr(model, "item_graph", None)
+        encoder = cls(model.config, model.items.fusion.in_dim, 0 if trained is None else len(trained.rows))
         encoder.fusion.load_state_dict(model.items.fusion.state_dict())
         if isinstance(model, MetaMMF_GCN):
             encoder.graph.load_state_dict(model.graph.state_dict())
+        if trained is not None:
+            encoder.neighbor_keys.copy_(trained.keys)
+            encoder.neighbor_states.copy_(item_states(model)[:, trained.rows])
         if neighbors is not None:
-            encoder.neighbor_keys.copy_(neighbors.keys)
             encoder.neighbor_scale.copy_(neighbors.scale)
-            encoder.neighbor_states.copy_(item_states(model)[:, neighbors.rows])
         encoder.mean_item_id.copy_(model.items.id_embedding.weight.mean(0))
         encoder.mean_user.copy_(model.user_embedding.weight.mean(0))
         return encoder.eval()
@@ -85,16 +95,22 @@ class InferenceEncoder(nn.Module):
         mean_id = self.mean_item_id.expand(features.shape[0], -1)
         ego = torch.cat([self.fusion(features), mean_id], dim=1)
         states = [ego] if self.graph is None else self.graph.isolated(ego)
+        queries = content_keys(self.fusion.standardize(features.float()))
         if self.neighbor_keys.shape[0] and self.config.content_neighbors:
-            found = nearest(
-                content_keys(self.fusion.standardize(features.float())),
-                self.neighbor_keys,
-                self.config.content_neighbors,
-            )
+            found = nearest(queries, self.neighbor_keys, self.config.content_neighbors)
             states = with_neighbors(
                 states, self.neighbor_states, found, self.neighbor_scale, self.config.content_residual
             )
         final = states[0] if self.graph is None else self.graph.combine(states)
+        if self.neighbor_keys.shape[0] and self.config.item_graph_k:
+            extra = content_graph_rows(
+                queries,
+                self.neighbor_keys,
+                self.neighbor_states[0],
+                self.config.item_graph_k,
+                self.config.item_graph_normalize,
+            )
+            final = final + extra.to(final.dtype)
         return final, torch.stack(states)
 
     @torch.no_grad()
@@ -104,7 +120,7 @@ class InferenceEncoder(nn.Module):
         if self.graph is None:  # MF has no aggregation function: the mean of the items is the best guess
             return item_states[0].mean(0)
         states = [self.mean_user.unsqueeze(0)]
-        for layer in range(len(self.graph.convs)):
+        for layer in range(self.graph.n_layers):
             neighbor_mean = item_states[layer].mean(0, keepdim=True)
             states.append(self.graph.node_update(layer, states[-1], neighbor_mean))
         return self.graph.combine(states)[0]

@@ -34,6 +34,7 @@ from models.cold_items import (
 from models.config import ModelConfig
 from models.csr import SparseMatmul
 from models.graph_utils import batch_rows
+from models.item_graph import ItemContentGraph
 from models.metammf_mf import MultimodalItemEncoder, fusion_weights
 from models.neighbor_sampling import NeighborSampler
 from models.sage_rows import TowerSettings, sage_rows
@@ -102,6 +103,7 @@ class SAGETower(nn.Module):
         self.convs = nn.ModuleList(SAGEConv(dim, dim, aggr="mean", bias=bias) for _ in range(n_layers))
         self.activation = nn.LeakyReLU(leaky_slope)
         self.layer_combine = layer_combine
+        self.n_layers = n_layers
         self.init = init
         self.activate_last = activate_last
 
@@ -239,7 +241,7 @@ class MetaMMF_GCN(RecModel):
         dim = config.embedding_dim
         self.user_embedding = nn.Embedding(n_users, dim)
         self.items = items if items is not None else MultimodalItemEncoder(config, item_features)
-        self.graph = SAGETower.from_config(config)
+        self.graph = self.tower(config)
         edge_index = bipartite_edge_index(train_pairs.long(), self.n_users, self.n_items)
         self.register_buffer("edge_index", edge_index, persistent=False)
         untrained = untrained_mask(train_pairs, self.n_items)
@@ -249,9 +251,19 @@ class MetaMMF_GCN(RecModel):
         self.neighbors: ContentNeighbors | None = None
         if config.content_neighbors > 0:
             self.neighbors = ContentNeighbors(self.items.item_inputs, ~untrained, config.content_neighbors)
+        self.item_graph: ItemContentGraph | None = None
+        if config.item_graph_k > 0:
+            self.item_graph = ItemContentGraph(
+                self.items.item_inputs, ~untrained, config.item_graph_k, config.item_graph_normalize
+            )
         self._neighbor_states: Tensor | None = None  # detached (n_states, n_items, d), see _neighbor_prior
         self._aggregation: MeanAggregation | None = None
         self.reset_parameters()
+
+    @staticmethod
+    def tower(config: ModelConfig) -> SAGETower:
+        """The graph layers (also rebuilt by the service, :mod:`models.inference`)."""
+        return SAGETower.from_config(config)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.user_embedding.weight, std=0.1)
@@ -271,16 +283,20 @@ class MetaMMF_GCN(RecModel):
                 self._neighbor_states = torch.stack([s[self.n_users :] for s in self.graph(x, aggregate)]).float()
         return self._neighbor_states
 
+    def propagation(self, edge_index: Tensor) -> MeanAggregation:
+        """The neighbour aggregation of the graph layers over ``edge_index`` (GraphSAGE: the mean)."""
+        return MeanAggregation(edge_index, self.n_users + self.n_items)
+
     def _adjacency(self) -> MeanAggregation:
         # Built once per device (the graph is fixed during training).
         if self._aggregation is None or self._aggregation.device != self.edge_index.device:
-            self._aggregation = MeanAggregation(self.edge_index, self.n_users + self.n_items)
+            self._aggregation = self.propagation(self.edge_index)
         return self._aggregation
 
     def _dropped_adjacency(self) -> MeanAggregation:
         """The graph with a random ``edge_dropout`` share of the (directed) edges removed."""
         keep = torch.rand(self.edge_index.shape[1], device=self.edge_index.device) >= self.config.edge_dropout
-        return MeanAggregation(self.edge_index[:, keep], self.n_users + self.n_items)
+        return self.propagation(self.edge_index[:, keep])
 
     def _graph_input(self) -> tuple[Tensor, Tensor, MeanAggregation]:
         """Ego states of all nodes, the item ego states, and the graph to propagate over (in training
@@ -311,12 +327,18 @@ class MetaMMF_GCN(RecModel):
     def encode_new_items(self, features: Tensor) -> Tensor:
         """Final embeddings of items outside the model from their raw features (evaluation mode)."""
         fused = self.items.fusion(features)
+        inputs = self.items.fusion.standardize(features.float())
+        states = None
+        if self.neighbors is not None or self.item_graph is not None:
+            states, _ = self.layer_states()
         if self.neighbors is None:
-            return self.new_item_embeddings(fused)
-        queries = content_keys(self.items.fusion.standardize(features.float()))
-        found = self.neighbors.rows[nearest(queries, self.neighbors.keys, self.neighbors.k)]
-        states, _ = self.layer_states()
-        return self.new_item_embeddings(fused, found, torch.stack([s[self.n_users :] for s in states]))
+            final = self.new_item_embeddings(fused)
+        else:
+            found = self.neighbors.rows[nearest(content_keys(inputs), self.neighbors.keys, self.neighbors.k)]
+            final = self.new_item_embeddings(fused, found, torch.stack([s[self.n_users :] for s in states]))
+        if self.item_graph is not None:
+            final = final + self.item_graph.new_rows(inputs, states[0][self.n_users :]).to(final.dtype)
+        return final
 
     def layer_states(self) -> tuple[list[Tensor], Tensor]:
         """Per-layer node states [h^0..h^L] (each (n_users + n_items, d)) and the item ego states; items
@@ -355,9 +377,16 @@ class MetaMMF_GCN(RecModel):
         return replace_rows(items, cold, content), alignment
 
     def get_embedding(self) -> tuple[Tensor, Tensor]:
-        states, _ = self.layer_states()
+        states, item_ego = self.layer_states()
         final = self.graph.combine(states)
-        return final[: self.n_users], final[self.n_users :]
+        return final[: self.n_users], self._with_item_graph(final[self.n_users :], item_ego)
+
+    def _with_item_graph(self, items: Tensor, item_ego: Tensor, item_ids: Tensor | None = None) -> Tensor:
+        """Final item rows (of ``item_ids``, default all items) plus the item-item content graph's term."""
+        if self.item_graph is None:
+            return items
+        extra = self.item_graph(item_ego)
+        return items + (extra if item_ids is None else extra.index_select(0, item_ids)).to(items.dtype)
 
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         x, item_ego, aggregate = self._graph_input()
@@ -367,6 +396,7 @@ class MetaMMF_GCN(RecModel):
         items, alignment = self._content_items(
             item_ids, final[len(users) :], lambda at: item_ego.index_select(0, item_ids[at])
         )
+        items = self._with_item_graph(items, item_ego, item_ids)
         u, (pos, neg) = final[: len(users)], items.split(len(users))
         loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + alignment
         if self.config.reg_target == "final":

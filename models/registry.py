@@ -93,11 +93,23 @@ def _metammf_gcn(inputs: ModelInputs, config: ModelConfig, reg_weight: float) ->
     return MetaMMF_GCN(inputs.n_users, inputs.item_features, inputs.train_pairs, config, reg_weight)
 
 
+def _metammf_lightgcn(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> RecModel:
+    from models.metammf_lightgcn import MetaMMF_LightGCN
+
+    return MetaMMF_LightGCN(inputs.n_users, inputs.item_features, inputs.train_pairs, config, reg_weight)
+
+
 MODELS: dict[str, ModelSpec] = {
     "metammf_gcn": ModelSpec(
         "models.registry:_metammf_gcn", "MetaMMF, GraphSAGE backbone", servable=True, layers_field="gcn_layers"
     ),
     "metammf_mf": ModelSpec("models.registry:_metammf_mf", "MetaMMF, MF backbone", servable=True),
+    "metammf_lightgcn": ModelSpec(
+        "models.registry:_metammf_lightgcn",
+        "MetaMMF, LightGCN backbone with a frozen item-item content graph",
+        servable=True,
+        layers_field="gcn_layers",
+    ),
     # Baselines (the paper's Table 2) ...
     "vbpr": ModelSpec("models.vbpr:VBPR", "VBPR (He & McAuley 2016)"),
     "lightgcn": ModelSpec("models.lightgcn:LightGCN", "LightGCN (He et al. 2020), pure CF", layers_field="gcn_layers"),

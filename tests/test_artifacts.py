@@ -30,7 +30,7 @@ from training.evaluate import topk_items
 from training.export import export_artifacts
 from training.trainer import TrainResult, build_model, train
 
-MODEL_NAMES = ["metammf_gcn", "metammf_mf"]
+MODEL_NAMES = ["metammf_gcn", "metammf_lightgcn", "metammf_mf"]
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +94,7 @@ def test_bundle_loads_consistent_contents(exported, runs, tiny_data: RecData, ma
     np.testing.assert_array_equal(bundle.user_embeddings, user_emb)
     np.testing.assert_array_equal(bundle.item_embeddings, item_emb)
     assert bundle.user_embeddings.shape == (n_users, dim) and bundle.item_embeddings.shape == (n_items, dim)
-    assert bundle.item_states.shape == ((3 if name == "metammf_gcn" else 1), n_items, dim)
+    assert bundle.item_states.shape == ((1 if name == "metammf_mf" else 3), n_items, dim)
     np.testing.assert_array_equal(bundle.item_popularity, np.bincount(tiny_data.train[:, 1], minlength=n_items))
     assert bundle.user_ids == [str(u) for u in range(n_users)]
     assert bundle.item_ids == [str(i) for i in range(n_items)]

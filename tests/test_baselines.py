@@ -25,6 +25,7 @@ from models.invrl import InvRL
 from models.lattice import LATTICE
 from models.lightgcn import LightGCN
 from models.metammf_gcn import MetaMMF_GCN
+from models.metammf_lightgcn import MetaMMF_LightGCN
 from models.metammf_mf import MetaMMF_MF
 from models.mmgcn import MMGCN
 from models.ngcf import NGCF
@@ -45,6 +46,7 @@ BASELINES = [name for name in MODELS if not is_servable(name)]
 EXPECTED_CLASS = {
     "metammf_gcn": MetaMMF_GCN,
     "metammf_mf": MetaMMF_MF,
+    "metammf_lightgcn": MetaMMF_LightGCN,
     "vbpr": VBPR,
     "lightgcn": LightGCN,
     "ngcf": NGCF,
@@ -111,7 +113,7 @@ def test_every_registered_name_is_a_valid_config_and_builds_its_class(data: RecD
         model = build_model(data, make_config(name), reg_weight=1e-4)
         assert type(model) is EXPECTED_CLASS[name], name
         assert isinstance(model, RecModel) and (model.n_users, model.n_items) == (data.n_users, data.n_items)
-    assert [name for name in MODELS if is_servable(name)] == ["metammf_gcn", "metammf_mf"]
+    assert [name for name in MODELS if is_servable(name)] == ["metammf_gcn", "metammf_mf", "metammf_lightgcn"]
     modes = {name: build_model(data, make_config(name), 1e-4).items.fusion.mode for name in MODELS if "fusion" in name}
     assert modes == {name: name.split("_")[0] for name in modes}
 

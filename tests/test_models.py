@@ -18,7 +18,7 @@ from training.data import RecData
 from training.sampling import BPRSampler
 from training.trainer import build_model
 
-MODEL_NAMES = ["metammf_mf", "metammf_gcn"]
+MODEL_NAMES = ["metammf_mf", "metammf_gcn", "metammf_lightgcn"]
 
 
 def make_model(data: RecData, config, seed: int = 0) -> RecModel:

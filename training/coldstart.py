@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from models.base import RecModel
-from models.inference import InferenceEncoder
+from models.inference import SERVABLE, InferenceEncoder
 from training.data import DataError, RecData
 from training.evaluate import EvalResult, full_rank_evaluate
 
@@ -50,6 +50,7 @@ PROTOCOLS = ("warm", "cold_items")
 CONTENT_MODELS = frozenset(
     {
         "metammf_gcn",
+        "metammf_lightgcn",
         "metammf_mf",
         "vbpr",
         "graphsage",
@@ -189,7 +190,7 @@ def cold_item_embeddings(model: RecModel, features: Tensor, warm_features: Tenso
 
     features = features.float()
     model.eval()
-    if type(model) in (MetaMMF_MF, MetaMMF_GCN):
+    if type(model) in SERVABLE.values():
         # The service's own encoder: exactly what POST /items computes for these features.
         return InferenceEncoder.from_model(model).to(features.device).encode_items(features)[0]
     if isinstance(model, MetaMMF_MF | MetaMMF_GCN):  # the static-fusion subclasses: the same path

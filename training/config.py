@@ -110,6 +110,11 @@ def check_neighbor_sampling(model: ModelConfig, train: TrainConfig) -> None:
         raise ConfigError(
             f"train.neighbor_sampling=true needs model.name=metammf_gcn ({model.name} has no graph to sample)"
         )
+    if model.item_graph_k:
+        raise ConfigError(
+            f"train.neighbor_sampling=true cannot compute the item-item content graph (model.item_graph_k="
+            f"{model.item_graph_k}) on a sampled subgraph: set model.item_graph_k=0 or train on the full graph"
+        )
     if train.fanouts is not None and len(train.fanouts) != model.gcn_layers:
         raise ConfigError(
             f"train.fanouts={train.fanouts} has {len(train.fanouts)} entries but model.gcn_layers="

@@ -1,0 +1,91 @@
+r"""A frozen item-item graph from content, added to a graph backbone's item embeddings.
+
+Each item's :math:`k` nearest *trained* items by content (cosine of the standardised raw features, the keys
+of :mod:`models.cold_items`) are its neighbours, weighted by their similarity clamped at 0 and normalised
+per item (rows sum to 1):
+
+.. math::
+    S_{ij} = \frac{\max(0, \cos(x_i, x_j))}{\sum_{j' \in N_k(i)} \max(0, \cos(x_i, x_{j'}))}, \qquad
+    e_i \mathrel{+}= \textstyle\sum_j S_{ij}\, h_j^0
+
+where :math:`h_j^0 = [e_j^m ; e_j^c]` is the neighbour's ego representation. The graph is built once, before
+training, as FREEDOM (Zhou et al., ACM MM 2023) freezes LATTICE's initial graph; it is row-normalised rather
+than symmetric, so a new item's row is computed exactly from its own neighbours (``POST /items``) without
+changing any trained item's row. A trained item is never its own neighbour, so an item whose ID part is
+dropped out in training (``cold_item_dropout``) learns nothing from its own ID through this term.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.utils import to_torch_csr_tensor
+
+from models.cold_items import content_keys, nearest, trained_keys
+from models.csr import SparseMatmul
+
+
+def neighbor_weights(queries: Tensor, keys: Tensor, found: Tensor) -> Tensor:
+    """(b, k) weights of the keys ``found`` (b, k) for unit ``queries``: cosine clamped at 0, rows summing to 1
+    (a row with no positive similarity stays 0)."""
+    similarity = (queries.unsqueeze(1) * keys[found]).sum(-1).clamp_min(0)
+    return similarity / similarity.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def content_graph_rows(queries: Tensor, keys: Tensor, ego: Tensor, k: int, normalize: bool = False) -> Tensor:
+    """:math:`\\sum_j S_{ij} h_j^0` (b, d) for items outside the graph with unit content ``queries`` (b, d_x),
+    given the trained items' ``keys`` and ego representations ``ego`` (in key order); unit rows with
+    ``normalize``."""
+    found = nearest(queries, keys, k)
+    weights = neighbor_weights(queries, keys, found)
+    rows = (weights.unsqueeze(-1) * ego[found].float()).sum(1)
+    return F.normalize(rows, dim=1) if normalize else rows
+
+
+class ItemContentGraph(nn.Module):
+    """The frozen graph :math:`S` over all items.
+
+    Args:
+        inputs: (n_items, d_x) the fusion network's inputs (standardised raw features).
+        trained: (n_items,) bool, the items with training interactions: the only possible neighbours.
+        k: neighbours per item.
+        normalize: scale each item's term to unit length (LATTICE adds its item-graph term that way).
+    """
+
+    def __init__(self, inputs: Tensor, trained: Tensor, k: int, normalize: bool = False) -> None:
+        super().__init__()
+        self.k = k
+        self.normalize = normalize
+        self.n_items = inputs.shape[0]
+        rows, keys, position = trained_keys(inputs, trained)
+        queries = content_keys(inputs)
+        found = nearest(queries, keys, k, skip=position)
+        weights = neighbor_weights(queries, keys, found)
+        targets = torch.arange(inputs.shape[0], device=inputs.device).repeat_interleave(found.shape[1])
+        self.register_buffer("keys", keys, persistent=False)  # (n_trained, d_x) unit rows
+        self.register_buffer("rows", rows, persistent=False)  # key index -> item row
+        self.register_buffer("edge_index", torch.stack([rows[found].reshape(-1), targets]), persistent=False)
+        self.register_buffer("edge_weight", weights.reshape(-1), persistent=False)
+        self._matrices: tuple[Tensor, Tensor] | None = None
+
+    def _csr(self) -> tuple[Tensor, Tensor]:
+        """S and its transpose as CSR tensors, built once per device (the graph is fixed)."""
+        if self._matrices is None or self._matrices[0].device != self.edge_index.device:
+            n = self.n_items
+            source, target = self.edge_index
+            self._matrices = (
+                to_torch_csr_tensor(torch.stack([target, source]), self.edge_weight, size=(n, n)),
+                to_torch_csr_tensor(torch.stack([source, target]), self.edge_weight, size=(n, n)),
+            )
+        return self._matrices
+
+    def forward(self, item_ego: Tensor) -> Tensor:
+        """:math:`S h^0` (n_items, d) for the ego representations of all items (n_items, d)."""
+        rows = SparseMatmul.apply(item_ego, *self._csr())
+        return F.normalize(rows, dim=1) if self.normalize else rows
+
+    @torch.no_grad()
+    def new_rows(self, inputs: Tensor, item_ego: Tensor) -> Tensor:
+        """:math:`\\sum_j S_{ij} h_j^0` for items outside the graph from their standardised raw features."""
+        return content_graph_rows(content_keys(inputs), self.keys, item_ego[self.rows], self.k, self.normalize)

@@ -1,0 +1,167 @@
+"""MetaMMF_LightGCN and the frozen item-item content graph: the formulas, new items, and serving."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from torch_geometric.nn import LGConv
+
+from models.inference import InferenceEncoder, item_states
+from models.item_graph import ItemContentGraph
+from models.metammf_gcn import bipartite_edge_index
+from models.metammf_lightgcn import MetaMMF_LightGCN
+from service.app import create_app
+from service.settings import Settings
+from tests.service_support import AUTH, KEY, post_item, rec
+from training.config import DataConfig, RunConfig, TrainConfig
+from training.data import RecData
+from training.export import export_artifacts
+from training.synthetic import SyntheticConfig, generate_synthetic
+from training.trainer import train
+
+NEW_ITEMS = {"untrained_items": "content", "isolated_nodes": "self", "content_neighbors": 5, "cold_item_dropout": 0.2}
+
+
+def build(data: RecData, config, train_pairs: np.ndarray | None = None, seed: int = 0) -> MetaMMF_LightGCN:
+    torch.manual_seed(seed)
+    pairs = torch.from_numpy(data.train if train_pairs is None else train_pairs)
+    model = MetaMMF_LightGCN(data.n_users, torch.from_numpy(data.item_features()), pairs, config)
+    with torch.no_grad():  # off the structured init, so equalities are not accidental
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    return model.eval()
+
+
+def test_propagation_is_lightgcn_over_the_ego_representations(tiny_data: RecData, make_config) -> None:
+    """Without the item graph the final embeddings are PyG LightGCN (LGConv, layer mean) over [users | ego]."""
+    config = make_config("metammf_lightgcn", gcn_layers=3)
+    model = build(tiny_data, config)
+    edge_index = bipartite_edge_index(torch.from_numpy(tiny_data.train), tiny_data.n_users, tiny_data.n_items)
+    h = torch.cat([model.user_embedding.weight, model.items()]).detach()
+    states = [h]
+    for _ in range(3):
+        states.append(LGConv()(states[-1], edge_index))
+    expected = torch.stack(states).mean(0)
+    users, items = model.get_embedding()
+    torch.testing.assert_close(torch.cat([users, items]), expected, atol=1e-5, rtol=1e-5)
+    assert list(model.graph.parameters()) == []  # no weights, no non-linearity
+
+
+def test_item_graph_rows_are_trained_content_neighbours_summing_to_one(tiny_data: RecData) -> None:
+    features = torch.from_numpy(tiny_data.item_features())
+    trained = torch.ones(tiny_data.n_items, dtype=torch.bool)
+    trained[:10] = False
+    graph = ItemContentGraph(features, trained, k=4)
+    source, target = graph.edge_index
+    assert torch.equal(torch.bincount(target, minlength=tiny_data.n_items), torch.full((tiny_data.n_items,), 4))
+    assert bool((source >= 10).all())  # only trained items are neighbours
+    assert bool((source != target).all())  # never the item itself
+    sums = torch.zeros(tiny_data.n_items).index_add_(0, target, graph.edge_weight)
+    torch.testing.assert_close(sums, torch.ones(tiny_data.n_items))
+    # The most similar trained item by cosine carries the largest weight of item 20.
+    unit = torch.nn.functional.normalize(features, dim=1)
+    similarity = unit[20] @ unit.T
+    similarity[:10] = -2
+    similarity[20] = -2
+    mine = target == 20
+    assert int(source[mine][graph.edge_weight[mine].argmax()]) == int(similarity.argmax())
+    # S h is the weighted sum, in the forward and the backward pass.
+    ego = torch.randn(tiny_data.n_items, 6, requires_grad=True)
+    dense = torch.zeros(tiny_data.n_items, tiny_data.n_items)
+    dense[target, source] = graph.edge_weight
+    out = graph(ego)
+    torch.testing.assert_close(out, dense @ ego)
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(ego.grad, 2 * dense.T @ (dense @ ego.detach()))
+
+
+def test_final_item_embedding_adds_the_item_graph_term(tiny_data: RecData, make_config) -> None:
+    plain = build(tiny_data, make_config("metammf_lightgcn"))
+    with_graph = build(tiny_data, make_config("metammf_lightgcn", item_graph_k=5))
+    users_a, items_a = plain.get_embedding()
+    users_b, items_b = with_graph.get_embedding()
+    torch.testing.assert_close(users_a, users_b)  # the term is not propagated to users
+    torch.testing.assert_close(items_b - items_a, with_graph.item_graph(with_graph.items()).detach())
+    unit = build(tiny_data, make_config("metammf_lightgcn", item_graph_k=5, item_graph_normalize=True))
+    term = unit.get_embedding()[1] - items_a
+    torch.testing.assert_close(term.norm(dim=1), torch.ones(tiny_data.n_items))
+
+
+@pytest.mark.parametrize(
+    "item_graph", [{"item_graph_k": 0}, {"item_graph_k": 5}, {"item_graph_k": 5, "item_graph_normalize": True}]
+)
+def test_a_new_item_gets_what_an_item_without_interactions_gets(tiny_data: RecData, make_config, item_graph) -> None:
+    """The serving encoder's embedding of a new item equals the model's embedding of an item of the catalogue
+    nobody interacted with, with the same features (content neighbours and the item graph included)."""
+    new = tiny_data.n_items - 1
+    train_pairs = tiny_data.train[tiny_data.train[:, 1] != new]
+    model = build(tiny_data, make_config("metammf_lightgcn", **item_graph, **NEW_ITEMS), train_pairs)
+    encoder = InferenceEncoder.from_model(model)
+    embedding, states = encoder.encode_items(torch.from_numpy(tiny_data.item_features()[new:]))
+    _, items = model.get_embedding()
+    torch.testing.assert_close(embedding[0], items[new], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(states[:, 0], item_states(model)[:, new], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.encode_new_items(torch.from_numpy(tiny_data.item_features()[new:])), embedding)
+
+
+def test_a_new_user_aggregates_the_states_of_their_items(tiny_data: RecData, make_config) -> None:
+    """Layer l+1 of a new user is the mean of their items' layer-l states (LightGCN's aggregation with a
+    row-normalised adjacency), starting from the mean user embedding; their score ranks those items' content
+    neighbourhood above the rest on average."""
+    model = build(tiny_data, make_config("metammf_lightgcn", gcn_layers=2))
+    encoder = InferenceEncoder.from_model(model)
+    states = item_states(model)
+    items = torch.tensor([3, 17, 40])
+    user = encoder.encode_user(states[:, items])
+    mean_user = model.user_embedding.weight.mean(0).detach()
+    layer1 = states[0, items].mean(0)
+    layer2 = states[1, items].mean(0)
+    torch.testing.assert_close(user, (mean_user + layer1 + layer2) / 3)
+
+
+def test_neighbour_sampling_is_refused_with_the_item_graph(make_config) -> None:
+    from training.config import ConfigError, check_neighbor_sampling
+
+    with pytest.raises(ConfigError, match="item_graph_k"):
+        check_neighbor_sampling(make_config("metammf_gcn", item_graph_k=5), TrainConfig(neighbor_sampling=True))
+    with pytest.raises(ConfigError, match="metammf_gcn"):
+        check_neighbor_sampling(make_config("metammf_lightgcn"), TrainConfig(neighbor_sampling=True))
+
+
+def test_mf_backbones_refuse_the_item_graph(make_config) -> None:
+    with pytest.raises(ValueError, match="item_graph_k=5 needs a graph backbone"):
+        make_config("metammf_mf", item_graph_k=5)
+
+
+def test_trained_exported_and_served_with_new_items(tmp_path, redis_url: str, ns: str) -> None:
+    """Trains, exports and serves: a new item posted with the features of a user's top item lands in that user's
+    top 20 (its content neighbours and item-graph row are that item's neighbourhood) and is similar to it."""
+    synthetic = SyntheticConfig(n_users=300, n_items=200, seed=11)
+    data = generate_synthetic(synthetic)
+    run = RunConfig(
+        data=DataConfig(synthetic=synthetic),
+        model={"name": "metammf_lightgcn", "item_graph_k": 10, **NEW_ITEMS},
+        train=TrainConfig(progress=False, epochs=20, lr=0.01, seed=3),
+    )
+    result = train(data, run.model, run.train)
+    path = export_artifacts(result, data, run, tmp_path / "artifacts")
+    users = [str(u) for u in range(data.n_users)]
+    settings = Settings(artifacts=path, redis_url=redis_url, api_key=KEY, namespace=ns)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/info").json()["model"] == "metammf_lightgcn"
+        user = users[7]
+        top = rec(client, user, 1)["items"][0]["item_id"]
+        row = int(top)
+        features = {m: data.features[m][row].astype(float).tolist() for m in data.modality_dims}
+        post_item(client, "copy-of-top", features)
+        assert "copy-of-top" in [i["item_id"] for i in rec(client, user, 20)["items"]]
+        similar = client.get("/items/copy-of-top/similar", params={"k": 10}).json()["items"]
+        assert top in [i["item_id"] for i in similar]
+        # A new user with online interactions is embedded inductively through the LightGCN aggregation.
+        for item in ("3", "17", "copy-of-top"):
+            r = client.post("/interactions", json={"user_id": "newcomer", "item_id": item}, headers=AUTH)
+            assert r.status_code == 201, r.text
+        body = rec(client, "newcomer", 10)
+        assert body["strategy"] == "inductive" and len(body["items"]) == 10
