@@ -171,6 +171,16 @@ def test_evaluate_reproduces_train_metrics(trained, workdir: Path) -> None:
         assert result[key] == pytest.approx(printed[key], abs=1e-4), key
 
 
+def test_fusion_share_prints_a_row_per_fusion_layer(trained, workdir: Path) -> None:
+    _, art = trained
+    proc = run_cli("fusion-share", "--artifacts", str(art), cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 1, proc.stdout
+    dynamic, static, spread = (float(cell) for cell in rows[0].strip("|").split("|")[1:])
+    assert 0 <= dynamic <= 1 and 0 <= static <= 1 and spread >= 0
+
+
 def test_missing_data_directory_exits_2(quick) -> None:
     result = quick["missing_data"]
     assert result["code"] == 2

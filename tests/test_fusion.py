@@ -321,3 +321,29 @@ def test_fusion_is_item_specific() -> None:
     solution = torch.linalg.lstsq(xs, out).solution
     residual = (xs @ solution - out).norm() / out.norm()
     assert residual > 0.05
+
+
+@pytest.mark.parametrize("tensor", ["cp", "full"])
+def test_fusion_shares_split_each_layer_at_the_mean_meta_information(tensor: str) -> None:
+    """The static map at mean(s) plus the item-specific rest is the layer's output; a network whose meta tensor
+    is zero has no dynamic share, and one without W whose s varies has a positive one."""
+    from training.fusion_share import fusion_shares
+
+    torch.manual_seed(0)
+    fusion = MetaFusionNetwork(12, fused_dim=4, meta_dim=3, extractor_hidden=8, n_layers=2, tensor=tensor, rank=4)
+    x = torch.randn(50, 12)
+    shares = fusion_shares(fusion, x)
+    assert [s.layer for s in shares] == [1, 2]
+    for s in shares:
+        assert 0 < s.dynamic_share < 1 and 0 < s.static_share < 1 and s.meta_spread > 0
+    # Layer 1 by hand: the energy of out - static over the energy of out.
+    layer, meta = fusion.layers[0], fusion.meta_information(x)
+    with torch.no_grad():
+        out, static = layer(x, meta), layer(x, meta.mean(0, keepdim=True).expand_as(meta))
+    assert shares[0].dynamic_share == pytest.approx(float((out - static).pow(2).sum() / out.pow(2).sum()), rel=1e-5)
+    with torch.no_grad():
+        for layer in fusion.layers:
+            for name in ("factor_meta", "meta_tensor"):
+                if hasattr(layer, name):
+                    getattr(layer, name).zero_()
+    assert all(s.dynamic_share == 0 and s.static_share == pytest.approx(1) for s in fusion_shares(fusion, x))

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {train,evaluate,generate-synthetic} --help``."""
+"""Command line: ``python -m training {train,evaluate,fusion-share,generate-synthetic} --help``."""
 
 from __future__ import annotations
 
@@ -87,18 +87,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def load_trained(args: argparse.Namespace):
+    """The model of an artifact directory (``args.artifacts``) with its weights, its data and its config."""
     import torch
     from safetensors.torch import load_file
 
-    from training.trainer import build_model, evaluate_split
+    from training.trainer import build_model
 
     path = Path(args.artifacts)
     read_manifest(path)
     cfg = RunConfig.model_validate_json((path / "config.json").read_text())
     if args.data:
         cfg.data.path = args.data
-    if args.device:
+    if getattr(args, "device", None):
         cfg.train.device = args.device
     data = load_data(cfg.data)
     model = build_model(data, cfg.model, cfg.train.reg_weight)
@@ -106,9 +107,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model.load_state_dict(load_file(path / "model.safetensors"))
     except RuntimeError as exc:
         raise ArtifactError(f"{path / 'model.safetensors'}: does not fit data {data.name!r}: {exc}") from None
-    model.to(torch.device(cfg.train.device))
+    return model.to(torch.device(cfg.train.device)).eval(), data, cfg
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.trainer import evaluate_split
+
+    model, data, cfg = load_trained(args)
     result = evaluate_split(model, data, args.split, cfg.train)
     print(json.dumps({"split": args.split, **{k: round(v, 5) for k, v in result.metrics.items()}}, indent=2))
+    return 0
+
+
+def cmd_fusion_share(args: argparse.Namespace) -> int:
+    from training.fusion_share import fusion_shares
+
+    model, _, cfg = load_trained(args)
+    items = getattr(model, "items", None)
+    if items is None or not hasattr(items.fusion, "meta_information"):
+        print(f"error: model {cfg.model.name!r} has no meta fusion network", file=sys.stderr)
+        return 2
+    print(
+        f"Fusion network of {args.artifacts} ({cfg.model.name}, {cfg.model.tensor} tensor), "
+        f"over its {model.n_items} items:"
+    )
+    print("| layer | dynamic share | static share | std of s_i across items |")
+    print("| ---: | ---: | ---: | ---: |")
+    for share in fusion_shares(items.fusion, items.item_inputs):
+        print(f"| {share.layer} | {share.dynamic_share:.4f} | {share.static_share:.4f} | {share.meta_spread:.4f} |")
     return 0
 
 
@@ -166,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("--device", help="torch device")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "fusion-share",
+        help="how much of each item's fused representation depends on its meta information s_i",
+        description="Split every fusion layer's output x_i W_i into the static map at the mean meta information "
+        "(W + T x3 mean(s)) and the item-specific rest (T x3 (s_i - mean(s))), and print each part's share of the "
+        "output energy over the artifact's items (training/fusion_share.py).",
+    )
+    p.add_argument("--artifacts", required=True, help="artifact directory written by train")
+    p.add_argument("--data", help="data directory (default: the one in the artifact's config)")
+    p.set_defaults(func=cmd_fusion_share)
 
     p = sub.add_parser("generate-synthetic", help="write the built-in synthetic data set in MMRec format")
     p.add_argument("--out", required=True, help="directory to write")
