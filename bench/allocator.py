@@ -4,7 +4,7 @@ For each model, trains ``--steps`` steps of 3000 triples (after ``--warmup``) in
 ``MMF_MALLOC_KEEP_MB=0`` (glibc's default behaviour) and with the amount the training entry points keep
 (``--keep-mb``, default 512), alternating the two ``--repeats`` times (best kept), and prints a table:
 seconds per 100 steps, page faults and kernel seconds per step, the peak resident memory and the speed-up.
-Models are built with the settings of configs/tiktok.yaml, as bench/train.py builds them.
+Models are built with the settings of configs/tiktok-metammf_gcn.yaml, as bench/train.py builds them.
 
     python bench/allocator.py --models gat grcn metammf_gcn          # on ../shared/data/tiktok
     python bench/allocator.py --dataset tiny --models gat            # the small synthetic set

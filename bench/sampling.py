@@ -5,8 +5,8 @@ median and mean over ``--steps`` steps after one warm-up step. ``peak_mb`` is th
 process (torch, data, model); ``before_steps_mb`` the peak before the first step (data loaded, model
 built), so their difference is what the training steps add.
 
-    python bench/sampling.py --config configs/tiktok.yaml --steps 10
-    python bench/sampling.py --config configs/tiktok.yaml --fanouts 5 5 5 --batch-size 512
+    python bench/sampling.py --config configs/tiktok-metammf_gcn.yaml --steps 10
+    python bench/sampling.py --config configs/tiktok-metammf_gcn.yaml --fanouts 5 5 5 --batch-size 512
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ its own). Rows, for every combination asked for:
 ``--quality`` adds time-to-quality rows on the first of ``--datasets``: wall time (training steps + the
 per-epoch validation that early stopping needs; the test evaluation used to detect the target is not
 counted) until test Recall@20 first reaches ``--target`` (0.068, the best test Recall@20 of the original
-code on the TikTok set), with the settings of configs/tiktok.yaml. Everything here trains the paper's model:
-configs/tiktok.yaml's new-item settings (``models/cold_items.py``) are turned off.
+code on the TikTok set), with the settings of configs/tiktok-metammf_gcn.yaml. Everything here trains the paper's model:
+configs/tiktok-metammf_gcn.yaml's new-item settings (``models/cold_items.py``) are turned off.
 
     python bench/train.py                                    # CPU, all data sets, timing rows
     python bench/train.py --datasets tiktok --quality        # + time to Recall@20 >= 0.068
@@ -105,7 +105,7 @@ def reference_feasible(data: RecData, config: ModelConfig) -> bool:
     return data.n_items * max(a * b for a, b in itertools.pairwise(widths)) * 4 < 2 * 2**30
 
 
-# The paper's model: configs/tiktok.yaml's new-item training (models/cold_items.py) off, so that both
+# The paper's model: configs/tiktok-metammf_gcn.yaml's new-item training (models/cold_items.py) off, so that both
 # implementations compute the same loss, for the MF backbone too.
 PAPER_NEW_ITEMS = [
     "model.untrained_items=id",
@@ -117,7 +117,7 @@ PAPER_NEW_ITEMS = [
 
 def model_config(dataset: str, model: str, tensor: str) -> ModelConfig:
     # the tuned settings, on every data set
-    base = load_run_config(ROOT / "configs" / "tiktok.yaml", PAPER_NEW_ITEMS).model
+    base = load_run_config(ROOT / "configs" / "tiktok-metammf_gcn.yaml", PAPER_NEW_ITEMS).model
     return base.model_copy(
         update={"name": model, "tensor": tensor, "fusion_layers": FUSION_LAYERS.get(dataset, base.fusion_layers)}
     )
@@ -228,9 +228,11 @@ def _peak_rss() -> int:
 
 
 def measure_quality(spec: dict) -> dict:
-    """Wall time to test Recall@20 >= target with the project's trainer settings (configs/tiktok.yaml)."""
+    """Wall time to test Recall@20 >= target with the project's trainer settings (configs/tiktok-metammf_gcn.yaml)."""
     data = load_dataset(spec["dataset"], Path(spec["tiktok"]))
-    run = load_run_config(ROOT / "configs" / "tiktok.yaml", [*PAPER_NEW_ITEMS, f"model.name={spec['model']}"])
+    run = load_run_config(
+        ROOT / "configs" / "tiktok-metammf_gcn.yaml", [*PAPER_NEW_ITEMS, f"model.name={spec['model']}"]
+    )
     cfg: TrainConfig = run.train.model_copy(
         update={"progress": False, "device": spec["device"], "precision": spec["precision"]}
     )
@@ -414,8 +416,8 @@ def main() -> None:
     if args.quality:
         dataset = args.datasets[0]
         print(
-            f"\nTime to test Recall@20 >= {args.target} on {dataset} (configs/tiktok.yaml settings; training + "
-            "validation on the clock, test evaluation off it):\n"
+            f"\nTime to test Recall@20 >= {args.target} on {dataset} (configs/tiktok-metammf_gcn.yaml settings; "
+            "training + validation on the clock, test evaluation off it):\n"
         )
         print("| model | precision | seconds | epochs | test R@20 then | valid R@20 then |")
         print("|---|---|---:|---:|---:|---:|")

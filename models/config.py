@@ -13,7 +13,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
-        "metammf_gcn",
+        "metammf_lightgcn",
         description="the model: metammf_gcn, metammf_lightgcn, metammf_mf or a baseline (models.registry.MODELS)",
     )
     meta_dim: int = Field(5, ge=1, description="d_s: size of the meta information s_i")
@@ -27,7 +27,7 @@ class ModelConfig(BaseModel):
     leaky_slope: float = Field(0.01, ge=0.0, lt=1.0)
     normalize_features: bool = Field(True, description="standardise raw features with training statistics")
     gcn_layers: int = Field(
-        2, ge=1, le=4, description="graph layers (GraphSAGE for metammf_gcn, LightGCN for metammf_lightgcn)"
+        3, ge=1, le=4, description="graph layers (GraphSAGE for metammf_gcn, LightGCN for metammf_lightgcn)"
     )
     layer_combine: Literal["last", "mean"] = Field(
         "mean", description="final GCN embedding: last layer, or the mean of all layer outputs (incl. input)"
@@ -49,7 +49,7 @@ class ModelConfig(BaseModel):
     layer_reg: float = Field(0.0, ge=0.0, description="L2 weight on the GraphSAGE and fusion weights")
     # New items (POST /items, held-out items, items without training interactions): content only.
     cold_item_dropout: float = Field(
-        0.0,
+        0.2,
         ge=0.0,
         lt=1.0,
         description="share of each training batch's items scored through their content-only representation "
@@ -63,7 +63,7 @@ class ModelConfig(BaseModel):
         "representation towards its trained one (squared distance to the detached final embedding)",
     )
     content_neighbors: int = Field(
-        0,
+        30,
         ge=0,
         le=1000,
         description="graph backbones: a new item also borrows the graph states of its k nearest trained items by "
@@ -72,17 +72,17 @@ class ModelConfig(BaseModel):
         "0 = content-only states alone",
     )
     content_residual: bool = Field(
-        True,
+        False,
         description="with content_neighbors: a new item's own content-only states are added to the neighbours' "
         "scaled mean (false: the scaled mean alone)",
     )
     untrained_items: Literal["id", "content"] = Field(
-        "id",
+        "content",
         description="items without training interactions: their ID embedding (the paper) or the content-only "
         "representation a new item gets",
     )
     item_graph_k: int = Field(
-        0,
+        10,
         ge=0,
         le=1000,
         description="graph backbones: each item's final embedding adds the similarity-weighted mean of the ego "
@@ -93,7 +93,7 @@ class ModelConfig(BaseModel):
         False, description="with item_graph_k: the item-graph term scaled to unit length (as LATTICE adds it)"
     )
     isolated_nodes: Literal["zeros", "self"] = Field(
-        "zeros",
+        "self",
         description="graph backbones: neighbour aggregate of a node without neighbours (a new item): zeros (PyG's mean "
         "aggregation) or the node's own state (a self loop, so its content survives every layer)",
     )
@@ -138,13 +138,19 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _neighbors_need_a_graph(self) -> ModelConfig:
+        """The graph-only new-item settings: off for an MF backbone where they are defaults, an error where the
+        user set them."""
         is_mf = self.name == "metammf_mf" or self.name.endswith("_fusion_mf")
         for field in ("content_neighbors", "item_graph_k"):
-            if getattr(self, field) and is_mf:
-                raise ValueError(
-                    f"{field}={getattr(self, field)} needs a graph backbone and model {self.name!r} is MF: "
-                    f"set model.{field}=0 (e.g. --set model.{field}=0)"
-                )
+            if not (getattr(self, field) and is_mf):
+                continue
+            if field not in self.model_fields_set:
+                object.__setattr__(self, field, 0)  # (frozen-style assignment: no re-validation loop)
+                continue
+            raise ValueError(
+                f"{field}={getattr(self, field)} needs a graph backbone and model {self.name!r} is MF: "
+                f"set model.{field}=0 (e.g. --set model.{field}=0)"
+            )
         return self
 
     @property

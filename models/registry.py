@@ -137,6 +137,15 @@ MODELS: dict[str, ModelSpec] = {
     "hybrid_fusion_gcn": ModelSpec(
         "models.static_fusion:hybrid_fusion_gcn", "static hybrid fusion, GCN backbone", layers_field="gcn_layers"
     ),
+    # ... and with the served default's LightGCN backbone.
+    **{
+        f"{mode}_fusion_lightgcn": ModelSpec(
+            f"models.static_fusion:{mode}_fusion_lightgcn",
+            f"static {mode} fusion, LightGCN backbone",
+            layers_field="gcn_layers",
+        )
+        for mode in ("early", "late", "hybrid")
+    },
 }
 
 

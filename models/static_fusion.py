@@ -1,5 +1,6 @@
 r"""Static multimodal fusion: the ablation of the MetaMMF paper's Table 3 (Early, Late and Hybrid
-fusion, each with the MF and with the GCN backbone).
+fusion, each with the MF and with the GCN backbone), and the same three for the LightGCN backbone of
+:class:`~models.metammf_lightgcn.MetaMMF_LightGCN`.
 
 Everything but the fusion function is MetaMMF's: the item ego representation is
 :math:`[e_i^m ; e_i^c]` (fused content plus an ID embedding), the MF variant scores
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from models.config import ModelConfig
 from models.fusion import tower_widths
 from models.metammf_gcn import MetaMMF_GCN
+from models.metammf_lightgcn import MetaMMF_LightGCN
 from models.metammf_mf import MetaMMF_MF
 from models.registry import ModelInputs
 
@@ -179,6 +181,24 @@ class StaticFusionGCN(MetaMMF_GCN):
         self.fusion_mode = mode
 
 
+class StaticFusionLightGCN(MetaMMF_LightGCN):
+    """LightGCN backbone (with the item-item content graph of ``item_graph_k``) with static fusion."""
+
+    def __init__(
+        self,
+        n_users: int,
+        item_features: Tensor,
+        modality_dims: dict[str, int],
+        train_pairs: Tensor,
+        config: ModelConfig,
+        reg_weight: float = 1e-4,
+        mode: FusionMode = "early",
+    ) -> None:
+        items = StaticItemEncoder(config, item_features, modality_dims, mode)
+        super().__init__(n_users, item_features, train_pairs, config, reg_weight, items=items)
+        self.fusion_mode = mode
+
+
 def _mf(mode: FusionMode):
     def build(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> StaticFusionMF:
         return StaticFusionMF(
@@ -197,5 +217,16 @@ def _gcn(mode: FusionMode):
     return build
 
 
+def _lightgcn(mode: FusionMode):
+    def build(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> StaticFusionLightGCN:
+        return StaticFusionLightGCN(
+            inputs.n_users, inputs.item_features, inputs.modality_dims, inputs.train_pairs, config, reg_weight, mode
+        )
+
+    return build
+
+
 early_fusion_mf, late_fusion_mf, hybrid_fusion_mf = _mf("early"), _mf("late"), _mf("hybrid")
 early_fusion_gcn, late_fusion_gcn, hybrid_fusion_gcn = _gcn("early"), _gcn("late"), _gcn("hybrid")
+early_fusion_lightgcn, late_fusion_lightgcn = _lightgcn("early"), _lightgcn("late")
+hybrid_fusion_lightgcn = _lightgcn("hybrid")

@@ -246,7 +246,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="MetaMMF recommendation service",
         version="0.1.0",
-        description="Top-k recommendations from MetaMMF_GCN embeddings; new items are fused from their raw "
+        description="Top-k recommendations from the embeddings of a trained MetaMMF model (the artifact's: "
+        "MetaMMF_LightGCN by default, MetaMMF_GCN or MetaMMF_MF); new items are fused from their raw "
         "multimodal features by the meta learner and are recommendable at once. Write endpoints need the "
         "X-API-Key header" + (", and so do reads (MMF_REQUIRE_KEY_FOR_READS)." if closed_reads else "."),
         lifespan=lifespan,

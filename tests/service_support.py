@@ -84,7 +84,7 @@ class Artifact:
 
 @pytest.fixture(scope="session")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
-    """A MetaMMF_GCN trained for 3 epochs on 300 users x 200 items, exported as a serving artifact."""
+    """The default model trained for 3 epochs on 300 users x 200 items, exported as a serving artifact."""
     data = generate_synthetic(SYNTHETIC)
     run = RunConfig(data=DataConfig(synthetic=SYNTHETIC), train=TrainConfig(progress=False, epochs=3))
     result = train(data, run.model, run.train)
@@ -93,8 +93,9 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
     emb = load_file(path / "embeddings.safetensors")
     pairs = np.load(path / "interactions.npy")
     config = RunConfig.model_validate_json((path / "config.json").read_text())
-    encoder = InferenceEncoder(config.model, sum(data.modality_dims.values()))
-    encoder.load_state_dict(load_tensors(path / "encoder.safetensors"))
+    encoder = InferenceEncoder.from_state_dict(
+        config.model, sum(data.modality_dims.values()), load_tensors(path / "encoder.safetensors")
+    )
     seen: dict[str, set[str]] = {u: set() for u in catalog["users"]}
     for u, i in pairs.tolist():
         seen[catalog["users"][u]].add(catalog["items"][i])

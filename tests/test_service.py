@@ -755,7 +755,7 @@ def test_health_metrics_openapi(client: TestClient, artifact: Artifact) -> None:
     assert 'route="/recommend/{user_id}",status="422"' in text
     assert f"mmf_index_items {float(len(artifact.item_ids))}" in text
     artifact_id = client.get("/info").json()["artifact_id"]
-    assert f'mmf_model_info{{artifact_id="{artifact_id}",model="metammf_gcn"}} 1.0' in text
+    assert f'mmf_model_info{{artifact_id="{artifact_id}",model="metammf_lightgcn"}} 1.0' in text
     spec = client.get("/openapi.json").json()
     for path in (
         "/recommend/{user_id}", "/items", "/items:batch", "/items/{item_id}", "/items/{item_id}/similar",

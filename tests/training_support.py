@@ -8,7 +8,18 @@ from training.data import RecData
 from training.synthetic import SyntheticConfig
 
 TINY = SyntheticConfig(n_users=200, n_items=150, modality_dims={"visual": 16, "acoustic": 16}, seed=0)
-SMALL_MODEL = {"fused_dim": 16, "id_dim": 16, "rank": 8, "extractor_hidden": 32, "meta_dim": 5}
+# The paper's settings for the model-level tests (the code's defaults are the served model's: new-item
+# treatment and the item-item graph on, three layers); tests of those settings ask for them explicitly.
+PAPER_SETTINGS = {
+    "gcn_layers": 2,
+    "item_graph_k": 0,
+    "content_neighbors": 0,
+    "content_residual": True,
+    "untrained_items": "id",
+    "isolated_nodes": "zeros",
+    "cold_item_dropout": 0.0,
+}
+SMALL_MODEL = {"fused_dim": 16, "id_dim": 16, "rank": 8, "extractor_hidden": 32, "meta_dim": 5, **PAPER_SETTINGS}
 
 
 def random_ranker_recall(data: RecData, k: int = 20) -> float:

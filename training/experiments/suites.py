@@ -56,15 +56,16 @@ LABELS = {
     "invrl": "InvRL",
     POPULARITY: "Popularity",
     **{
-        f"{mode}_fusion_{b}": f"{mode.capitalize()} fusion ({b.upper()})"
+        f"{mode}_fusion_{b}": f"{mode.capitalize()} fusion ({label})"
         for mode in ("early", "late", "hybrid")
-        for b in ("mf", "gcn")
+        for b, label in (("mf", "MF"), ("gcn", "GCN"), ("lightgcn", "LightGCN"))
     },
 }
 METAMMF = ("metammf_mf", "metammf_gcn")  # the paper's two models
 SERVABLE_METAMMF = (*METAMMF, "metammf_lightgcn")
-STATIC_FUSION = [f"{mode}_fusion_{b}" for b in ("mf", "gcn") for mode in ("early", "late", "hybrid")]
-COLDSTART_MODELS = [*METAMMF, "vbpr", *STATIC_FUSION, POPULARITY]
+PAPER_STATIC_FUSION = [f"{mode}_fusion_{b}" for b in ("mf", "gcn") for mode in ("early", "late", "hybrid")]
+STATIC_FUSION = [*PAPER_STATIC_FUSION, *(f"{mode}_fusion_lightgcn" for mode in ("early", "late", "hybrid"))]
+COLDSTART_MODELS = [*METAMMF, "vbpr", *PAPER_STATIC_FUSION, POPULARITY]
 RANKS: list[int | str] = [4, 8, 16, 32, "full"]
 DEPTHS = [1, 2, 3, 4]
 LAYERS = "layers"  # grid key: the model's own layer count (ModelSpec.layers_field); skipped where it has none
@@ -224,12 +225,12 @@ def table2_models() -> list[str]:
 def fusion(ctx: Context) -> list[Path]:
     """Static early, late and hybrid fusion against MetaMMF's dynamic fusion, MF and GCN backbones (the
     fusion comparison of the paper's Table 3)."""
-    models = ctx.models or [*STATIC_FUSION, *METAMMF]
+    models = ctx.models or [*PAPER_STATIC_FUSION, *METAMMF]
     groups = {label(m): ctx.group(label(m), {"model.name": m, "data.protocol": "warm"}) for m in models}
     comparisons = [
-        Comparison(label(dynamic), [label(m) for m in STATIC_FUSION if m.endswith(backbone) and m in models],
-            f"{label(dynamic)} vs the strongest static fusion ({backbone.upper()})")
-        for dynamic, backbone in (("metammf_mf", "mf"), ("metammf_gcn", "gcn"))
+        Comparison(label(dynamic), [label(m) for m in STATIC_FUSION if m.endswith(f"_{backbone}") and m in models],
+            f"{label(dynamic)} vs the strongest static fusion ({label(dynamic).split('_')[1]})")
+        for dynamic, backbone in (("metammf_mf", "mf"), ("metammf_gcn", "gcn"), ("metammf_lightgcn", "lightgcn"))
         if dynamic in models
     ]  # fmt: skip
     table = results_table(
