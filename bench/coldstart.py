@@ -78,7 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--data", help="MMRec data directory (default: the built-in synthetic data)")
-    p.add_argument("--config", help="run config (YAML or TOML); its model must be servable (metammf_gcn, metammf_mf)")
+    p.add_argument(
+        "--config",
+        help="run config (YAML or TOML); its model must be servable (metammf_lightgcn, metammf_gcn, metammf_mf)",
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the config, e.g. train.epochs=5")
     p.add_argument("--seeds", type=int, default=3, help="training seeds: train.seed + 0..N-1 (default 3)")
     p.add_argument(

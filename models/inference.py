@@ -91,11 +91,17 @@ class InferenceEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_items(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """Raw features (b, d_x) of new items -> (final embeddings (b, d), states (n_states, b, d))."""
+        """Raw features (b, d_x) of new items -> (final embeddings (b, d), states (n_states, b, d)).
+
+        An item whose fused content or standardised features overflow float32 gets a NaN embedding (its content
+        neighbours alone could hide the overflow): callers refuse non-finite results."""
+        inputs = self.fusion.standardize(features.float())
+        fused = self.fusion.fuse_standardized(inputs)
+        overflow = ~(torch.isfinite(fused).all(1) & torch.isfinite(torch.linalg.vector_norm(inputs, dim=1)))
         mean_id = self.mean_item_id.expand(features.shape[0], -1)
-        ego = torch.cat([self.fusion(features), mean_id], dim=1)
+        ego = torch.cat([fused, mean_id], dim=1)
         states = [ego] if self.graph is None else self.graph.isolated(ego)
-        queries = content_keys(self.fusion.standardize(features.float()))
+        queries = content_keys(inputs)
         if self.neighbor_keys.shape[0] and self.config.content_neighbors:
             found = nearest(queries, self.neighbor_keys, self.config.content_neighbors)
             states = with_neighbors(
@@ -111,6 +117,8 @@ class InferenceEncoder(nn.Module):
                 self.config.item_graph_normalize,
             )
             final = final + extra.to(final.dtype)
+        if bool(overflow.any()):
+            final = final.masked_fill(overflow.unsqueeze(1), float("nan"))
         return final, torch.stack(states)
 
     @torch.no_grad()

@@ -30,7 +30,7 @@ from models.metammf_mf import MetaMMF_MF
 from models.mmgcn import MMGCN
 from models.ngcf import NGCF
 from models.registry import MODELS, is_servable
-from models.static_fusion import StaticFusionGCN, StaticFusionMF
+from models.static_fusion import StaticFusionGCN, StaticFusionLightGCN, StaticFusionMF
 from models.vbpr import VBPR
 from tests.training_support import random_ranker_recall
 from training import cli
@@ -58,6 +58,7 @@ EXPECTED_CLASS = {
     "invrl": InvRL,
     **{f"{mode}_fusion_mf": StaticFusionMF for mode in ("early", "late", "hybrid")},
     **{f"{mode}_fusion_gcn": StaticFusionGCN for mode in ("early", "late", "hybrid")},
+    **{f"{mode}_fusion_lightgcn": StaticFusionLightGCN for mode in ("early", "late", "hybrid")},
 }
 
 
@@ -70,7 +71,7 @@ def data() -> RecData:
     )
 
 
-TRAIN = TrainConfig(epochs=20, batch_size=256, lr=0.005, patience=100, progress=False, seed=7)
+TRAIN = TrainConfig(epochs=20, batch_size=256, lr=0.005, reg_weight=1e-4, patience=100, progress=False, seed=7)
 _runs: dict[str, TrainResult] = {}
 
 

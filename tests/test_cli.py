@@ -129,7 +129,7 @@ def test_train_writes_artifacts_and_prints_json(trained) -> None:
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)  # stdout is exactly one JSON document; logs go to stderr
     assert summary["artifacts"] == str(art.resolve())
-    assert summary["model"] == "metammf_gcn"
+    assert summary["model"] == "metammf_lightgcn"
     assert summary["best_epoch"] in (1, 2)
     plain = {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "hit") for k in (10, 20)}
     # (with the slice of items without training interactions where the data has any)
@@ -151,7 +151,7 @@ def test_resolved_config_is_written(trained, workdir: Path) -> None:
     assert written["train"]["epochs"] == 2
     assert written["train"]["progress"] is False
     assert written["data"]["path"] == str(workdir / "data")
-    assert written["model"]["name"] == "metammf_gcn"
+    assert written["model"]["name"] == "metammf_lightgcn"
     defaults = RunConfig().model_dump(mode="json")
     for section in ("model", "train"):  # untouched defaults are written out in full
         for key, value in defaults[section].items():

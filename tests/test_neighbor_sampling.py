@@ -156,12 +156,17 @@ def test_neighbor_sampled_training_learns(make_config) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+GCN = ["model.name=metammf_gcn", "model.item_graph_k=0"]  # the model that samples, without the item graph
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["model.name=metammf_mf", "train.neighbor_sampling=true"], "needs model.name=metammf_gcn"),
-        (["train.neighbor_sampling=true", "train.fanouts=[10]"], r"one fanout per GCN layer"),
-        (["train.neighbor_sampling=true", "model.gcn_layers=3", "train.fanouts=[5, 5]"], "gcn_layers=3"),
+        ([*GCN, "train.neighbor_sampling=true", "train.fanouts=[10]"], r"one fanout per GCN layer"),
+        ([*GCN, "train.neighbor_sampling=true", "model.gcn_layers=3", "train.fanouts=[5, 5]"], "gcn_layers=3"),
+        (["train.neighbor_sampling=true"], "needs model.name=metammf_gcn"),  # the default model has no sampler
+        (["model.name=metammf_gcn", "train.neighbor_sampling=true"], "item_graph_k=10"),
         (["train.fanouts=[10, 0]"], "positive integers"),
         (["train.fanouts=[]"], "positive integers"),
         (["train.neighbor_sampling=maybe"], "neighbor_sampling"),
@@ -173,9 +178,11 @@ def test_invalid_sampling_configs(overrides: list[str], message: str) -> None:
 
 
 def test_valid_sampling_configs_and_defaults() -> None:
-    cfg = load_run_config(None, ["train.neighbor_sampling=true", "model.gcn_layers=3", "train.fanouts=[10, 5, -1]"])
+    cfg = load_run_config(
+        None, [*GCN, "train.neighbor_sampling=true", "model.gcn_layers=3", "train.fanouts=[10, 5, -1]"]
+    )
     assert cfg.train.fanouts_for(3) == [10, 5, -1]
-    assert load_run_config(None, ["train.neighbor_sampling=true"]).train.fanouts_for(2) == [10, 10]
+    assert load_run_config(None, [*GCN, "train.neighbor_sampling=true"]).train.fanouts_for(2) == [10, 10]
     assert load_run_config(None).train.neighbor_sampling is False
 
 

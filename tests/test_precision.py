@@ -15,7 +15,7 @@ from training.data import RecData
 from training.precision import run_precision, step_precision
 from training.trainer import train
 
-TRAIN = TrainConfig(epochs=15, batch_size=256, lr=0.005, patience=100, progress=False, seed=7)
+TRAIN = TrainConfig(epochs=15, batch_size=256, lr=0.005, reg_weight=1e-4, patience=100, progress=False, seed=7)
 
 
 @pytest.mark.parametrize("name", ["metammf_gcn", "metammf_mf", "lightgcn", "lattice", "grcn"])

@@ -102,9 +102,7 @@ class Version:
 
 def encoder_of(path: Path, in_dim: int) -> InferenceEncoder:
     config = ModelConfig.model_validate(json.loads((path / "config.json").read_text())["model"])
-    encoder = InferenceEncoder(config, in_dim)
-    encoder.load_state_dict(load_file(path / "encoder.safetensors"))
-    return encoder.eval()
+    return InferenceEncoder.from_state_dict(config, in_dim, load_file(path / "encoder.safetensors"))
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ cold items are masked, as in the warm protocol. Early stopping monitors the same
 
 Scoring unseen items from content (:func:`cold_item_embeddings`), per model family:
 
-* MetaMMF_MF / MetaMMF_GCN and the static-fusion variants: ego ``[fusion(x_i) ; mean item ID
-  embedding]`` (what :class:`models.inference.InferenceEncoder` serves); GCN backbones then run the
-  GraphSAGE layers for a node without neighbours (``SAGETower.isolated``);
+* MetaMMF_MF / MetaMMF_GCN / MetaMMF_LightGCN and the static-fusion variants: ego ``[fusion(x_i) ; mean
+  item ID embedding]`` (what :class:`models.inference.InferenceEncoder` serves); graph backbones then run
+  their layers for a node without neighbours (``isolated``), with the content neighbours' states and the
+  item-item content graph's term where the config turns them on;
 * VBPR: ``[mean gamma_i ; E f_i ; mean beta_i + beta'^T f_i]``;
 * GraphSAGE / GAT: the projected features through the layers as an isolated node (GAT: self loop only);
 * MMGCN: per modality, the projected features with the mean item ID embedding as an isolated node.
@@ -56,7 +57,11 @@ CONTENT_MODELS = frozenset(
         "graphsage",
         "gat",
         "mmgcn",
-        *(f"{mode}_fusion_{backbone}" for mode in ("early", "late", "hybrid") for backbone in ("mf", "gcn")),
+        *(
+            f"{mode}_fusion_{backbone}"
+            for mode in ("early", "late", "hybrid")
+            for backbone in ("mf", "gcn", "lightgcn")
+        ),
     }
 )
 PURE_ID_MODELS = frozenset({"lightgcn", "ngcf"})

@@ -52,7 +52,7 @@ class TrainConfig(BaseModel):
     epochs: int = Field(1000, ge=1)
     batch_size: int = Field(3000, ge=1)
     lr: float = Field(5e-3, gt=0)
-    reg_weight: float = Field(1e-2, ge=0, description="L2 weight on batch representations")
+    reg_weight: float = Field(3e-2, ge=0, description="L2 weight on batch representations")
     patience: int = Field(10, ge=1, description="evaluations without improvement before stopping")
     eval_every: int = Field(1, ge=1, description="validate every N epochs")
     monitor: str = Field("recall@20", description="validation metric for early stopping")

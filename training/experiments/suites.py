@@ -110,8 +110,9 @@ class Context:
         for dotted, value in changes.items():
             section, key = dotted.split(".", 1)
             dump[section][key] = value
-        if dump["model"]["name"] in MF_BACKBONES:  # content neighbours need a graph backbone: off for MF
+        if dump["model"]["name"] in MF_BACKBONES:  # content neighbours and the item graph need a graph backbone
             dump["model"]["content_neighbors"] = 0
+            dump["model"]["item_graph_k"] = 0
         return RunConfig.model_validate(dump)
 
     def group(self, row: str, changes: dict[str, Any], *, embeddings: bool = False) -> list[RunRecord]:
