@@ -158,9 +158,12 @@ scaling out:
   data-parallel over N processes (gloo on CPU, NCCL on CUDA, one GPU per process);
   same steps as one process up to float rounding, rank 0 evaluates and writes --out:
     torchrun --nproc_per_node N -m training train --config CONFIG --out DIR
-  neighbour-sampled mini-batches (metammf_gcn; memory scales with the sampled
-  subgraph, evaluation stays full-graph), one fanout per GCN layer, -1 = all:
-    --set train.neighbor_sampling=true --set 'train.fanouts=[10, 10]'
+  neighbour-sampled mini-batches (metammf_gcn without the item graph; memory scales
+  with the sampled subgraph, evaluation stays full-graph), one fanout per layer:
+    --model metammf_gcn --set model.item_graph_k=0 \\
+    --set train.neighbor_sampling=true --set 'train.fanouts=[10, 10, 10]'
+defaults: the served model (metammf_lightgcn, models/config.py); the paper's
+MetaMMF_GCN: --config configs/tiktok-metammf_gcn.yaml (or synthetic-metammf_gcn.yaml)
 """
 
 
