@@ -181,22 +181,10 @@ class StaticFusionGCN(MetaMMF_GCN):
         self.fusion_mode = mode
 
 
-class StaticFusionLightGCN(MetaMMF_LightGCN):
-    """LightGCN backbone (with the item-item content graph of ``item_graph_k``) with static fusion."""
-
-    def __init__(
-        self,
-        n_users: int,
-        item_features: Tensor,
-        modality_dims: dict[str, int],
-        train_pairs: Tensor,
-        config: ModelConfig,
-        reg_weight: float = 1e-4,
-        mode: FusionMode = "early",
-    ) -> None:
-        items = StaticItemEncoder(config, item_features, modality_dims, mode)
-        super().__init__(n_users, item_features, train_pairs, config, reg_weight, items=items)
-        self.fusion_mode = mode
+class StaticFusionLightGCN(StaticFusionGCN, MetaMMF_LightGCN):
+    """LightGCN backbone (with the item-item content graph of ``item_graph_k``) with static fusion: the
+    constructor of :class:`StaticFusionGCN`, the tower and propagation of
+    :class:`~models.metammf_lightgcn.MetaMMF_LightGCN` (next in the method resolution order)."""
 
 
 def _mf(mode: FusionMode):
@@ -208,18 +196,9 @@ def _mf(mode: FusionMode):
     return build
 
 
-def _gcn(mode: FusionMode):
+def _graph(model: type[StaticFusionGCN], mode: FusionMode):
     def build(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> StaticFusionGCN:
-        return StaticFusionGCN(
-            inputs.n_users, inputs.item_features, inputs.modality_dims, inputs.train_pairs, config, reg_weight, mode
-        )
-
-    return build
-
-
-def _lightgcn(mode: FusionMode):
-    def build(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> StaticFusionLightGCN:
-        return StaticFusionLightGCN(
+        return model(
             inputs.n_users, inputs.item_features, inputs.modality_dims, inputs.train_pairs, config, reg_weight, mode
         )
 
@@ -227,6 +206,7 @@ def _lightgcn(mode: FusionMode):
 
 
 early_fusion_mf, late_fusion_mf, hybrid_fusion_mf = _mf("early"), _mf("late"), _mf("hybrid")
-early_fusion_gcn, late_fusion_gcn, hybrid_fusion_gcn = _gcn("early"), _gcn("late"), _gcn("hybrid")
-early_fusion_lightgcn, late_fusion_lightgcn = _lightgcn("early"), _lightgcn("late")
-hybrid_fusion_lightgcn = _lightgcn("hybrid")
+early_fusion_gcn, late_fusion_gcn, hybrid_fusion_gcn = (_graph(StaticFusionGCN, m) for m in ("early", "late", "hybrid"))
+early_fusion_lightgcn, late_fusion_lightgcn, hybrid_fusion_lightgcn = (
+    _graph(StaticFusionLightGCN, m) for m in ("early", "late", "hybrid")
+)
