@@ -6,6 +6,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Settings only a graph backbone can use: zero for an MF backbone unless set explicitly (then an error).
+GRAPH_ONLY_FIELDS = ("content_neighbors", "item_graph_k")
+
+
+def is_mf_backbone(name: str) -> bool:
+    """MetaMMF_MF and the static-fusion MF variants: no user-item graph."""
+    return name == "metammf_mf" or name.endswith("_fusion_mf")
+
 
 class ModelConfig(BaseModel):
     """Hyper-parameters of a MetaMMF model (and of the baselines behind the same contract)."""
@@ -140,8 +148,8 @@ class ModelConfig(BaseModel):
     def _neighbors_need_a_graph(self) -> ModelConfig:
         """The graph-only new-item settings: off for an MF backbone where they are defaults, an error where the
         user set them."""
-        is_mf = self.name == "metammf_mf" or self.name.endswith("_fusion_mf")
-        for field in ("content_neighbors", "item_graph_k"):
+        is_mf = is_mf_backbone(self.name)
+        for field in GRAPH_ONLY_FIELDS:
             if not (getattr(self, field) and is_mf):
                 continue
             if field not in self.model_fields_set:

@@ -546,3 +546,16 @@ def test_newitems_suite_puts_every_new_item_variant_side_by_side(tmp_path: Path)
     # MF backbones cannot take content neighbours: the suites turn them off there.
     assert ctx.variant(0, {"model.name": "late_fusion_mf"}).model.content_neighbors == 0
     assert ctx.variant(0, {"model.name": "metammf_gcn"}).model.content_neighbors == 7
+
+
+def test_suites_turn_the_graph_only_settings_off_for_mf_backbones(tmp_path: Path) -> None:
+    """A base config with the item graph and content neighbours (as configs/tiktok.yaml): MF rows run without
+    both, graph rows keep them."""
+    base = tiny_config(**{"model.name": "metammf_lightgcn", "model.content_neighbors": 7, "model.item_graph_k": 5})
+    ctx = Context(Runner(tmp_path), base, seeds=1, out=tmp_path)
+    for name in ("metammf_mf", "late_fusion_mf"):
+        model = ctx.variant(0, {"model.name": name}).model
+        assert (model.content_neighbors, model.item_graph_k) == (0, 0), name
+    for name in ("metammf_lightgcn", "early_fusion_gcn"):
+        model = ctx.variant(0, {"model.name": name}).model
+        assert (model.content_neighbors, model.item_graph_k) == (7, 5), name

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from models.config import GRAPH_ONLY_FIELDS, is_mf_backbone
 from models.registry import get_spec, model_names
 from training.config import RunConfig
 from training.experiments import plots
@@ -77,9 +78,6 @@ DEFAULT_GRID: dict[str, list[Any]] = {
 TUNED_FILE = Path("tune") / "best.json"
 
 
-MF_BACKBONES = frozenset({"metammf_mf", *(f"{mode}_fusion_mf" for mode in ("early", "late", "hybrid"))})
-
-
 def label(name: str) -> str:
     return LABELS.get(name, name)
 
@@ -110,9 +108,9 @@ class Context:
         for dotted, value in changes.items():
             section, key = dotted.split(".", 1)
             dump[section][key] = value
-        if dump["model"]["name"] in MF_BACKBONES:  # content neighbours and the item graph need a graph backbone
-            dump["model"]["content_neighbors"] = 0
-            dump["model"]["item_graph_k"] = 0
+        if is_mf_backbone(dump["model"]["name"]):  # a base config's graph-only settings do not apply
+            for field in GRAPH_ONLY_FIELDS:
+                dump["model"][field] = 0
         return RunConfig.model_validate(dump)
 
     def group(self, row: str, changes: dict[str, Any], *, embeddings: bool = False) -> list[RunRecord]:
