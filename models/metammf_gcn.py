@@ -326,8 +326,8 @@ class MetaMMF_GCN(RecModel):
     @torch.no_grad()
     def encode_new_items(self, features: Tensor) -> Tensor:
         """Final embeddings of items outside the model from their raw features (evaluation mode)."""
-        fused = self.items.fusion(features)
         inputs = self.items.fusion.standardize(features.float())
+        fused = self.items.fusion.fuse_standardized(inputs)
         states = None
         if self.neighbors is not None or self.item_graph is not None:
             states, _ = self.layer_states()

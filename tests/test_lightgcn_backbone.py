@@ -15,6 +15,7 @@ from models.metammf_lightgcn import MetaMMF_LightGCN
 from service.app import create_app
 from service.settings import Settings
 from tests.service_support import AUTH, KEY, post_item, rec
+from tests.training_support import perturb
 from training.config import DataConfig, RunConfig, TrainConfig
 from training.data import RecData
 from training.export import export_artifacts
@@ -28,9 +29,7 @@ def build(data: RecData, config, train_pairs: np.ndarray | None = None, seed: in
     torch.manual_seed(seed)
     pairs = torch.from_numpy(data.train if train_pairs is None else train_pairs)
     model = MetaMMF_LightGCN(data.n_users, torch.from_numpy(data.item_features()), pairs, config)
-    with torch.no_grad():  # off the structured init, so equalities are not accidental
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape))
+    perturb(model)
     return model.eval()
 
 

@@ -14,6 +14,7 @@ from models.csr import csr_matmul
 from models.inference import InferenceEncoder, item_states
 from models.metammf_gcn import MetaMMF_GCN, bipartite_edge_index
 from models.metammf_mf import MetaMMF_MF
+from tests.training_support import perturb
 from training.data import RecData
 from training.sampling import BPRSampler
 from training.trainer import build_model
@@ -24,14 +25,6 @@ MODEL_NAMES = ["metammf_mf", "metammf_gcn", "metammf_lightgcn"]
 def make_model(data: RecData, config, seed: int = 0) -> RecModel:
     torch.manual_seed(seed)
     return build_model(data, config, reg_weight=1e-4)
-
-
-def perturb(model: RecModel, seed: int = 1) -> None:
-    """Move every parameter off its (possibly structured) init so equalities are not accidental."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def user_items(pairs: np.ndarray, user: int) -> np.ndarray:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from models.base import RecModel
 from training.data import RecData
 from training.synthetic import SyntheticConfig
 
@@ -37,3 +39,11 @@ def random_ranker_recall(data: RecData, k: int = 20) -> float:
         ranked = data.n_items - len(seen)
         recalls.append(len(items - seen) / len(items) * min(k, ranked) / ranked)
     return float(np.mean(recalls))
+
+
+def perturb(model: RecModel, seed: int = 1) -> None:
+    """Move every parameter off its (possibly structured) init so equalities are not accidental."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
