@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch_geometric.utils import to_torch_csr_tensor
 
 
 def csr_matmul(matrix: Tensor, x: Tensor) -> Tensor:
@@ -28,6 +29,17 @@ def csr_matmul(matrix: Tensor, x: Tensor) -> Tensor:
         mode="sum",
         per_sample_weights=matrix.values(),
         include_last_offset=True,
+    )
+
+
+def csr_pair(edge_index: Tensor, weights: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
+    """The weighted adjacency of edges ``source -> target`` (row = target) and its transpose, as CSR tensors:
+    what :class:`SparseMatmul` multiplies by in the forward and the backward pass."""
+    source, target = edge_index
+    size = (num_nodes, num_nodes)
+    return (
+        to_torch_csr_tensor(torch.stack([target, source]), weights, size),
+        to_torch_csr_tensor(torch.stack([source, target]), weights, size),
     )
 
 

@@ -20,10 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.utils import to_torch_csr_tensor
 
 from models.cold_items import content_keys, nearest, trained_keys
-from models.csr import SparseMatmul
+from models.csr import SparseMatmul, csr_pair
 
 
 def neighbor_weights(queries: Tensor, keys: Tensor, found: Tensor) -> Tensor:
@@ -72,12 +71,7 @@ class ItemContentGraph(nn.Module):
     def _csr(self) -> tuple[Tensor, Tensor]:
         """S and its transpose as CSR tensors, built once per device (the graph is fixed)."""
         if self._matrices is None or self._matrices[0].device != self.edge_index.device:
-            n = self.n_items
-            source, target = self.edge_index
-            self._matrices = (
-                to_torch_csr_tensor(torch.stack([target, source]), self.edge_weight, size=(n, n)),
-                to_torch_csr_tensor(torch.stack([source, target]), self.edge_weight, size=(n, n)),
-            )
+            self._matrices = csr_pair(self.edge_index, self.edge_weight, self.n_items)
         return self._matrices
 
     def forward(self, item_ego: Tensor) -> Tensor:

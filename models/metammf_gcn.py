@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
-from torch_geometric.utils import coalesce, degree, to_torch_csr_tensor
+from torch_geometric.utils import coalesce, degree
 
 from models.base import RecModel, bpr_loss, l2_penalty
 from models.cold_items import (
@@ -32,7 +32,7 @@ from models.cold_items import (
     with_neighbors,
 )
 from models.config import ModelConfig
-from models.csr import SparseMatmul
+from models.csr import SparseMatmul, csr_pair
 from models.graph_utils import batch_rows
 from models.item_graph import ItemContentGraph
 from models.metammf_mf import MultimodalItemEncoder, fusion_weights
@@ -69,11 +69,9 @@ class MeanAggregation:
     """
 
     def __init__(self, edge_index: Tensor, num_nodes: int) -> None:
-        source, target = edge_index
+        target = edge_index[1]
         weights = 1.0 / degree(target, num_nodes).clamp_min(1)[target]
-        size = (num_nodes, num_nodes)
-        self.matrix = to_torch_csr_tensor(torch.stack([target, source]), weights, size)
-        self.transposed = to_torch_csr_tensor(torch.stack([source, target]), weights, size)
+        self.matrix, self.transposed = csr_pair(edge_index, weights, num_nodes)
         self.device = edge_index.device
 
     def __call__(self, x: Tensor) -> Tensor:
