@@ -51,7 +51,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.hardware import choose_openmp_wait, usable_cpus  # noqa: E402
+from models.hardware import choose_openmp_wait, usable_cpus  # noqa: E402
 
 OPENMP_WAIT = choose_openmp_wait()  # as the training entry points do, before torch loads OpenMP (children inherit it)
 

@@ -1,4 +1,4 @@
-"""training/hardware.py: the CPUs a run may use, bfloat16 instructions; the trainer's use of both."""
+"""models/hardware.py: the CPUs a run may use, bfloat16 instructions; the trainer's use of both."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from models import hardware
 from tests.patience import HANG_GUARD_S
-from training import hardware
 from training.config import TrainConfig
 from training.data import RecData
 from training.precision import effective_precision

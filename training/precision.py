@@ -8,7 +8,7 @@
   runs in bfloat16 as a whole (``models/sage_rows.py``): on a CPU with bfloat16 instructions (an AMD EPYC
   with AVX512-BF16) its TikTok step was about 1.5x faster than fp32 at the same test Recall@20; on a CPU
   without them (AVX2 only) it was 10x slower than fp32 (71.9 against 7.4 s per 100 steps), so training there
-  falls back to fp32 with a warning (``effective_precision``; ``training.hardware.bf16_instructions``).
+  falls back to fp32 with a warning (``effective_precision``; ``models.hardware.bf16_instructions``).
 
 docs/PERFORMANCE.md measures the speed and the accuracy of each, on CPU and on a GPU.
 """
@@ -22,8 +22,8 @@ from typing import get_args
 
 import torch
 
+from models.hardware import bf16_instructions
 from training.config import Precision, check_precision
-from training.hardware import bf16_instructions
 
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 log = logging.getLogger(__name__)

@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 from models.base import RecModel
 from models.config import ModelConfig
+from models.hardware import usable_cpus
 from models.registry import ModelInputs
 from models.registry import build_model as build_registered
 from training.config import TrainConfig, check_neighbor_sampling
 from training.data import RecData
 from training.distributed import DistContext, all_reduce_sum, broadcast_flag, data_parallel, local_share, process_group
 from training.evaluate import EvalResult, add_untrained_slice, full_rank_evaluate
-from training.hardware import usable_cpus
 from training.precision import effective_precision, run_precision, step_precision
 from training.sampling import BPRSampler
 
