@@ -311,7 +311,105 @@ def _assert_same(a: RecData, b: RecData) -> None:
     assert (a.name, a.n_users, a.n_items) == (b.name, b.n_users, b.n_items)
     for name in ("train", "valid", "test"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert (a.user_ids, a.item_ids) == (b.user_ids, b.item_ids)
     assert list(a.features) == list(b.features)
     for m in a.features:
         np.testing.assert_array_equal(a.features[m], b.features[m])
         assert b.features[m].dtype == np.float32
+
+
+# ----------------------------------------------------------------------------------------- id files
+
+USER_IDS = ["alice", "1"]
+ITEM_IDS = ["i0", "i1", "i2", "i3", "i4"]
+
+
+def write_ids(root: Path, name: str, ids: list[str] | str) -> Path:
+    """Write an id file: a list one id per line, or raw text."""
+    (root / name).write_text(ids if isinstance(ids, str) else "".join(f"{i}\n" for i in ids))
+    return root
+
+
+def test_without_id_files_the_ids_are_the_row_numbers(tmp_path):
+    d = load_mmrec(write_dir(tmp_path / "d", GOOD_ROWS))
+    assert (d.user_ids, d.item_ids) == (None, None)
+    assert d.user_id_list() == ["0", "1"]
+    assert d.item_id_list() == ["0", "1", "2", "3", "4"]
+
+
+def test_id_files_are_read_row_by_row(tmp_path):
+    root = write_ids(write_ids(write_dir(tmp_path / "d", GOOD_ROWS), "user_ids.txt", "alice\r\n1\r\n"),
+                     "item_ids.txt", ITEM_IDS)  # fmt: skip
+    d = load_mmrec(root)
+    assert (d.user_ids, d.item_ids) == (USER_IDS, ITEM_IDS)
+    assert d.user_id_list() == USER_IDS
+
+
+def test_only_one_id_file_is_fine(tmp_path):
+    d = load_mmrec(write_ids(write_dir(tmp_path / "d", GOOD_ROWS), "item_ids.txt", ITEM_IDS))
+    assert (d.user_ids, d.item_ids) == (None, ITEM_IDS)
+    assert d.user_id_list() == ["0", "1"]
+
+
+def test_id_files_round_trip(tmp_path):
+    d = load_mmrec(write_dir(tmp_path / "src", GOOD_ROWS))
+    with_ids = RecData(d.name, d.n_users, d.n_items, d.train, d.valid, d.test, d.features, USER_IDS, ITEM_IDS)
+    save_mmrec(with_ids, tmp_path / "out")
+    assert (tmp_path / "out" / "user_ids.txt").read_text() == "alice\n1\n"
+    assert (tmp_path / "out" / "item_ids.txt").read_text().splitlines() == ITEM_IDS
+    _assert_same(with_ids, load_mmrec(tmp_path / "out"))
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "problem"),
+    [
+        ("user_ids.txt", "alice\n", "1 line(s), expected 2: one id per user row (the largest userID in toy.inter"),
+        ("user_ids.txt", "alice\n1\n\n", "3 line(s), expected 2"),
+        ("item_ids.txt", "i0\ni1\n", "2 line(s), expected 5: one id per item row (image_feat.npy has 5 rows)"),
+        ("user_ids.txt", "alice\n\n", "line 2: id '' is empty"),
+        ("user_ids.txt", "alice\n bob\n", "line 2: id ' bob' has whitespace at its start or end"),
+        ("user_ids.txt", "a\tb\nc\n", "line 1: id 'a\\tb' holds a tab or a line break"),
+        ("item_ids.txt", "i0\ni1\ni2\ni1\ni4\n", "id 'i1' appears twice, at lines 2 and 4"),
+    ],
+)
+def test_bad_id_files_are_rejected_naming_the_file(tmp_path, name, text, problem):
+    root = write_ids(write_dir(tmp_path / "d", GOOD_ROWS), name, text)
+    _expect(root, f"{name}: {problem}")
+
+
+def test_rec_data_refuses_ids_that_do_not_fit_its_rows(tmp_path):
+    d = load_mmrec(write_dir(tmp_path / "d", GOOD_ROWS))
+    with pytest.raises(DataError, match=r"item_ids: 4 id\(s\), expected 5"):
+        RecData(d.name, d.n_users, d.n_items, d.train, d.valid, d.test, d.features, item_ids=ITEM_IDS[:4])
+    with pytest.raises(DataError, match=r"user_ids: id 'x' appears twice, at lines 1 and 2"):
+        RecData(d.name, d.n_users, d.n_items, d.train, d.valid, d.test, d.features, user_ids=["x", "x"])
+
+
+def test_save_refuses_an_id_file_the_data_does_not_have(tmp_path):
+    """A user_ids.txt left in the directory would give the saved data other ids on loading."""
+    d = load_mmrec(write_dir(tmp_path / "src", GOOD_ROWS))
+    out = tmp_path / "out"
+    out.mkdir()
+    write_ids(out, "user_ids.txt", USER_IDS)
+    with pytest.raises(DataError, match=r"already holds other data files \(user_ids\.txt\)"):
+        save_mmrec(d, out)
+
+
+def test_save_refuses_user_ids_with_trailing_users_without_interactions(tmp_path):
+    """The loader counts user rows up to the largest userID, so the id file would not fit on loading."""
+    d = load_mmrec(write_dir(tmp_path / "src", GOOD_ROWS))
+    three = RecData(d.name, 3, d.n_items, d.train, d.valid, d.test, d.features, [*USER_IDS, "carol"])
+    with pytest.raises(DataError, match="3 user rows but the last user with an interaction is row 1"):
+        save_mmrec(three, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cold_item_split_keeps_the_ids_of_its_rows(tiny_data: RecData):
+    from training.coldstart import cold_item_split
+
+    users, items = [f"u{u}" for u in range(tiny_data.n_users)], [f"i{i}" for i in range(tiny_data.n_items)]
+    d = RecData(*(getattr(tiny_data, f) for f in ("name", "n_users", "n_items", "train", "valid", "test", "features")),
+                user_ids=users, item_ids=items)  # fmt: skip
+    split = cold_item_split(d, ratio=0.2, seed=0)
+    assert split.warm.user_ids == users
+    assert split.warm.item_ids == [items[i] for i in split.warm_items]

@@ -154,6 +154,8 @@ def cold_item_split(data: RecData, ratio: float = 0.2, seed: int = 0) -> ColdIte
         valid=remap(warm_valid, warm_index) if len(warm_valid) else empty,
         test=remap(warm_test, warm_index) if len(warm_test) else empty,
         features={m: np.ascontiguousarray(x[warm_items]) for m, x in data.features.items()},
+        user_ids=data.user_ids,
+        item_ids=None if data.item_ids is None else [data.item_ids[i] for i in warm_items],
     )
     return ColdItemSplit(
         warm=warm,

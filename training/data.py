@@ -2,7 +2,9 @@
 
 A data directory holds ``<name>.inter`` (tab-separated, header ``userID itemID x_label``,
 x_label 0/1/2 = train/valid/test, extra columns allowed) and one ``<modality>_feat.npy`` per
-modality (row i = features of item i).
+modality (row i = features of item i). Optional ``user_ids.txt`` and ``item_ids.txt`` hold one
+external id per line, line r = the id of user (item) row r: the ids the exported artifact serves
+them under (training.export). Without them the ids are the row numbers as strings.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ class RecData:
 
     ``train``/``valid``/``test`` are int64 arrays of shape (n, 2) holding (user, item) index pairs.
     ``features`` maps modality name -> float32 array (n_items, dim), in a fixed (sorted) order.
+    ``user_ids``/``item_ids`` are the external ids of the rows (entry r = id of row r), the ids the
+    service knows them by; ``None`` means the row numbers as strings. Code that subsets or renumbers
+    rows must subset or renumber the ids with them, so a mismatched length is an error here.
     """
 
     name: str
@@ -33,6 +38,22 @@ class RecData:
     valid: np.ndarray
     test: np.ndarray
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    user_ids: list[str] | None = None
+    item_ids: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.user_ids is not None:
+            check_ids(self.user_ids, self.n_users, "user_ids", "user")
+        if self.item_ids is not None:
+            check_ids(self.item_ids, self.n_items, "item_ids", "item")
+
+    def user_id_list(self) -> list[str]:
+        """The id of each user row: ``user_ids``, or the row numbers as strings."""
+        return list(self.user_ids) if self.user_ids is not None else [str(u) for u in range(self.n_users)]
+
+    def item_id_list(self) -> list[str]:
+        """The id of each item row: ``item_ids``, or the row numbers as strings."""
+        return list(self.item_ids) if self.item_ids is not None else [str(i) for i in range(self.n_items)]
 
     @property
     def modality_dims(self) -> dict[str, int]:
@@ -41,6 +62,37 @@ class RecData:
     def item_features(self) -> np.ndarray:
         """Concatenated features x_i of all items, modalities in ``features`` order."""
         return np.concatenate([self.features[m] for m in self.features], axis=1).astype(np.float32)
+
+
+def _id_fault(value: str) -> str | None:
+    """Why ``value`` cannot be an external id (None: it can). An id must survive a round trip through a
+    file of one id per line and through the service's tab-separated interaction export unchanged."""
+    if not value:
+        return "is empty"
+    if value != value.strip():
+        return "has whitespace at its start or end"
+    if "\t" in value or len(value.splitlines()) != 1:
+        return "holds a tab or a line break"
+    return None
+
+
+def check_ids(ids: list[str], n_rows: int, source: str, kind: str) -> None:
+    """Raise :class:`DataError` (message starting with ``source``, e.g. the file name) unless ``ids`` are
+    ``n_rows`` distinct usable ids of ``kind`` rows. Positions are reported as 1-based lines."""
+    if len(ids) != n_rows:
+        raise DataError(f"{source}: {len(ids)} id(s), expected {n_rows}: one per {kind} row, line r+1 = row r")
+    for line, value in enumerate(ids, start=1):
+        if not isinstance(value, str):
+            raise DataError(f"{source}: line {line}: id {value!r} is not a string")
+        fault = _id_fault(value)
+        if fault:
+            raise DataError(f"{source}: line {line}: id {value!r} {fault}")
+    if len(set(ids)) != n_rows:
+        first: dict[str, int] = {}
+        for line, value in enumerate(ids, start=1):
+            if value in first:
+                raise DataError(f"{source}: id {value!r} appears twice, at lines {first[value]} and {line}")
+            first[value] = line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -52,6 +104,8 @@ FEAT_SUFFIX = "_feat.npy"
 REQUIRED_COLUMNS = ("userID", "itemID")
 LABEL_COLUMN = "x_label"
 SPLIT_NAMES = ("train", "valid", "test")
+USER_IDS_FILE = "user_ids.txt"
+ITEM_IDS_FILE = "item_ids.txt"
 
 
 def _check_ratios(split_ratios: tuple[float, float, float]) -> np.ndarray:
@@ -196,6 +250,25 @@ def _read_features(path: Path) -> np.ndarray:
     return arr
 
 
+def _read_ids(path: Path, n_rows: int, rows_from: str) -> list[str] | None:
+    """The ids of an optional id file (None when it is absent), validated against ``n_rows`` rows;
+    ``rows_from`` says where that count comes from, for the error message."""
+    if not path.exists():
+        return None
+    try:
+        ids = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path.name}: cannot read id file: {exc}") from exc
+    kind = "user" if path.name == USER_IDS_FILE else "item"
+    if len(ids) != n_rows:
+        raise DataError(
+            f"{path.name}: {len(ids)} line(s), expected {n_rows}: one id per {kind} row ({rows_from}); "
+            "line r+1 is the id of row r"
+        )
+    check_ids(ids, n_rows, path.name, kind)
+    return ids
+
+
 def load_mmrec(
     path: str | Path,
     *,
@@ -206,9 +279,11 @@ def load_mmrec(
     """Load and validate a data directory in the MMRec convention.
 
     The directory must hold exactly one ``<name>.inter`` file and at least one
-    ``<modality>_feat.npy``. Without an ``x_label`` column each user's interactions are split at
-    random (``split_seed``, ``split_ratios``; see :func:`random_user_split`). Raises
-    :class:`DataError` naming the offending file for any structural or value problem.
+    ``<modality>_feat.npy``; ``user_ids.txt`` and ``item_ids.txt``, when present, must hold one
+    distinct id per user row (largest userID + 1 lines) and per item row (feature rows). Without
+    an ``x_label`` column each user's interactions are split at random (``split_seed``,
+    ``split_ratios``; see :func:`random_user_split`). Raises :class:`DataError` naming the
+    offending file for any structural or value problem.
 
     ``cold_users`` says what to do with valid/test users that have no train interaction:
     ``"error"`` (default) raises, ``"keep"`` keeps them as they are, ``"drop"`` removes their
@@ -252,6 +327,9 @@ def load_mmrec(
                 f"({first_feat} has {n_items} rows), e.g. item {int(items[out[0]])}"
             )
     n_users = int(users.max()) + 1 if users.size else 0
+    user_rows = f"the largest userID in {inter_path.name} is {n_users - 1}" if n_users else "no interactions"
+    user_ids = _read_ids(root / USER_IDS_FILE, n_users, user_rows)
+    item_ids = _read_ids(root / ITEM_IDS_FILE, int(n_items), f"{first_feat} has {n_items} rows")
 
     # Duplicate (user, item) pairs, regardless of split.
     if users.size:
@@ -293,15 +371,20 @@ def load_mmrec(
         valid=splits["valid"],
         test=splits["test"],
         features=dict(sorted(features.items())),
+        user_ids=user_ids,
+        item_ids=item_ids,
     )
 
 
 def save_mmrec(data: RecData, path: str | Path) -> None:
-    """Write ``data`` as an MMRec directory (``<name>.inter`` with x_label, ``<modality>_feat.npy``).
+    """Write ``data`` as an MMRec directory (``<name>.inter`` with x_label, ``<modality>_feat.npy``,
+    and ``user_ids.txt``/``item_ids.txt`` for the ids that are set).
 
     The directory is created if needed. Files of the same names are overwritten; other ``.inter``
-    or ``*_feat.npy`` files already there would change what :func:`load_mmrec` reads back, so
-    their presence is an error.
+    or ``*_feat.npy`` files already there, or an id file for ids that ``data`` does not set, would
+    change what :func:`load_mmrec` reads back, so their presence is an error. So is a user row
+    after the last user with an interaction when ``user_ids`` is set: the loader counts user rows
+    up to the largest userID, and the id file would not fit.
     """
     root = Path(path)
     if not data.name or "/" in data.name or "\\" in data.name:
@@ -311,25 +394,37 @@ def save_mmrec(data: RecData, path: str | Path) -> None:
             raise DataError(f"cannot save modality {modality!r}: not usable as a file name")
     if not data.features:
         raise DataError(f"cannot save data set {data.name!r}: it has no feature modalities")
-    root.mkdir(parents=True, exist_ok=True)
-    inter_name = f"{data.name}{INTER_SUFFIX}"
-    feat_names = {f"{m}{FEAT_SUFFIX}" for m in data.features}
-    stray = sorted(
-        p.name
-        for p in list(root.glob(f"*{INTER_SUFFIX}")) + list(root.glob(f"*{FEAT_SUFFIX}"))
-        if p.name != inter_name and p.name not in feat_names
-    )
-    if stray:
-        raise DataError(f"{root}: already holds other data files ({', '.join(stray)}); use an empty directory")
 
     parts = []
     for k, name in enumerate(SPLIT_NAMES):
         arr = np.asarray(getattr(data, name), dtype=np.int64).reshape(-1, 2)
         parts.append(np.column_stack([arr, np.full(arr.shape[0], k, dtype=np.int64)]))
     table = np.concatenate(parts, axis=0)
+    last_user = int(table[:, 0].max()) if table.shape[0] else -1
+    if data.user_ids is not None and last_user + 1 != data.n_users:
+        raise DataError(
+            f"cannot save data set {data.name!r} with user_ids: it has {data.n_users} user rows but the last "
+            f"user with an interaction is row {last_user}, so {USER_IDS_FILE} would not fit on loading"
+        )
+
+    root.mkdir(parents=True, exist_ok=True)
+    inter_name = f"{data.name}{INTER_SUFFIX}"
+    feat_names = {f"{m}{FEAT_SUFFIX}" for m in data.features}
+    ids = {USER_IDS_FILE: data.user_ids, ITEM_IDS_FILE: data.item_ids}
+    stray = sorted(
+        p.name
+        for p in list(root.glob(f"*{INTER_SUFFIX}")) + list(root.glob(f"*{FEAT_SUFFIX}"))
+        if p.name != inter_name and p.name not in feat_names
+    )
+    stray += [name for name, values in ids.items() if values is None and (root / name).exists()]
+    if stray:
+        raise DataError(f"{root}: already holds other data files ({', '.join(stray)}); use an empty directory")
     with open(root / inter_name, "w", encoding="utf-8", newline="\n") as fh:
         fh.write("userID\titemID\tx_label\n")
         if table.shape[0]:
             np.savetxt(fh, table, fmt="%d", delimiter="\t")
     for modality, arr in data.features.items():
         np.save(root / f"{modality}{FEAT_SUFFIX}", np.asarray(arr, dtype=np.float32), allow_pickle=False)
+    for name, values in ids.items():
+        if values is not None:
+            (root / name).write_text("".join(f"{v}\n" for v in values), encoding="utf-8", newline="\n")
