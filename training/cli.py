@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {train,evaluate,fusion-share,generate-synthetic} --help``."""
+"""Command line: ``python -m training {train,evaluate,fusion-share,generate-synthetic,merge-online} --help``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from training.allocator import keep_freed_memory
 from training.config import ConfigError, DataConfig, RunConfig, load_run_config
 from training.data import DataError, RecData, load_mmrec, save_mmrec
 from training.synthetic import SyntheticConfig, generate_synthetic
+from training.versions import data_checksum, switch_current, trained_version, version_dir, version_key
 
 log = logging.getLogger("training")
 
@@ -49,6 +50,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.data.path = str(Path(cfg.data.path).resolve())
     if args.no_progress:
         cfg.train.progress = False
+    out_dir = Path(args.out)
+    checksum = data_checksum(cfg.data)
+    if args.versioned:
+        version = version_key(cfg, checksum)
+        out_dir = version_dir(args.out, version)
+        if trained_version(args.out, version) is not None:  # same data and config: nothing to train
+            switch_current(args.out, version)
+            print(json.dumps({"artifacts": str(out_dir), "version": version, "trained": False}, indent=2))
+            log.info("version %s (this data and config) is trained already: %s/current points at it", version, args.out)
+            return 0
     data = load_data(cfg.data)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun: rank 0 logs, exports and prints
     if main_rank:
@@ -68,7 +79,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         out: str | None = None
     elif is_servable(cfg.model.name):
-        out = str(export_artifacts(result, data, cfg, args.out))
+        out = str(export_artifacts(result, data, cfg, out_dir, data_checksum=checksum))
+        if args.versioned:
+            switch_current(args.out, out_dir.name)
+            log.info("%s/current -> %s", args.out, out_dir)
     else:
         log.info(
             "model %s is a baseline: evaluated only, no serving artifact written to %s (the service serves "
@@ -153,6 +167,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge_online(args: argparse.Namespace) -> int:
+    from training.merge_online import merge_online_dir
+
+    result = merge_online_dir(args.data, args.interactions, args.out, split_seed=args.split_seed)
+    print(result.summary(args.out))
+    return 0
+
+
 TRAIN_EPILOG = """\
 scaling out:
   data-parallel over N processes (gloo on CPU, NCCL on CUDA, one GPU per process);
@@ -187,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.rank=8 --set train.lr=0.002")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--versioned",
+        action="store_true",
+        help="treat --out as a root: write OUT/versions/<version> (a checksum of the data and the config; skipped "
+        "when that version exists) and point OUT/current at it, the directory a service with "
+        "MMF_ARTIFACTS=OUT/current and MMF_ARTIFACTS_WATCH_S reloads",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="full-ranking evaluation of a trained artifact directory")
@@ -214,6 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="data set name (default synthetic)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "merge-online",
+        help="add the service's online interactions to a data set, for retraining",
+        description="Write a data directory: --data (all splits, features, ids) plus the interactions of "
+        "--interactions (written by python -m service export-interactions) in the train split. A user id not in the "
+        "data becomes a new user, served under the same id after retraining; interactions with items not in the data "
+        "(posted online: their features are in Redis only) and pairs the data holds already are left out and counted.",
+    )
+    p.add_argument("--data", required=True, help="MMRec data directory the served artifact was trained on")
+    p.add_argument("--interactions", required=True, help="TSV file with columns userID, itemID (timestamp ignored)")
+    p.add_argument("--out", required=True, help="directory to write: new, empty, or an earlier merge's output")
+    p.add_argument("--split-seed", type=int, default=DataConfig().split_seed,
+                   help="seed of the split drawn when --data has no x_label column (default: %(default)s, "
+                   "as in train)")  # fmt: skip
+    p.set_defaults(func=cmd_merge_online)
     return parser
 
 

@@ -55,12 +55,19 @@ def metrics_summary(result: TrainResult) -> dict:
 
 @torch.no_grad()
 def export_artifacts(
-    result: TrainResult, data: RecData, run_config: RunConfig, out: str | Path, item_ids: list[str] | None = None
+    result: TrainResult,
+    data: RecData,
+    run_config: RunConfig,
+    out: str | Path,
+    item_ids: list[str] | None = None,
+    data_checksum: str | None = None,
 ) -> Path:
     """Write weights, embeddings, the FAISS index, id maps, seen interactions, metrics and config.
 
-    Users and items are served under their row numbers as ids, or items under ``item_ids`` (one per row:
-    e.g. the original ids of a cold-item split's warm items). Raises :class:`NotServableError` for a
+    Users and items are served under the data's ids (``data.user_ids``/``data.item_ids``, by default the row
+    numbers), or items under ``item_ids`` when given (one per row: e.g. the original ids of a cold-item split's
+    warm items). ``data_checksum`` (training.versions) goes into the
+    manifest. Raises :class:`NotServableError` for a
     baseline (only MetaMMF models can be served)."""
     check_servable(run_config.model.name)
     if item_ids is not None and (len(item_ids) != data.n_items or len(set(item_ids)) != data.n_items):
@@ -85,8 +92,8 @@ def export_artifacts(
         )
         faiss.write_index(build_item_index(item_emb.numpy()), str(tmp / "items.faiss"))
         catalog = {
-            "users": [str(u) for u in range(data.n_users)],
-            "items": list(item_ids) if item_ids is not None else [str(i) for i in range(data.n_items)],
+            "users": data.user_id_list(),
+            "items": list(item_ids) if item_ids is not None else data.item_id_list(),
             "modalities": [{"name": m, "dim": d} for m, d in data.modality_dims.items()],
         }
         (tmp / "catalog.json").write_text(json.dumps(catalog))
@@ -96,5 +103,13 @@ def export_artifacts(
         result.valid.save_per_user(tmp / "per_user_valid.npz")
         result.test.save_per_user(tmp / "per_user_test.npz")
 
-    extra = {"model": run_config.model.name, "data": data.name, "created_unix": int(time.time())}
+    # The manifest says what the artifact was trained on: the data (name, checksum: training.versions) and the
+    # whole run config (also in config.json), so two artifacts can be told apart without loading them.
+    extra = {
+        "model": run_config.model.name,
+        "data": data.name,
+        "data_checksum": data_checksum,
+        "config": json.loads(run_config.model_dump_json()),
+        "created_unix": int(time.time()),
+    }
     return write_artifacts(out, write, extra)
