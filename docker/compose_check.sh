@@ -4,12 +4,14 @@
 # Starts a Docker engine if none answers (with ../shared/tools/docker-offline-base.sh where it exists, which also
 # builds local stand-ins for the base images on a machine without a container registry), builds the images,
 # runs `up` with a write key, waits for the entry point, and checks through it: a recommendation, a new item
-# posted and then read 30 times with three replicas running (every replica must answer some of the reads), an
-# interaction, then a restart of the whole stack (the item is still there, on the same port), then `stop`,
-# where every container must exit with status 0. Prints the time of each step; exits non-zero on the first
-# failure. Uses compose v2 (`docker compose`) or v1 (`docker-compose`), whichever is installed.
+# posted (401 without the key), an interaction; three replicas, each answering some of 30 reads of the item;
+# training on other data (a data directory generated with the trainer image, DATA_DIR + TRAIN_ARGS): a new
+# version that the running replicas hot-reload while the item stays served; the same data again trains nothing;
+# a restart of the whole stack (the item, the version and the port kept); then `stop`, where every container
+# must exit with status 0. Prints the time of each step; exits non-zero on the first failure. Uses compose v2
+# (`docker compose`) or v1 (`docker-compose`), whichever is installed.
 #
-#   make compose-check                 # or: bash docker/compose_check.sh
+#   make compose-check                    # or: bash docker/compose_check.sh
 #   KEEP=1 bash docker/compose_check.sh   # leave the stack running at the end (no teardown)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,10 +33,19 @@ if ! docker info >/dev/null 2>&1 || ! docker image inspect python:3.11-slim >/de
 fi
 docker info >/dev/null 2>&1 || fail "no Docker engine answers"
 if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
-dc() { MMF_API_KEY=$KEY "${COMPOSE[@]}" -p "$PROJECT" "$@"; }
+export MMF_API_KEY=$KEY
+unset DATA_DIR TRAIN_ARGS
+dc() { "${COMPOSE[@]}" -p "$PROJECT" "$@"; }
 step "compose: ${COMPOSE[*]} ($("${COMPOSE[@]}" version --short 2>/dev/null || true))"
 
-teardown() { if [ "${KEEP:-0}" != 1 ]; then dc down -v --remove-orphans >/dev/null 2>&1 || true; fi; }
+DATA=$(mktemp -d /tmp/compose-check-data.XXXXXX)
+teardown() {
+  if [ "${KEEP:-0}" != 1 ]; then dc down -v --remove-orphans >/dev/null 2>&1 || true; fi
+  docker run --rm -v "$DATA:/d" --entrypoint sh "$(image trainer)" -c 'rm -rf /d/*' >/dev/null 2>&1 || true
+  rmdir "$DATA" 2>/dev/null || true
+}
+TAG=${MMF_IMAGE_TAG:-$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)}  # the compose file's default tag
+image() { echo "metammf-$1:$TAG"; }
 trap teardown EXIT
 
 wait_ready() {  # the entry point answers ready (the proxy's /readyz is a replica's)
@@ -91,15 +102,44 @@ for c in $(dc ps -q api); do
 done
 step "30 reads of the new item through the entry point: all 200, per replica:${served}"
 
+artifact_id() { curl -fsS "$BASE/info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["artifact_id"])'; }
+all_replicas_serve() {  # 10 reads through the entry point: every answer names artifact $1
+  for _ in $(seq 1 10); do [ "$(artifact_id)" = "$1" ] || return 1; done
+}
+first=$(artifact_id)
+
+step "own data: a data directory generated with the trainer image, then DATA_DIR=... TRAIN_ARGS=\"--data /data\" up"
+chmod 777 "$DATA"
+docker run --rm -v "$DATA:/out" "$(image trainer)" python -m training generate-synthetic --out /out --users 600 \
+  --items 400 --seed 7 --name own >/tmp/compose-check-data.log 2>&1 || fail "generate data (see /tmp/compose-check-data.log)"
+export DATA_DIR=$DATA TRAIN_ARGS="--data /data --set train.epochs=5"
+dc up -d --scale api=3 >>/tmp/compose-check-up.log 2>&1 || fail "up with DATA_DIR"
+for _ in $(seq 1 300); do
+  second=$(artifact_id || true)
+  [ -n "$second" ] && [ "$second" != "$first" ] && all_replicas_serve "$second" && break
+  sleep 2
+done
+[ "$second" != "$first" ] || fail "the replicas still serve artifact $first"
+code=$(curl -s -o /dev/null -w '%{http_code}' "$BASE/items/check-item")
+[ "$code" = 200 ] || fail "the online item is gone after the hot reload ($code)"
+step "new version $second hot-reloaded by the 3 replicas (was $first); the online item kept"
+
+dc up -d --scale api=3 >>/tmp/compose-check-up.log 2>&1 || fail "up again"
+dc logs trainer 2>&1 | grep -q '"trained": false' || fail "the same data and config trained again"
+[ "$(artifact_id)" = "$second" ] || fail "the version changed without new data"
+step "the same data and config again: nothing trained, version $second kept"
+
 step "restart"
 dc stop >/dev/null 2>&1 || fail "stop"
-dc up -d >>/tmp/compose-check-up.log 2>&1 || fail "up after stop"
+dc up -d --scale api=3 >>/tmp/compose-check-up.log 2>&1 || fail "up after stop"
 wait_ready || fail "not ready after the restart"
 code=$(curl -s -o /dev/null -w '%{http_code}' "$BASE/items/check-item")
 [ "$code" = 200 ] || fail "the item is gone after the restart ($code)"
-step "after the restart: the item is served on the same port"
+[ "$(artifact_id)" = "$second" ] || fail "another version is served after the restart"
+step "after the restart: the item and version $second are served on the same port"
 
 step "stop"
+t0=$(date +%s)
 dc stop >/dev/null 2>&1 || fail "stop"
 bad=""
 for c in $(dc ps -a -q); do
@@ -107,5 +147,5 @@ for c in $(dc ps -a -q); do
   case "$status" in *" 0") ;; *) bad="$bad $status" ;; esac
 done
 [ -z "$bad" ] || fail "containers exited non-zero:$bad"
-step "every container exited with status 0"
+step "every container ($(dc ps -a -q | wc -l)) exited with status 0; stop took $(( $(date +%s) - t0 )) s"
 step "compose check passed"

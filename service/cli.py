@@ -18,11 +18,17 @@ def ensure_artifacts(path: Path, train_config: str | None) -> None:
     empty one). A directory with files but no manifest is a broken artifact, not something to overwrite."""
     if (path / "manifest.json").is_file():
         return
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        from models.artifacts import ArtifactError
+    from models.artifacts import ArtifactError
 
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ArtifactError(f"{path / 'manifest.json'}: missing (not an artifact directory, or an interrupted write)")
-    from training.cli import main as training_main
+    try:
+        from training.cli import main as training_main
+    except ModuleNotFoundError:  # the API image holds the service only: the trainer writes the artifacts
+        raise ArtifactError(
+            f"{path / 'manifest.json'}: missing, and the training code is not installed here to train one "
+            "(run `python -m training train --out DIR` where it is, then MMF_ARTIFACTS=DIR)"
+        ) from None
 
     log.info("no artifacts at %s: training a model first (this takes a few minutes on a CPU)", path)
     argv = ["train", "--out", str(path), "--no-progress"]
@@ -60,7 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if settings.api_key is None:
         log.warning("MMF_API_KEY is not set: write endpoints answer 403")
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal; with the default handler that
-    # would kill this process before the ``finally`` below and leave the embedded redis-server running.
+    # would kill this process before the ``finally`` below and leave the embedded redis-server running. A
+    # stop asked for by SIGTERM (docker stop, systemd) that completes is a clean exit: status 0.
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run(
@@ -92,8 +99,8 @@ def uvicorn_options(settings, log_level: str = "info") -> dict:
     }
 
 
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+def _exit_on_signal(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def preflight(settings, bundle, redis_url: str) -> None:

@@ -21,7 +21,8 @@ EMBEDDING_KEYS = ("user_embeddings", "item_embeddings", "item_states", "item_pop
 def load_bundle(path: str | Path) -> Bundle:
     """A verified :class:`Bundle`; raises :class:`ArtifactError` naming the file for every failure."""
     try:
-        path = Path(path)
+        # A link (ROOT/current) is followed once: switched while loading, it cannot mix two artifacts' files.
+        path = Path(path).resolve()
         bundle = Bundle(path)
     except ArtifactError as exc:
         if "unreadable artifact" not in str(exc):

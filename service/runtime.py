@@ -1,6 +1,7 @@
 """What one service process runs: the Redis connection, the current :class:`Engine` with its follower, and
 the machinery that replaces the engine without stopping service: hot reload of a new artifact version
-(``POST /admin/reload``, SIGHUP) and a rebuild when the event stream cannot bring the engine up to date.
+(``POST /admin/reload``, SIGHUP, or a watch on the artifact directory: MMF_ARTIFACTS_WATCH_S) and a rebuild
+when the event stream cannot bring the engine up to date.
 
 A new engine is built next to the serving one (artifact verified, modalities checked, online items re-fused
 from their stored raw features) and swapped in under the write lock, so no request ever sees a half-built
@@ -10,6 +11,7 @@ between validating them and committing them.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import redis
 
-from models.artifacts import ArtifactError, Bundle
+from models.artifacts import MANIFEST, ArtifactError, Bundle
 from service.embedded_redis import EmbeddedRedis, start_unless_url
 from service.engine import Engine
 from service.index import IndexConfig
@@ -110,6 +112,8 @@ class Runtime:
             self.stop()
             raise
         self.status.artifact_id, self.status.artifacts = bundle.artifact_id, str(self.artifacts)
+        if self.settings.artifacts_watch_s > 0:
+            threading.Thread(target=self._watch_artifacts, name="artifact-watch", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -193,6 +197,25 @@ class Runtime:
 
         threading.Thread(target=run, name="artifact-reload", daemon=True).start()
         return started
+
+    def _watch_artifacts(self) -> None:
+        """Reload when the served path (a link such as ROOT/current, switched by `train --versioned`) holds an
+        artifact other than the one served. Only the manifest's id is read each time; an artifact whose reload
+        failed is not tried again until the path changes once more."""
+        tried: str | None = None
+        while not self._stopped.wait(self.settings.artifacts_watch_s):
+            try:
+                artifact_id = json.loads((self.artifacts / MANIFEST).read_text())["artifact_id"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # being replaced, or broken: a reload would say which; wait for a complete one
+            if artifact_id in (self.engine.artifact_id, tried):
+                continue
+            tried = artifact_id
+            try:
+                self.reload_in_background()
+                log.info("artifact %s appeared at %r: reloading", artifact_id, str(self.artifacts))
+            except ReloadBusy:
+                tried = None  # another reload runs: look again next time
 
     def _begin(self, artifacts: str | Path | None) -> None:
         path = Path(artifacts) if artifacts is not None else self.artifacts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,7 +16,20 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MMF_", env_file=".env", extra="ignore")
 
     artifacts: Path = Field(Path("artifacts"), description="artifact directory written by `python -m training train`")
+    artifacts_watch_s: float = Field(
+        0.0,
+        ge=0,
+        le=86400,
+        description="check every this many seconds whether the artifact directory (e.g. the link ROOT/current of "
+        "`python -m training train --versioned`) holds another artifact, and hot-reload it; 0 = off (reload with "
+        "SIGHUP or POST /admin/reload)",
+    )
     redis_url: str | None = Field(None, description="Redis URL; unset = start an embedded Redis under state_dir")
+    redis_password_file: Path | None = Field(
+        None,
+        description="file holding the password of the Redis at MMF_REDIS_URL (a Docker secret); used when the URL "
+        "carries none",
+    )
     state_dir: Path = Field(Path("state"), description="data directory of the embedded Redis (AOF persistence)")
     redis_appendfsync: Literal["everysec", "always"] = Field(
         "everysec",
@@ -140,6 +154,25 @@ class Settings(BaseSettings):
         if key is not None and len(key.get_secret_value()) < 8:
             raise ValueError("at least 8 characters")
         return key
+
+    @model_validator(mode="after")
+    def _password_into_url(self) -> Settings:
+        # The URL is what every client is built from; a password in a file (not in the environment, where
+        # `docker inspect` shows it) joins it here, percent-encoded.
+        if self.redis_password_file is None or self.redis_url is None:
+            return self
+        parts = urlsplit(self.redis_url)
+        if parts.password is not None:
+            return self
+        try:
+            password = self.redis_password_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"MMF_REDIS_PASSWORD_FILE: cannot read the file ({exc.strerror})") from None
+        if not password:
+            raise ValueError("MMF_REDIS_PASSWORD_FILE: the file is empty")
+        netloc = f"{quote(parts.username or '', safe='')}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"
+        self.redis_url = urlunsplit(parts._replace(netloc=netloc))
+        return self
 
     @model_validator(mode="after")
     def _ivf_probes(self) -> Settings:

@@ -53,6 +53,7 @@ from tests.service_support import (
     free_port,
     n_index,
     no_mmf_environment,  # noqa: F401 (autouse)
+    post_item,
     redis_server,
     serve,
     start_service,
@@ -60,6 +61,7 @@ from tests.service_support import (
     wait_ready,
     wait_until,
 )
+from training.versions import switch_current
 
 PY_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -883,6 +885,33 @@ def test_hot_reload_under_load(artifact: Artifact, v1: Version, v2: Version, inc
             assert report["ok"] and report["online_items"] == 3 + len(written), report
 
 
+def test_a_switched_version_link_is_hot_reloaded(artifact: Artifact, v1: Version, v2: Version, incompatible: Path,
+                                                 make_client, tmp_path: Path) -> None:  # fmt: skip
+    """MMF_ARTIFACTS_WATCH_S: the served path is a link (ROOT/current of `train --versioned`); when the trainer
+    switches it, every replica reloads by itself and re-fuses the online items; a switch to an incompatible
+    artifact is refused once (not retried in a loop) and the served one stays."""
+    root = tmp_path / "root"
+    (root / "versions").mkdir(parents=True)
+    for name, path in (("a", v1.path), ("b", v2.path), ("c", incompatible)):
+        (root / "versions" / name).symlink_to(path)
+    switch_current(root, "a")
+    with make_client(artifacts=root / "current", artifacts_watch_s=0.05) as c:
+        post_item(c, "watched", artifact.features(7))
+        assert c.get("/info").json()["artifact_id"] == v1.artifact_id
+        switch_current(root, "b")
+        wait_until(lambda: c.get("/info").json()["artifact_id"] == v2.artifact_id)
+        engine = c.app.state.runtime.engine
+        expected = v2.fuse(artifact.features(7), artifact.modalities)  # re-fused by the new model
+        np.testing.assert_allclose(engine.item_embedding(engine.item_row("watched")), expected, rtol=1e-4, atol=1e-5)
+        switch_current(root, "c")
+        wait_until(lambda: c.get("/admin/reload", headers=AUTH).json()["state"] == "failed")
+        time.sleep(0.5)  # ten more looks at the link: none may start another reload
+        status = c.app.state.runtime.status
+        assert status.reloads == 1 and [h["state"] for h in status.history] == ["succeeded", "failed"], status
+        assert c.get("/info").json()["artifact_id"] == v2.artifact_id
+        assert c.get("/items/watched").status_code == 200
+
+
 def test_incompatible_artifact_refused_at_start(artifact: Artifact, incompatible: Path, make_client, redis_url: str,
                                                 ns: str, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture) -> None:  # fmt: skip
@@ -1163,9 +1192,12 @@ def test_bounds_are_enforced_and_documented(make_client, artifact: Artifact) -> 
 
 
 def test_container_runs_as_non_root() -> None:
-    """docker/Dockerfile.api switches to an unprivileged user (a named one with a uid, not root or 0)
-    before the command runs, and does not switch back."""
-    lines = [line.strip() for line in (ROOT / "docker" / "Dockerfile.api").read_text().splitlines()]
+    """The API image (docker/Dockerfile, its last stage `api`, built on `runtime`) switches to an unprivileged
+    user (a named one with a uid, not root or 0) before the command runs, and does not switch back."""
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    assert text.rstrip().splitlines()[-1].startswith("CMD") and text.count("FROM runtime AS api") == 1
+    runtime_and_api = text[text.index(" AS runtime") :]
+    lines = [line.strip() for line in runtime_and_api.splitlines()]
     instructions = [line for line in lines if line and not line.startswith("#")]
     users = [
         (n, line.split(None, 1)[1].strip()) for n, line in enumerate(instructions) if line.upper().startswith("USER ")

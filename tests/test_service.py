@@ -843,7 +843,7 @@ def test_real_http_server(artifact: Artifact, redis_url: str, ns: str, tmp_path:
             except ProcessLookupError:
                 leaked = False
     out = log_path.read_text()
-    assert server.returncode == 128 + signal.SIGTERM, out
+    assert server.returncode == 0, out  # a stop asked for by SIGTERM and completed is a clean exit
     assert "Application shutdown complete" in out
     if redis_mode == "embedded":
         assert not leaked, "the embedded redis-server outlived the service"
