@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("service")
+# Set once `run` has started serving: `python -m service` then skips the interpreter's slow teardown (__main__).
+server_ran = False
 
 
 def ensure_artifacts(path: Path, train_config: str | None) -> None:
@@ -69,6 +71,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # would kill this process before the ``finally`` below and leave the embedded redis-server running. A
     # stop asked for by SIGTERM (docker stop, systemd) that completes is a clean exit: status 0.
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    global server_ran
+    server_ran = True
     try:
         uvicorn.run(
             "service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
@@ -222,7 +226,8 @@ def cmd_export_interactions(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m service",
-        description="MetaMMF recommendation service. Settings come from MMF_* environment variables (README).",
+        description="MetaMMF recommendation service. Settings come from MMF_* environment variables "
+        "(docs/configuration.md).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
@@ -231,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the API. The item index is chosen with MMF_INDEX: flat (default, exact), hnsw or "
         "ivf (approximate, for large catalogues; MMF_HNSW_M, MMF_HNSW_EF_CONSTRUCTION, MMF_HNSW_EF_SEARCH, "
         "MMF_IVF_NLIST, MMF_IVF_NPROBE); each worker builds it from the artifact at start-up. "
-        "MMF_FAISS_THREADS (default 1): FAISS threads per request. Other settings: README.",
+        "MMF_FAISS_THREADS (default 1): FAISS threads per request. Other settings: docs/configuration.md.",
     )
     p.add_argument("--artifacts", help="artifact directory (default: $MMF_ARTIFACTS or ./artifacts)")
     p.add_argument(

@@ -1,0 +1,65 @@
+"""The documentation describes the project as it is: short README, pages that exist, no development history."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Phrases that narrate how the project was built rather than what it is (the history lives in git).
+HISTORY = re.compile(
+    r"\b(this|that|previous|earlier|next|first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh)"
+    r"('s)? session\b|\bbefore this change\b|\bused to be\b|\bdevelopment history\b",
+    re.IGNORECASE,
+)
+
+
+def tracked(*patterns: str) -> list[Path]:
+    out = subprocess.run(["git", "ls-files", *patterns], cwd=ROOT, capture_output=True, text=True, check=True)
+    return [ROOT / line for line in out.stdout.splitlines() if (ROOT / line).is_file()]
+
+
+def test_no_text_narrates_the_development() -> None:
+    files = tracked("*.md", "*.py", "*.yaml", "*.yml", "*.sh", "*.toml", "Makefile")
+    assert len(files) > 50
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()[:100]}"
+        for path in files
+        if path.name != "test_docs.py"
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), start=1)
+        if HISTORY.search(line)
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_markdown_documents_say_session_nowhere() -> None:
+    """In prose a "session" is always a development round here; the documents have no use for the word."""
+    found = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in tracked("*.md")
+        for n, line in enumerate(path.read_text().splitlines(), start=1)
+        if re.search(r"\bsessions?\b", line, re.IGNORECASE)
+    ]
+    assert not found, found
+
+
+def test_readme_is_an_entry_point_and_its_links_resolve() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    for doc in ("docs/api.md", "docs/configuration.md", "docs/training.md", "docs/deployment.md"):
+        assert f"]({doc})" in readme, doc
+    for path in tracked("*.md"):
+        for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", path.read_text()):
+            assert (path.parent / target).is_file(), f"{path.relative_to(ROOT)} links to a missing {target}"
+
+
+def test_readme_examples_use_the_built_in_modalities() -> None:
+    """The README's POST /items example must work as pasted against the default artifact."""
+    from training.synthetic import SyntheticConfig
+
+    readme = (ROOT / "README.md").read_text()
+    dims = SyntheticConfig().modality_dims
+    example = readme[readme.index("## The API at a glance") :]
+    assert f"range({next(iter(dims.values()))})" in example and set(dims.values()) == {next(iter(dims.values()))}
+    assert f"for m in {tuple(dims)!r}" in example.replace('"', "'")
