@@ -125,6 +125,7 @@ code=$(curl -s -o /dev/null -w '%{http_code}' "$BASE/items/check-item")
 step "new version $second hot-reloaded by the 3 replicas (was $first); the online item kept"
 
 dc up -d --scale api=3 >>/tmp/compose-check-up.log 2>&1 || fail "up again"
+docker wait "$(dc ps -q trainer)" >/dev/null  # `up -d` need not wait for it: the API is up already
 dc logs trainer 2>&1 | grep -q '"trained": false' || fail "the same data and config trained again"
 [ "$(artifact_id)" = "$second" ] || fail "the version changed without new data"
 step "the same data and config again: nothing trained, version $second kept"
