@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from serve import exact_top_rows, seen_rows  # noqa: E402  (bench/serve.py, beside this file)
 
+from models.artifacts import EMBEDDINGS  # noqa: E402
 from service.index import IndexConfig, ItemIndex, use_omp_threads  # noqa: E402
 
 CACHE = Path(os.environ.get("MMF_BENCH_CACHE", ROOT / "bench" / ".cache"))
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=2000, help="timed queries (training users)")
     parser.add_argument("--passes", type=int, default=3)
     args = parser.parse_args()
-    embeddings = args.artifact / "embeddings.safetensors"
+    embeddings = args.artifact / EMBEDDINGS
     if not embeddings.exists():
         parser.error(f"{embeddings} does not exist: run bench/serve.py with that catalogue size first")
     tensors = load_file(embeddings)

@@ -67,6 +67,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from models.artifacts import (  # noqa: E402
+    CATALOG,
+    CONFIG,
+    EMBEDDINGS,
+    ENCODER,
+    INDEX,
+    INTERACTIONS,
+    METRICS,
+    MODEL_WEIGHTS,
+    PER_USER_TEST,
+    PER_USER_VALID,
+)
+
 CACHE = ROOT / "bench" / ".cache"
 KINDS = ("flat", "hnsw", "ivf")
 
@@ -160,14 +173,14 @@ def extend_artifact(base: Path, n_items: int, n_users: int, chunk: int = 20_000)
     item_states = np.ascontiguousarray(np.concatenate(states, axis=1))
     del states
     popularity = np.concatenate([bundle.item_popularity, np.zeros(extra, np.float32)])
-    catalog = json.loads((base / "catalog.json").read_text())
+    catalog = json.loads((base / CATALOG).read_text())
     catalog["items"] = [str(i) for i in range(n_items)]
 
     def write(tmp: Path) -> None:
         import faiss
 
-        for name in ("config.json", "metrics.json", "model.safetensors", "encoder.safetensors",
-                     "interactions.npy", "per_user_valid.npz", "per_user_test.npz"):  # fmt: skip
+        for name in (CONFIG, METRICS, MODEL_WEIGHTS, ENCODER,
+                     INTERACTIONS, PER_USER_VALID, PER_USER_TEST):  # fmt: skip
             if (base / name).is_file():
                 shutil.copyfile(base / name, tmp / name)
         save_file(
@@ -177,10 +190,10 @@ def extend_artifact(base: Path, n_items: int, n_users: int, chunk: int = 20_000)
                 "item_states": torch.from_numpy(item_states),
                 "item_popularity": torch.from_numpy(popularity),
             },
-            tmp / "embeddings.safetensors",
+            tmp / EMBEDDINGS,
         )
-        faiss.write_index(build_item_index(item_embeddings), str(tmp / "items.faiss"))
-        (tmp / "catalog.json").write_text(json.dumps(catalog))
+        faiss.write_index(build_item_index(item_embeddings), str(tmp / INDEX))
+        (tmp / CATALOG).write_text(json.dumps(catalog))
 
     return write_artifacts(out, write, {"model": bundle.model_config.name, "extended_from": bundle.artifact_id})
 
@@ -188,7 +201,7 @@ def extend_artifact(base: Path, n_items: int, n_users: int, chunk: int = 20_000)
 def seen_rows(artifact: Path) -> dict[int, list[int]]:
     """Training item rows per user row: what the service excludes from a user's recommendations."""
     seen: dict[int, list[int]] = {}
-    for u, i in np.load(artifact / "interactions.npy", allow_pickle=False).tolist():
+    for u, i in np.load(artifact / INTERACTIONS, allow_pickle=False).tolist():
         seen.setdefault(u, []).append(i)
     return seen
 
@@ -211,8 +224,8 @@ def exact_top(artifact: Path, users: list[int], k: int) -> list[set[str]]:
     """Exact top-k item ids of training users by inner product, their known interactions excluded."""
     from safetensors.numpy import load_file
 
-    emb = load_file(artifact / "embeddings.safetensors")
-    catalog = json.loads((artifact / "catalog.json").read_text())
+    emb = load_file(artifact / EMBEDDINGS)
+    catalog = json.loads((artifact / CATALOG).read_text())
     top = exact_top_rows(emb["item_embeddings"], emb["user_embeddings"], seen_rows(artifact), users, k)
     return [{catalog["items"][i] for i in rows} for rows in top]
 
@@ -363,7 +376,7 @@ def bench_service(
 ) -> tuple[list[dict], dict]:
     """One service run; ``fsync`` None: Redis at --redis-url, else the service's embedded Redis (a fresh state
     directory) with that appendfsync policy."""
-    catalog = json.loads((artifact / "catalog.json").read_text())
+    catalog = json.loads((artifact / CATALOG).read_text())
     modalities = {m["name"]: m["dim"] for m in catalog["modalities"]}
     n_users = len(catalog["users"])
     api_key, namespace, port = uuid.uuid4().hex, f"bench-{uuid.uuid4().hex[:8]}", free_port()

@@ -28,17 +28,22 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_VERSION = 1
+# The file names of the layout above: every writer and reader (training.export, service.loading, the benches and
+# the tests) names them through these constants.
 MANIFEST = "manifest.json"
-REQUIRED_FILES = (
-    "config.json",
-    "metrics.json",
-    "model.safetensors",
-    "encoder.safetensors",
-    "embeddings.safetensors",
-    "items.faiss",
-    "catalog.json",
-    "interactions.npy",
-)
+CONFIG = "config.json"
+METRICS = "metrics.json"
+MODEL_WEIGHTS = "model.safetensors"
+ENCODER = "encoder.safetensors"
+EMBEDDINGS = "embeddings.safetensors"
+INDEX = "items.faiss"
+CATALOG = "catalog.json"
+INTERACTIONS = "interactions.npy"
+PER_USER_VALID = "per_user_valid.npz"
+PER_USER_TEST = "per_user_test.npz"
+REQUIRED_FILES = (CONFIG, METRICS, MODEL_WEIGHTS, ENCODER, EMBEDDINGS, INDEX, CATALOG, INTERACTIONS)
+# The tensors of EMBEDDINGS.
+EMBEDDING_KEYS = ("user_embeddings", "item_embeddings", "item_states", "item_popularity")
 
 
 class ArtifactError(RuntimeError):
@@ -149,23 +154,23 @@ class Bundle:
         self.manifest = read_manifest(self.path, verify=verify)
         self.artifact_id: str = self.manifest["artifact_id"]
         try:
-            self.config: dict[str, Any] = json.loads((self.path / "config.json").read_text())
-            self.metrics: dict[str, Any] = json.loads((self.path / "metrics.json").read_text())
-            catalog = json.loads((self.path / "catalog.json").read_text())
+            self.config: dict[str, Any] = json.loads((self.path / CONFIG).read_text())
+            self.metrics: dict[str, Any] = json.loads((self.path / METRICS).read_text())
+            catalog = json.loads((self.path / CATALOG).read_text())
             self.user_ids: list[str] = catalog["users"]
             self.item_ids: list[str] = catalog["items"]
             self.modalities: dict[str, int] = {m["name"]: int(m["dim"]) for m in catalog["modalities"]}
             self.model_config = ModelConfig.model_validate(self.config["model"])
-            embeddings = load_file(self.path / "embeddings.safetensors")
+            embeddings = load_file(self.path / EMBEDDINGS)
             self.user_embeddings = embeddings["user_embeddings"].numpy()
             self.item_embeddings = embeddings["item_embeddings"].numpy()
             self.item_states = embeddings["item_states"].numpy()
             self.item_popularity = embeddings["item_popularity"].numpy()
-            self.interactions = np.load(self.path / "interactions.npy", allow_pickle=False)
+            self.interactions = np.load(self.path / INTERACTIONS, allow_pickle=False)
             self.encoder = InferenceEncoder.from_state_dict(
-                self.model_config, sum(self.modalities.values()), load_file(self.path / "encoder.safetensors")
+                self.model_config, sum(self.modalities.values()), load_file(self.path / ENCODER)
             )
-            self.index = faiss.read_index(str(self.path / "items.faiss"))
+            self.index = faiss.read_index(str(self.path / INDEX))
         except (KeyError, ValueError, RuntimeError, OSError) as exc:
             raise ArtifactError(f"{self.path}: unreadable artifact ({type(exc).__name__}: {exc})") from None
         self._check_shapes()
@@ -177,7 +182,7 @@ class Bundle:
             "item_embeddings": (self.item_embeddings.shape, (n_items, dim)),
             "item_states": (self.item_states.shape, (self.encoder.n_states, n_items, dim)),
             "item_popularity": (self.item_popularity.shape, (n_items,)),
-            "items.faiss": ((self.index.ntotal, self.index.d), (n_items, dim)),
+            INDEX: ((self.index.ntotal, self.index.d), (n_items, dim)),
         }
         for name, (got, want) in checks.items():
             if tuple(got) != tuple(want):

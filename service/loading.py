@@ -12,10 +12,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.artifacts import ArtifactError, Bundle
+from models.artifacts import (
+    CATALOG,
+    CONFIG,
+    EMBEDDING_KEYS,
+    EMBEDDINGS,
+    ENCODER,
+    INDEX,
+    INTERACTIONS,
+    METRICS,
+    ArtifactError,
+    Bundle,
+)
 
-JSON_FILES = ("catalog.json", "config.json", "metrics.json")
-EMBEDDING_KEYS = ("user_embeddings", "item_embeddings", "item_states", "item_popularity")
+JSON_FILES = (CATALOG, CONFIG, METRICS)
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -93,7 +103,7 @@ def diagnose(path: Path) -> str | None:
             parsed[name] = json.loads(file.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             return f"{file}: not valid JSON ({_first_line(exc)})"
-    catalog = parsed["catalog.json"]
+    catalog = parsed[CATALOG]
     try:
         assert isinstance(catalog, dict), "not a JSON object"
         for key in ("users", "items"):
@@ -106,7 +116,7 @@ def diagnose(path: Path) -> str | None:
             assert isinstance(m.get("dim"), int) and m["dim"] > 0, f"modality {m.get('name')!r}: bad dim"
     except AssertionError as exc:
         return f"{path / 'catalog.json'}: {exc}"
-    config = parsed["config.json"]
+    config = parsed[CONFIG]
     try:
         from models.config import ModelConfig
 
@@ -117,12 +127,12 @@ def diagnose(path: Path) -> str | None:
     from safetensors import safe_open
 
     tensors = {}
-    for name, required in (("embeddings.safetensors", EMBEDDING_KEYS), ("encoder.safetensors", ())):
+    for name, required in ((EMBEDDINGS, EMBEDDING_KEYS), (ENCODER, ())):
         file = path / name
         try:
             with safe_open(str(file), framework="numpy") as fh:
                 keys = set(fh.keys())
-                tensors[name] = {k: fh.get_tensor(k) for k in keys} if name == "encoder.safetensors" else None
+                tensors[name] = {k: fh.get_tensor(k) for k in keys} if name == ENCODER else None
         except Exception as exc:
             return f"{file}: not a readable safetensors file ({_first_line(exc)})"
         missing = [k for k in required if k not in keys]
@@ -131,7 +141,7 @@ def diagnose(path: Path) -> str | None:
 
     import numpy as np
 
-    file = path / "interactions.npy"
+    file = path / INTERACTIONS
     try:
         pairs = np.load(file, allow_pickle=False, mmap_mode="r")
     except Exception as exc:
@@ -142,7 +152,7 @@ def diagnose(path: Path) -> str | None:
 
     import faiss
 
-    file = path / "items.faiss"
+    file = path / INDEX
     try:
         faiss.read_index(str(file))
     except Exception as exc:
@@ -153,7 +163,7 @@ def diagnose(path: Path) -> str | None:
 
         from models.inference import InferenceEncoder
 
-        state = {k: torch.from_numpy(np.array(v)) for k, v in tensors["encoder.safetensors"].items()}
+        state = {k: torch.from_numpy(np.array(v)) for k, v in tensors[ENCODER].items()}
         InferenceEncoder.from_state_dict(model_config, sum(m["dim"] for m in catalog["modalities"]), state)
     except Exception as exc:
         return f"{path / 'encoder.safetensors'}: weights do not fit config.json and catalog.json ({_first_line(exc)})"

@@ -247,13 +247,13 @@ class Runtime:
             self._finish("failed", str(exc) or type(exc).__name__)
             log.warning("reload of %r failed, still serving %s: %r", str(path), old.artifact_id, str(exc))
             raise
-        self.status.previous_artifact_id, self.status.artifact_id = old.artifact_id, bundle.artifact_id
-        self.status.reloads += 1
-        self._finish("succeeded", None)
-        try:
+        try:  # recorded before the reload reports success, so a client that saw "succeeded" reads it
             self.state.set_artifact(bundle.artifact_id)
         except redis.RedisError:
             log.warning("could not record artifact %s in Redis", bundle.artifact_id)
+        self.status.previous_artifact_id, self.status.artifact_id = old.artifact_id, bundle.artifact_id
+        self.status.reloads += 1
+        self._finish("succeeded", None)
         log.info("reloaded: serving artifact %s from %r (was %s)", bundle.artifact_id, str(path), old.artifact_id)
         return self.status
 

@@ -768,9 +768,10 @@ def test_sigkill_mid_write_loses_nothing_acknowledged(artifact: Artifact, v2: Ve
             tmp_link.symlink_to(v2.path)
             os.replace(tmp_link, current)
             proc.send_signal(signal.SIGHUP)
-            wait_until(lambda: http.get("/info").json()["artifact_id"] == v2.artifact_id)
+            # Redis records the new artifact id right after the swap: both, once the reload has finished
+            wait_until(lambda: http.get("/admin/reload").json()["state"] == "succeeded")
             info = http.get("/info").json()
-            assert info["stored_artifact_id"] == v2.artifact_id and proc.poll() is None
+            assert info["artifact_id"] == info["stored_artifact_id"] == v2.artifact_id and proc.poll() is None
             assert admin_check(http)["ok"]
             assert http.get(f"/items/{next(iter(set(present) - unknown))}").status_code == 200
     finally:

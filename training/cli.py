@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from models.artifacts import ArtifactError, read_manifest
+from models.artifacts import CONFIG, MODEL_WEIGHTS, ArtifactError, read_manifest
 from models.registry import model_names
 from training.allocator import keep_freed_memory
 from training.config import ConfigError, DataConfig, RunConfig, load_run_config
@@ -110,7 +110,7 @@ def load_trained(args: argparse.Namespace):
 
     path = Path(args.artifacts)
     read_manifest(path)
-    cfg = RunConfig.model_validate_json((path / "config.json").read_text())
+    cfg = RunConfig.model_validate_json((path / CONFIG).read_text())
     if args.data:
         cfg.data.path = args.data
     if getattr(args, "device", None):
@@ -118,7 +118,7 @@ def load_trained(args: argparse.Namespace):
     data = load_data(cfg.data)
     model = build_model(data, cfg.model, cfg.train.reg_weight)
     try:
-        model.load_state_dict(load_file(path / "model.safetensors"))
+        model.load_state_dict(load_file(path / MODEL_WEIGHTS))
     except RuntimeError as exc:
         raise ArtifactError(f"{path / 'model.safetensors'}: does not fit data {data.name!r}: {exc}") from None
     return model.to(torch.device(cfg.train.device)).eval(), data, cfg

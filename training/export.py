@@ -11,7 +11,19 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from models.artifacts import write_artifacts
+from models.artifacts import (
+    CATALOG,
+    CONFIG,
+    EMBEDDINGS,
+    ENCODER,
+    INDEX,
+    INTERACTIONS,
+    METRICS,
+    MODEL_WEIGHTS,
+    PER_USER_TEST,
+    PER_USER_VALID,
+    write_artifacts,
+)
 from models.inference import InferenceEncoder, item_states
 from models.registry import is_servable, servable_names
 from training.config import RunConfig
@@ -79,8 +91,8 @@ def export_artifacts(
     seen = np.unique(np.concatenate([data.train, data.valid, data.test]), axis=0)
 
     def write(tmp: Path) -> None:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, tmp / "encoder.safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / MODEL_WEIGHTS)
+        save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, tmp / ENCODER)
         save_file(
             {
                 "user_embeddings": user_emb,
@@ -88,20 +100,20 @@ def export_artifacts(
                 "item_states": item_states(model).contiguous(),
                 "item_popularity": torch.from_numpy(popularity),
             },
-            tmp / "embeddings.safetensors",
+            tmp / EMBEDDINGS,
         )
-        faiss.write_index(build_item_index(item_emb.numpy()), str(tmp / "items.faiss"))
+        faiss.write_index(build_item_index(item_emb.numpy()), str(tmp / INDEX))
         catalog = {
             "users": data.user_id_list(),
             "items": list(item_ids) if item_ids is not None else data.item_id_list(),
             "modalities": [{"name": m, "dim": d} for m, d in data.modality_dims.items()],
         }
-        (tmp / "catalog.json").write_text(json.dumps(catalog))
-        np.save(tmp / "interactions.npy", seen.astype(np.int64), allow_pickle=False)
-        (tmp / "config.json").write_text(run_config.model_dump_json(indent=2))
-        (tmp / "metrics.json").write_text(json.dumps(metrics_summary(result), indent=2))
-        result.valid.save_per_user(tmp / "per_user_valid.npz")
-        result.test.save_per_user(tmp / "per_user_test.npz")
+        (tmp / CATALOG).write_text(json.dumps(catalog))
+        np.save(tmp / INTERACTIONS, seen.astype(np.int64), allow_pickle=False)
+        (tmp / CONFIG).write_text(run_config.model_dump_json(indent=2))
+        (tmp / METRICS).write_text(json.dumps(metrics_summary(result), indent=2))
+        result.valid.save_per_user(tmp / PER_USER_VALID)
+        result.test.save_per_user(tmp / PER_USER_TEST)
 
     # The manifest says what the artifact was trained on: the data (name, checksum: training.versions) and the
     # whole run config (also in config.json), so two artifacts can be told apart without loading them.
