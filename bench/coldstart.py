@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from bench.support import free_port, wait_ready  # noqa: E402
 from training.cli import load_data, resolve_config  # noqa: E402
 from training.coldstart import ColdItemSplit, cold_item_split, full_catalogue_targets, train_protocol  # noqa: E402
 from training.config import RunConfig  # noqa: E402
@@ -182,12 +181,6 @@ def random_scorers(split: ColdItemSplit, seed: int):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_service(artifact: Path, api_key: str, start_timeout: float) -> Iterator[str]:
     """``python -m service run`` on ``artifact`` with an embedded Redis in a temporary directory; yields its URL."""
@@ -200,16 +193,7 @@ def running_service(artifact: Path, api_key: str, start_timeout: float) -> Itera
         server = subprocess.Popen(cmd, cwd=ROOT, env=env)
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + start_timeout
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                        break
-                if server.poll() is not None:
-                    raise RuntimeError(f"the service exited with {server.returncode} before it was ready")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the service was not ready within {start_timeout:.0f} s")
-                time.sleep(0.5)
+            wait_ready(server, base, start_timeout)
             yield base
         finally:
             server.terminate()

@@ -43,6 +43,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.support import free_port, wait_ready  # noqa: E402
+
+START_TIMEOUT_S = 1800.0  # a loaded machine starts a server slowly; only a hung start waits it out
 
 
 def serve(protocol: str, artifacts: str, port: int) -> None:
@@ -58,12 +61,6 @@ def serve(protocol: str, artifacts: str, port: int) -> None:
     if protocol == "stock":
         options.update(http="httptools", limit_concurrency=None, timeout_keep_alive=5)
     uvicorn.run(create_app(settings), host="127.0.0.1", port=port, **options)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -197,13 +194,7 @@ def started(protocol: str, artifacts: Path) -> Iterator[int]:
             cwd=ROOT, env=env,
         )  # fmt: skip
         try:
-            while True:
-                if server.poll() is not None:
-                    raise RuntimeError(f"the {protocol} server exited")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                        break
-                time.sleep(0.2)
+            wait_ready(server, f"http://127.0.0.1:{port}", START_TIMEOUT_S)
             yield port
         finally:
             server.terminate()

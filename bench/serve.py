@@ -52,11 +52,9 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,7 +64,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from bench.support import free_port, wait_ready  # noqa: E402
 from models.artifacts import (  # noqa: E402
     CATALOG,
     CONFIG,
@@ -235,12 +233,6 @@ def exact_top(artifact: Path, users: list[int], k: int) -> list[set[str]]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def lua_scripts(tmp: Path, n_users: int, modalities: dict[str, int], api_key: str) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     features = json.dumps({m: np.round(rng.normal(size=d), 4).tolist() for m, d in modalities.items()})
@@ -401,16 +393,7 @@ def bench_service(
     summary: dict = {"items": n_items, "index": kind, "redis": redis_label}
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + args.start_timeout
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("service did not become ready")
-            time.sleep(0.5)
+        wait_ready(server, base, args.start_timeout)
         info = httpx.get(f"{base}/info", timeout=10).json()
         summary.update(
             params=info["index"]["params"], build_s=info["index"]["build_seconds"], precomputed=info["precomputed"]

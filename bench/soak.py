@@ -20,7 +20,6 @@ import json
 import os
 import random
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import httpx
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.support import NotReady, free_port, wait_ready  # noqa: E402
 
 
 @dataclass
@@ -127,12 +128,6 @@ class Worker(threading.Thread):
             self.call(http, "DELETE /items/{item_id}", "DELETE", f"/items/{item_id}", {200})
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def started_service(args: argparse.Namespace, key: str):
     """``python -m service run`` on a free loopback port; yields its base URL."""
@@ -152,16 +147,10 @@ def started_service(args: argparse.Namespace, key: str):
             )  # fmt: skip
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + args.start_timeout
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"the service exited during start-up:\n{log_path.read_text()[-3000:]}")
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"the service was not ready within {args.start_timeout}s")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                        break
-                time.sleep(0.2)
+            try:
+                wait_ready(proc, base, args.start_timeout, log_path)
+            except NotReady as exc:
+                raise SystemExit(str(exc)) from None
             yield base
         finally:
             proc.terminate()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -30,6 +29,8 @@ from fastapi.testclient import TestClient
 from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_tensors
 
+from bench.support import NotReady, free_port
+from bench.support import wait_ready as ready
 from models.inference import InferenceEncoder
 from service.app import create_app
 from service.embedded_redis import find_redis_server
@@ -112,12 +113,6 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
         seen=seen,
         encoder=encoder.eval(),
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ping(url: str) -> bool:
@@ -354,14 +349,10 @@ def start_service(
 def wait_ready(proc: subprocess.Popen, base: str, log_path: Path, timeout: float = HANG_GUARD_S) -> None:
     """Until ``/readyz`` answers 200; fails at once if the server exits (a 2-worker start took 72 s on a
     2-core machine running two other jobs: only a hung start-up is cut short)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, f"not ready in time:\n{log_path.read_text()}"
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                return
-        time.sleep(0.1)
+    try:
+        ready(proc, base, timeout, log_path, poll_s=0.1)
+    except NotReady as exc:
+        pytest.fail(str(exc))
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
