@@ -35,4 +35,6 @@ def make_config():
 
 
 # The service tests' fixtures, registered here once for the session (one trained artifact for all modules).
+# The reliability tests' artifact versions (module-scoped: built again in each module that asks).
+from tests.reliability_support import incompatible, v1, v2  # noqa: E402, F401
 from tests.service_support import artifact, client, make_client, ns, redis_url, stored  # noqa: E402, F401

@@ -1,4 +1,4 @@
-"""Fixtures and helpers of the service tests (test_service.py, test_reliability.py): a real (tiny) trained
+"""Fixtures and helpers of the service tests (test_service.py and the reliability tests): a real (tiny) trained
 artifact, real Redis, real FAISS.
 
 The fixtures are registered once for the whole session through ``tests/conftest.py`` (so the artifact is
