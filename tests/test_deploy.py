@@ -195,7 +195,7 @@ def test_served_images_have_a_healthcheck(text: str, start_period: int) -> None:
 
 def test_dockerignore_keeps_data_artifacts_and_environments_out() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
-    assert {".venv", ".git", "artifacts", "state", "results", "data"} <= ignored
+    assert {".venv", ".git", "artifacts", "state", "results", "data", ".env"} <= ignored  # .env: the write key
 
 
 def test_proxy_bounds_requests_like_the_service() -> None:
