@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -39,9 +40,15 @@ class Settings(BaseSettings):
     )
     namespace: str = Field("mmf", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="prefix of every Redis key")
     api_key: SecretStr | None = Field(
-        None, description="key required in the X-API-Key header of write requests (at least 8 characters)"
+        None,
+        description="key required in the X-API-Key header of write requests (at least 8 characters); unset = writes "
+        "answer 403; it is replaced by *** in every log line",
     )
-    require_key_for_reads: bool = Field(False, description="also require the API key on read endpoints")
+    require_key_for_reads: bool = Field(
+        False,
+        description="also require the API key on read endpoints, /metrics and /openapi.json (the /docs and /redoc "
+        "pages are then off: a browser cannot send the key); /healthz and /readyz stay open",
+    )
     fast_recommend: bool = Field(
         True,
         description="answer plain GET /recommend requests (training user, bounded index search) in a middleware "
@@ -52,7 +59,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="default of /recommend's `fresh`: how many of the k slots are reserved for the best items "
-        "added online within MMF_FRESH_WINDOW_S (0 = off)",
+        "added online within MMF_FRESH_WINDOW_S (0 = off; above 0 every /recommend goes through the route, not the "
+        "fast path)",
     )
     fresh_window_s: float = Field(
         86400.0, gt=0, description="how recently (seconds) an item must have been added online to fill a fresh slot"
@@ -83,9 +91,17 @@ class Settings(BaseSettings):
         1000, ge=1, le=1_000_000,
         description="per process: beyond this many open connections (or running requests), requests are answered 503",
     )  # fmt: skip
-    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (JSON list)")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="origins allowed by CORS (JSON list; methods GET, POST, DELETE; headers X-API-Key, Content-Type)",
+    )
     follow_block_ms: int = Field(200, ge=10, description="how long a replica blocks on the Redis event stream")
-    stream_max_len: int = Field(1_000_000, ge=1000, description="approximate cap on the event stream length")
+    stream_max_len: int = Field(
+        1_000_000,
+        ge=1000,
+        description="approximate cap on the event stream that replicas follow (a replica that falls further behind "
+        "reloads its state from Redis)",
+    )
     # -- the item index (service/index.py) -----------------------------------------------------------------
     index: Literal["flat", "hnsw", "ivf"] = Field(
         "flat", description="item index: flat (exact inner product), hnsw or ivf (approximate, for large catalogues)"
@@ -117,7 +133,12 @@ class Settings(BaseSettings):
         "carry one item or user, and with more threads on a busy machine OpenMP waits made a fusion's p99 3-9x worse",
     )
     faiss_threads: int = Field(1, ge=1, le=256, description="FAISS OpenMP threads per request (search, add)")
-    index_build_threads: int = Field(0, ge=0, le=256, description="threads building the index; 0 = every CPU")
+    index_build_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="threads building the index at start-up and reload; 0 = every CPU, 1 = a deterministic hnsw graph",
+    )
     ann_target_recall: float = Field(
         0.95,
         ge=0.0,
@@ -199,3 +220,23 @@ def load_settings(**overrides: object) -> Settings:
             message = error["msg"].removeprefix("Value error, ")
             problems.append(f"{where}: {message}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+def shown_default(value: object) -> str:
+    """A setting's default as an operator would write it in the environment (``unset`` for none)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, list) else str(value)
+
+
+def settings_markdown() -> str:
+    """The table of every setting (variable, default, meaning) from the fields of :class:`Settings`: the one in
+    docs/configuration.md, written by ``python tools/settings_doc.py``."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = shown_default(field.get_default(call_default_factory=True))
+        meaning = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `MMF_{name.upper()}` | `{default}` | {meaning} |")
+    return "\n".join(rows) + "\n"

@@ -63,3 +63,12 @@ def test_readme_examples_use_the_built_in_modalities() -> None:
     example = readme[readme.index("## The API at a glance") :]
     assert f"range({next(iter(dims.values()))})" in example and set(dims.values()) == {next(iter(dims.values()))}
     assert f"for m in {tuple(dims)!r}" in example.replace('"', "'")
+
+
+def test_configuration_page_is_generated_from_the_settings() -> None:
+    """docs/configuration.md's table is what `python tools/settings_doc.py` writes from service/settings.py."""
+    import sys
+
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "settings_doc.py"), "--check"], capture_output=True,
+                         text=True, cwd=ROOT)  # fmt: skip
+    assert run.returncode == 0, run.stderr
