@@ -54,7 +54,7 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope, receive, send) -> None:
-        # Built only when answered: every request with a body used to build one.
+        # Built only when answered, not for every request with a body.
         answer = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
         await answer(scope, receive, send)
 
