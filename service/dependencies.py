@@ -56,14 +56,11 @@ class Access:
     writes: list[Any] = field(init=False)
 
     def __post_init__(self) -> None:
-        async def write_access(key: ApiKey) -> None:
+        async def require_key(key: ApiKey) -> None:
             self.check_key(key)
 
-        async def read_access(key: ApiKey) -> None:
-            self.check_key(key)
-
-        self.reads = [Depends(read_access)] if self.settings.require_key_for_reads else []
-        self.writes = [Depends(write_access)]
+        self.reads = [Depends(require_key)] if self.settings.require_key_for_reads else []
+        self.writes = [Depends(require_key)]
 
     def key_is_valid(self, supplied: str | None) -> bool:
         key = self.settings.api_key

@@ -11,7 +11,6 @@ between validating them and committing them.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import redis
 
-from models.artifacts import MANIFEST, ArtifactError, Bundle
+from models.artifacts import ArtifactError, Bundle, read_manifest
 from service.embedded_redis import EmbeddedRedis, start_unless_url
 from service.engine import Engine
 from service.index import IndexConfig
@@ -205,8 +204,8 @@ class Runtime:
         tried: str | None = None
         while not self._stopped.wait(self.settings.artifacts_watch_s):
             try:
-                artifact_id = json.loads((self.artifacts / MANIFEST).read_text())["artifact_id"]
-            except (OSError, ValueError, KeyError, TypeError):
+                artifact_id = read_manifest(self.artifacts, verify=False)["artifact_id"]
+            except (ArtifactError, OSError, KeyError, TypeError, AttributeError):
                 continue  # being replaced, or broken: a reload would say which; wait for a complete one
             if artifact_id in (self.engine.artifact_id, tried):
                 continue
