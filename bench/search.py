@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 from serve import exact_top_rows, seen_rows  # noqa: E402  (bench/serve.py, beside this file)
 
 from models.artifacts import EMBEDDINGS  # noqa: E402
-from service.index import IndexConfig, ItemIndex, use_omp_threads  # noqa: E402
+from service.index import ItemIndex, use_omp_threads  # noqa: E402
+from service.index_settings import IndexSettings  # noqa: E402
 
 CACHE = Path(os.environ.get("MMF_BENCH_CACHE", ROOT / "bench" / ".cache"))
 
@@ -62,19 +63,20 @@ def main() -> None:
     timed = np.random.default_rng(3).choice(len(users), min(args.users, len(users)), replace=False).tolist()
     excluded = {u: set(seen.get(u, ())) for u in timed}  # as the engine passes them: sets
     truth = exact_top_rows(items, users, seen, timed, 20)
-    settings = args.side or [(IndexConfig.ivf_exact_fraction, IndexConfig.ivf_exact_min_items)]
+    defaults = IndexSettings()
+    sides = args.side or [(defaults.ivf_exact_fraction, defaults.ivf_exact_min_items)]
 
     print(f"{len(items):,} items, {len(timed)} timed users, one FAISS thread; index {args.index}\n")
     print(
         "| exact fraction : min items | parameters | build + calibration s | recall@20 (timed users) | ms per search |"
     )
     print("| --- | --- | ---: | ---: | --- |")
-    for fraction, min_items in settings:
-        config = IndexConfig(
+    for fraction, min_items in sides:
+        settings = IndexSettings(
             kind=args.index, ivf_exact_fraction=fraction, ivf_exact_min_items=min_items, target_recall=args.target
         )
         start = time.perf_counter()
-        index = ItemIndex(config, items)
+        index = ItemIndex(settings, items)
         index.calibrate(users)
         build = time.perf_counter() - start
         use_omp_threads(1)

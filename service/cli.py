@@ -113,12 +113,11 @@ def preflight(settings, bundle, redis_url: str) -> None:
     a traceback from the lifespan."""
     import redis
 
-    from service.index import IndexConfig
     from service.runtime import redis_client
     from service.state import RedisState
     from service.sync import IncompatibleState
 
-    IndexConfig.from_settings(settings).check(len(bundle.item_ids))  # IndexConfigError: one line, exit 2
+    settings.index.check(len(bundle.item_ids))  # IndexSettingsError: one line, exit 2
     client = redis_client(redis_url)
     try:
         state = RedisState(client, settings.namespace, origin="preflight")
@@ -155,7 +154,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     from service.check import check_consistency
     from service.embedded_redis import start_unless_url
     from service.engine import Engine
-    from service.index import IndexConfig
     from service.loading import load_bundle
     from service.runtime import redis_client
     from service.settings import load_settings
@@ -171,7 +169,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     client = redis_client(url)
     try:
         state = RedisState(client, settings.namespace, origin="check")
-        engine = Engine(bundle, IndexConfig.from_settings(settings), torch_threads=settings.torch_threads)
+        engine = Engine(bundle, settings.index, torch_threads=settings.torch_threads)
         try:
             load_state(engine, state)
             report = check_consistency(engine, state)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from models.artifacts import Bundle
-from service.index import IndexConfig, ItemIndex
+from service.index import ItemIndex
+from service.index_settings import IndexSettings
 from service.keyed_vectors import KeyedVectors
 from service.precomputed import PrecomputedTopK, row_scores
 
@@ -88,7 +89,7 @@ class Engine:
     def __init__(
         self,
         bundle: Bundle,
-        index_config: IndexConfig | None = None,
+        index_settings: IndexSettings | None = None,
         precomputed_k: int = 0,
         torch_threads: int | None = None,
     ) -> None:
@@ -104,7 +105,7 @@ class Engine:
         self.modalities = bundle.modalities  # name -> dim, in feature concatenation order
         self._lock = threading.RLock()
         # Built from the item embeddings (the artifact's items.faiss is the same vectors, exact); rows are ids.
-        self.index = ItemIndex(index_config or IndexConfig(), bundle.item_embeddings)
+        self.index = ItemIndex(index_settings or IndexSettings(), bundle.item_embeddings)
         self.index.calibrate(bundle.user_embeddings)  # approximate kinds: search wide enough for the target recall
         self.user_rows = {u: i for i, u in enumerate(bundle.user_ids)}
         self._training_rows = {it: i for i, it in enumerate(bundle.item_ids)}
@@ -134,7 +135,7 @@ class Engine:
         self.precomputed = (
             PrecomputedTopK(
                 bundle.user_embeddings, bundle.item_embeddings, self._seen_ptr, self._seen_items,
-                precomputed_k, threads=self.index.config.build_thread_count,
+                precomputed_k, threads=self.index.settings.build_thread_count,
             )
             if precomputed_k > 0 and len(bundle.user_ids)
             else None

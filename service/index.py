@@ -62,121 +62,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
 
 import faiss
 import numpy as np
 
+from service.index_settings import IndexSettings
 from service.keyed_vectors import KeyedVectors
 
 log = logging.getLogger(__name__)
 
-KINDS = ("flat", "hnsw", "ivf")
 
-
-class IndexConfigError(RuntimeError):
-    """Index settings that cannot work for the artifact (e.g. more IVF lists than items)."""
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    kind: str = "flat"
-    hnsw_m: int = 32
-    hnsw_ef_construction: int = 80
-    hnsw_ef_search: int = 128
-    ivf_nlist: int = 0  # 0: about 4 sqrt(items)
-    ivf_nprobe: int = 128
-    ivf_exact_fraction: float = 0.05  # of the items: the longest vectors, scored exactly outside the lists
-    ivf_exact_min_items: int = 10_000  # ... and at least this many (at most half the items)
-    search_threads: int = 1
-    build_threads: int = 0  # 0: every CPU
-    target_recall: float = 0.95  # calibrate the search width to this recall@20 on sample queries; 0: off
-    calibration_queries: int = 500
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise IndexConfigError(f"index kind {self.kind!r} is not one of {', '.join(KINDS)} (MMF_INDEX)")
-        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe", "search_threads"):
-            if getattr(self, name) < 1:
-                raise IndexConfigError(f"MMF_{name.upper()} must be at least 1, got {getattr(self, name)}")
-        if self.hnsw_m < 2:
-            raise IndexConfigError(f"MMF_HNSW_M must be at least 2, got {self.hnsw_m}")
-        if self.ivf_nlist < 0 or self.build_threads < 0:
-            raise IndexConfigError("MMF_IVF_NLIST and MMF_INDEX_BUILD_THREADS must be >= 0 (0: automatic)")
-        if not 0.0 <= self.ivf_exact_fraction <= 0.5:
-            raise IndexConfigError(f"MMF_IVF_EXACT_FRACTION must be in [0, 0.5], got {self.ivf_exact_fraction}")
-        if self.ivf_exact_min_items < 0:
-            raise IndexConfigError(f"MMF_IVF_EXACT_MIN_ITEMS must be >= 0, got {self.ivf_exact_min_items}")
-        if not 0.0 <= self.target_recall <= 1.0:
-            raise IndexConfigError(f"MMF_ANN_TARGET_RECALL must be in [0, 1], got {self.target_recall}")
-        if self.calibration_queries < 1:
-            raise IndexConfigError(f"MMF_ANN_CALIBRATION_QUERIES must be at least 1, got {self.calibration_queries}")
-
-    @classmethod
-    def from_settings(cls, settings) -> IndexConfig:
-        return cls(
-            kind=settings.index,
-            hnsw_m=settings.hnsw_m,
-            hnsw_ef_construction=settings.hnsw_ef_construction,
-            hnsw_ef_search=settings.hnsw_ef_search,
-            ivf_nlist=settings.ivf_nlist,
-            ivf_nprobe=settings.ivf_nprobe,
-            ivf_exact_fraction=settings.ivf_exact_fraction,
-            ivf_exact_min_items=settings.ivf_exact_min_items,
-            search_threads=settings.faiss_threads,
-            build_threads=settings.index_build_threads,
-            target_recall=settings.ann_target_recall,
-            calibration_queries=settings.ann_calibration_queries,
-        )
-
-    def nlist(self, n_items: int) -> int:
-        """IVF lists for ``n_items``: the setting, or about 4 sqrt(n) with at least 39 items per list
-        (FAISS's minimum for k-means), at least 1. (Many small lists and many probes found more of the
-        exact top 20 per microsecond than few large ones on the benchmark's embeddings: bench/serve.py.)"""
-        if self.ivf_nlist:
-            return self.ivf_nlist
-        return max(1, min(round(4 * math.sqrt(n_items)), n_items // 39))
-
-    def exact_items(self, n_items: int) -> int:
-        """ivf: how many of the longest vectors of a build go to the exact side list: the fraction of the
-        items, but at least the minimum count (at most half the items). Scoring a side list costs about 4 us
-        per 1,000 vectors and up to about 10,000 saves more probes than it costs (100k benchmark items: 5%
-        needed 96 lists probed and 0.17 ms per search, 10% 4 lists and 0.13 ms; at 1M, 5% beats 10%)."""
-        floor = min(self.ivf_exact_min_items, n_items // 2)
-        return max(round(self.ivf_exact_fraction * n_items), floor)
-
-    def check(self, n_items: int) -> None:
-        """Raises IndexConfigError if this config cannot index ``n_items`` training items."""
-        listed = n_items - self.exact_items(n_items)  # the rest are in the exact side list
-        if self.kind == "ivf" and self.ivf_nlist and self.ivf_nlist > listed:
-            raise IndexConfigError(
-                f"MMF_IVF_NLIST={self.ivf_nlist} lists need at least as many training items, the artifact has "
-                f"{n_items} ({listed} in the lists with MMF_IVF_EXACT_FRACTION={self.ivf_exact_fraction} and "
-                f"MMF_IVF_EXACT_MIN_ITEMS={self.ivf_exact_min_items}; unset "
-                "MMF_IVF_NLIST, or 0, for about 4 sqrt(items))"
-            )
-
-    def params(self, n_items: int) -> dict:
-        """The parameters that apply to this kind (effective values)."""
-        if self.kind == "hnsw":
-            return {"m": self.hnsw_m, "ef_construction": self.hnsw_ef_construction, "ef_search": self.hnsw_ef_search}
-        if self.kind == "ivf":
-            nlist = self.nlist(n_items - self.exact_items(n_items))  # the lists hold the rest
-            return {"nlist": nlist, "nprobe": min(self.ivf_nprobe, nlist), "exact_items": self.exact_items(n_items)}
-        return {}
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def build_thread_count(self) -> int:
-        """Threads for build-time work (index builds, precomputed lists): ``build_threads``, 0 = every CPU."""
-        return self.build_threads or os.cpu_count() or 1
+def kind_params(settings: IndexSettings, n_items: int) -> dict:
+    """The parameters that apply to the settings' kind (effective values)."""
+    if settings.kind == "hnsw":
+        return {"m": settings.hnsw_m, "ef_construction": settings.hnsw_ef_construction,
+                "ef_search": settings.hnsw_ef_search}  # fmt: skip
+    if settings.kind == "ivf":
+        nlist = settings.nlist(n_items - settings.exact_items(n_items))  # the lists hold the rest
+        exact_items = settings.exact_items(n_items)
+        return {"nlist": nlist, "nprobe": min(settings.ivf_nprobe, nlist), "exact_items": exact_items}
+    return {}
 
 
 _omp = threading.local()
@@ -212,12 +120,12 @@ class ItemIndex:
     MIN_RECALL_GAIN = 0.01  # calibration stops widening when a doubling gains less recall than this
     CALIBRATION_K = 20
 
-    def __init__(self, config: IndexConfig, vectors: np.ndarray, rows: Iterable[int] | None = None) -> None:
+    def __init__(self, settings: IndexSettings, vectors: np.ndarray, rows: Iterable[int] | None = None) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         n, self.dim = vectors.shape
-        config.check(n)
-        self.config, self.kind = config, config.kind
-        self.params = config.params(n)
+        settings.check(n)
+        self.settings, self.kind = settings, settings.kind
+        self.params = kind_params(settings, n)
         rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(list(rows), dtype=np.int64)
         self._slot_rows = np.full(max(16, n), -1, dtype=np.int64)
         self._bits = np.zeros(len(self._slot_rows) // 8 + 1, dtype=np.uint8)  # live slots, FAISS bit order
@@ -233,7 +141,7 @@ class ItemIndex:
         self._params: dict[tuple, faiss.SearchParameters] = {}
         self._query_aug = np.zeros((1, self.dim + 1), dtype=np.float32)  # ivf: the query, augmented with 0
         start = time.perf_counter()
-        with omp_threads(config.build_thread_count):
+        with omp_threads(settings.build_thread_count):
             self._index = self._new_index(vectors)
             self._append(rows, vectors)
         self.build_seconds = time.perf_counter() - start
@@ -244,8 +152,8 @@ class ItemIndex:
         if self.kind == "flat":
             return faiss.index_factory(d, "Flat", faiss.METRIC_INNER_PRODUCT)
         if self.kind == "hnsw":
-            index = faiss.index_factory(d, f"HNSW{self.config.hnsw_m},Flat", faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = self.config.hnsw_ef_construction
+            index = faiss.index_factory(d, f"HNSW{self.settings.hnsw_m},Flat", faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = self.settings.hnsw_ef_construction
             self._storage = faiss.downcast_index(index.storage)
             return index
         norms2 = np.einsum("ij,ij->i", vectors, vectors)
@@ -264,15 +172,15 @@ class ItemIndex:
         exact search over a sample of ``queries`` reaches ``config.target_recall`` (see the module docstring).
         Call right after the build, before any change (the exact answers are computed over the built
         vectors)."""
-        target = self.config.target_recall
+        target = self.settings.target_recall
         if self.kind == "flat" or target <= 0 or len(queries) == 0 or self.ntotal <= self.CALIBRATION_K:
             return
         start = time.perf_counter()
         rng = np.random.default_rng(seed)
-        pick = rng.choice(len(queries), min(self.config.calibration_queries, len(queries)), replace=False)
+        pick = rng.choice(len(queries), min(self.settings.calibration_queries, len(queries)), replace=False)
         q = np.ascontiguousarray(queries[np.sort(pick)], dtype=np.float32)
         k = self.CALIBRATION_K
-        with omp_threads(self.config.build_thread_count):
+        with omp_threads(self.settings.build_thread_count):
             truth = self._exact_top(q, k)
             name, limit = ("nprobe", self.params["nlist"]) if self.kind == "ivf" else ("ef_search", self.EF_SEARCH_MAX)
             width = self.params[name] if self.kind == "ivf" else max(self.params[name], k)  # hnsw: efSearch >= k
@@ -410,7 +318,7 @@ class ItemIndex:
     def add(self, row: int, vector: np.ndarray) -> None:
         """Add ``row`` (replacing its vector if it is there)."""
         self.remove(row)
-        use_omp_threads(self.config.search_threads)
+        use_omp_threads(self.settings.search_threads)
         self._append(np.array([row], dtype=np.int64), np.asarray(vector, dtype=np.float32).reshape(1, -1))
 
     def remove(self, row: int) -> bool:
@@ -487,7 +395,7 @@ class ItemIndex:
         filtered = bool(extra) and not overfetch
         if filtered:
             self._fill_selector(excluded)
-        use_omp_threads(self.config.search_threads)
+        use_omp_threads(self.settings.search_threads)
         while True:
             if overfetch:
                 rows, scores = self._candidates(q, want + extra, False, exact)

@@ -24,7 +24,6 @@ import redis
 from models.artifacts import ArtifactError, Bundle, read_manifest
 from service.embedded_redis import EmbeddedRedis, start_unless_url
 from service.engine import Engine
-from service.index import IndexConfig
 from service.loading import load_bundle
 from service.settings import Settings
 from service.state import RedisState
@@ -130,9 +129,7 @@ class Runtime:
     def build(self, bundle: Bundle) -> tuple[Engine, str]:
         """A new engine for ``bundle`` holding everything in Redis (online items re-fused if they were
         fused by another artifact); raises IncompatibleState if stored items do not fit it."""
-        engine = Engine(
-            bundle, IndexConfig.from_settings(self.settings), self.precomputed_k(bundle), self.settings.torch_threads
-        )
+        engine = Engine(bundle, self.settings.index, self.precomputed_k(bundle), self.settings.torch_threads)
         position = load_state(engine, self.state)
         return engine, position
 

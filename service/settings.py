@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from service.index_settings import IndexSettings
 
 
 class Settings(BaseSettings):
-    """Every field can be set as ``MMF_<FIELD>``, e.g. ``MMF_REDIS_URL=redis://localhost:6379/0``."""
+    """Every field can be set as ``MMF_<FIELD>``, e.g. ``MMF_REDIS_URL=redis://localhost:6379/0``; the nested index
+    settings (``index``) each by a variable of its own, ``MMF_INDEX`` being the kind (service/index_settings.py)."""
 
     model_config = SettingsConfigDict(env_prefix="MMF_", env_file=".env", extra="ignore")
 
@@ -102,28 +113,10 @@ class Settings(BaseSettings):
         description="approximate cap on the event stream that replicas follow (a replica that falls further behind "
         "reloads its state from Redis)",
     )
-    # -- the item index (service/index.py) -----------------------------------------------------------------
-    index: Literal["flat", "hnsw", "ivf"] = Field(
-        "flat", description="item index: flat (exact inner product), hnsw or ivf (approximate, for large catalogues)"
-    )
-    hnsw_m: int = Field(32, ge=2, le=256, description="hnsw: graph links per item")
-    hnsw_ef_construction: int = Field(80, ge=1, le=4096, description="hnsw: candidate list size while building")
-    hnsw_ef_search: int = Field(128, ge=1, le=65536, description="hnsw: candidate list size per query")
-    ivf_nlist: int = Field(0, ge=0, le=1 << 20, description="ivf: k-means lists; 0 = about 4 sqrt(items)")
-    ivf_nprobe: int = Field(128, ge=1, le=1 << 20, description="ivf: lists scanned per query (at most nlist)")
-    ivf_exact_fraction: float = Field(
-        0.05,
-        ge=0.0,
-        le=0.5,
-        description="ivf: this fraction of the items, the longest vectors, is kept out of the lists and scored "
-        "exactly for every query; 0 = none (with MMF_IVF_EXACT_MIN_ITEMS=0)",
-    )
-    ivf_exact_min_items: int = Field(
-        10_000,
-        ge=0,
-        le=1 << 30,
-        description="ivf: the exact side list holds at least this many of the longest vectors (at most half the "
-        "items), whatever MMF_IVF_EXACT_FRACTION gives",
+    index: Annotated[IndexSettings, NoDecode] = Field(
+        default_factory=IndexSettings,
+        description="the item index (service/index_settings.py), each setting a variable of its own: MMF_INDEX (the "
+        "kind), MMF_HNSW_M, ...",
     )
     torch_threads: int = Field(
         1,
@@ -132,21 +125,6 @@ class Settings(BaseSettings):
         description="torch intra-op threads of every thread fusing new items or embedding new users: requests "
         "carry one item or user, and with more threads on a busy machine OpenMP waits made a fusion's p99 3-9x worse",
     )
-    faiss_threads: int = Field(1, ge=1, le=256, description="FAISS OpenMP threads per request (search, add)")
-    index_build_threads: int = Field(
-        0,
-        ge=0,
-        le=256,
-        description="threads building the index at start-up and reload; 0 = every CPU, 1 = a deterministic hnsw graph",
-    )
-    ann_target_recall: float = Field(
-        0.95,
-        ge=0.0,
-        le=1.0,
-        description="hnsw, ivf: after a build, set ef_search / nprobe (starting from the settings above) to the "
-        "narrowest width whose recall@20 against exact search on sample user queries reaches this; 0 = off",
-    )
-    ann_calibration_queries: int = Field(500, ge=1, le=100_000, description="user queries sampled for calibration")
     precomputed_k: int = Field(
         100,
         ge=0,
@@ -195,12 +173,50 @@ class Settings(BaseSettings):
         self.redis_url = urlunsplit(parts._replace(netloc=netloc))
         return self
 
-    @model_validator(mode="after")
-    def _ivf_probes(self) -> Settings:
-        # Only when both are set: the default nprobe is simply capped at a small nlist.
-        if self.ivf_nlist and "ivf_nprobe" in self.model_fields_set and self.ivf_nprobe > self.ivf_nlist:
-            raise ValueError(f"MMF_IVF_NPROBE={self.ivf_nprobe} is more than MMF_IVF_NLIST={self.ivf_nlist}")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_index_settings(cls, values: Any) -> Any:
+        # The index settings are set flat (MMF_HNSW_M=..., or hnsw_m=... as an argument), MMF_INDEX being the
+        # kind; they are validated as the nested ``index`` model.
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        nested = values.pop("index", {})
+        if isinstance(nested, IndexSettings):
+            nested = nested.model_dump(by_alias=True, exclude_unset=True)
+        elif not isinstance(nested, dict):
+            nested = {"index": nested}
+        flat = {name: values.pop(name) for name in IndexSettings.variables() if name in values}
+        if nested or flat:
+            values["index"] = {**nested, **flat}
+        return values
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The .env file hands on variables that are no field as they are; the environment needs this source.
+        index_variables = IndexVariables(settings_cls)
+        return init_settings, env_settings, index_variables, dotenv_settings, file_secret_settings
+
+
+class IndexVariables(EnvSettingsSource):
+    """The index settings' variables in the environment (``MMF_HNSW_M``, ...), flat, for
+    ``Settings._gather_index_settings``: the plain environment source reads fields of Settings only."""
+
+    def __call__(self) -> dict[str, str]:
+        found = {}
+        for name in IndexSettings.variables():
+            variable = self.env_prefix + name
+            value = self.env_vars.get(variable if self.case_sensitive else variable.lower())
+            if value is not None:
+                found[name] = value
+        return found
 
 
 class SettingsError(ValueError):
@@ -216,7 +232,8 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_input=False, include_url=False, include_context=False):
-            where = "MMF_" + "_".join(str(part) for part in error["loc"]).upper() if error["loc"] else "settings"
+            loc = error["loc"][1:] if error["loc"][:1] == ("index",) else error["loc"]  # index settings: flat names
+            where = "MMF_" + "_".join(str(part) for part in loc).upper() if loc else "settings"
             message = error["msg"].removeprefix("Value error, ")
             problems.append(f"{where}: {message}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
@@ -231,11 +248,20 @@ def shown_default(value: object) -> str:
     return json.dumps(value) if isinstance(value, list) else str(value)
 
 
+def documented_fields() -> Iterator[tuple[str, FieldInfo]]:
+    """(variable name without ``MMF_``, field) of every setting, the index settings in place of ``index``."""
+    for name, field in Settings.model_fields.items():
+        if name == "index":
+            yield from zip(IndexSettings.variables(), IndexSettings.model_fields.values(), strict=True)
+        else:
+            yield name, field
+
+
 def settings_markdown() -> str:
     """The table of every setting (variable, default, meaning) from the fields of :class:`Settings`: the one in
     docs/configuration.md, written by ``python tools/settings_doc.py``."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
-    for name, field in Settings.model_fields.items():
+    for name, field in documented_fields():
         default = shown_default(field.get_default(call_default_factory=True))
         meaning = (field.description or "").replace("|", "\\|")
         rows.append(f"| `MMF_{name.upper()}` | `{default}` | {meaning} |")

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from service.index import KINDS, IndexConfig, IndexConfigError, ItemIndex
-from service.settings import Settings
+from service.index import ItemIndex
+from service.index_settings import KINDS, IndexSettings, IndexSettingsError
+from service.settings import Settings, SettingsError, load_settings
 from tests.patience import HANG_GUARD_S
 from tests.service_support import (
     AUTH,
@@ -65,8 +66,33 @@ def exact_top(items: np.ndarray, query: np.ndarray, k: int, exclude: set[int]) -
 
 
 def test_settings_defaults_are_the_index_defaults() -> None:
-    assert IndexConfig.from_settings(Settings()) == IndexConfig()
-    assert Settings().index == "flat"
+    assert Settings().index == IndexSettings()
+    assert Settings().index.kind == "flat"
+
+
+def test_each_index_setting_is_a_variable_of_its_own(monkeypatch, tmp_path: Path) -> None:
+    """The index settings nest in ``Settings.index`` but are set flat, by the names operators know: from the
+    environment, a .env file (the environment wins) and keyword arguments (which win over both)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("MMF_HNSW_M=12\nMMF_ANN_CALIBRATION_QUERIES=77\nMMF_IVF_NPROBE=9\n")
+    for name, value in {"MMF_INDEX": "hnsw", "MMF_HNSW_M": "16", "MMF_HNSW_EF_CONSTRUCTION": "40",
+                        "MMF_IVF_NLIST": "50", "MMF_IVF_EXACT_FRACTION": "0.1", "MMF_IVF_EXACT_MIN_ITEMS": "5",
+                        "MMF_FAISS_THREADS": "3", "MMF_INDEX_BUILD_THREADS": "2",
+                        "MMF_ANN_TARGET_RECALL": "0.9"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    expected = IndexSettings(
+        kind="hnsw", hnsw_m=16, hnsw_ef_construction=40, hnsw_ef_search=64, ivf_nlist=50, ivf_nprobe=9,
+        ivf_exact_fraction=0.1, ivf_exact_min_items=5, search_threads=3, build_threads=2, target_recall=0.9,
+        calibration_queries=77,
+    )  # fmt: skip
+    assert load_settings(hnsw_ef_search=64).index == expected
+    assert load_settings(index="ivf").index.kind == "ivf"
+    monkeypatch.setenv("MMF_IVF_NPROBE", "60")
+    with pytest.raises(SettingsError, match=r"^invalid settings: settings: MMF_IVF_NPROBE=60 is more than"):
+        load_settings()
+    monkeypatch.setenv("MMF_FAISS_THREADS", "0")
+    with pytest.raises(SettingsError, match="MMF_FAISS_THREADS: Input should be greater than or equal to 1"):
+        load_settings()
 
 
 @pytest.mark.parametrize(("kind", "params"), [("hnsw", {}), ("ivf", {}), ("ivf", {"ivf_nprobe": 8})])
@@ -74,8 +100,8 @@ def test_recall_against_flat_with_default_parameters(kind: str, params: dict) ->
     """recall@20 >= 0.95 against exact search, with exclusions, on 4000 clustered 64-d vectors. (At this
     size ivf's defaults, 102 lists and nprobe 128, scan every list: 8 probes is checked too.)"""
     items, queries = clustered(4000, 64, seed=3)
-    exact = ItemIndex(IndexConfig(kind="flat"), items)
-    approx = ItemIndex(IndexConfig(kind=kind, **params), items)
+    exact = ItemIndex(IndexSettings(kind="flat"), items)
+    approx = ItemIndex(IndexSettings(kind=kind, **params), items)
     if params:
         assert approx.params["nprobe"] < approx.params["nlist"]
     rng = np.random.default_rng(4)
@@ -107,11 +133,11 @@ def test_calibration_widens_the_search_to_the_target_recall(kind: str, floor: di
         hits = [len({r for r, _ in index.search(q, 20)} & set(exact_top(items, q, 20, set()))) for q in held_out]
         return float(np.mean(hits)) / 20
 
-    narrow = ItemIndex(IndexConfig(kind=kind, target_recall=0.0, **floor), items)
+    narrow = ItemIndex(IndexSettings(kind=kind, target_recall=0.0, **floor), items)
     narrow.calibrate(sample)  # off: nothing changes
     assert "calibrated_recall" not in narrow.params and recall(narrow) < 0.8
     width = "nprobe" if kind == "ivf" else "ef_search"
-    config = IndexConfig(kind=kind, target_recall=0.95, calibration_queries=300, **floor)
+    config = IndexSettings(kind=kind, target_recall=0.95, calibration_queries=300, **floor)
     index = ItemIndex(config, items)
     index.calibrate(sample)
     assert index.params[width] > narrow.params[width]
@@ -128,12 +154,12 @@ def test_calibration_widens_the_search_to_the_target_recall(kind: str, floor: di
     # A configured width wider than the target needs is narrowed (halved, then bisected) to about the
     # narrowest that reaches it; with calibration off it is kept as it is.
     wider = {**floor, f"{kind}_{width}": 2048}
-    wide = ItemIndex(IndexConfig(kind=kind, target_recall=0.95, calibration_queries=300, **wider), items)
+    wide = ItemIndex(IndexSettings(kind=kind, target_recall=0.95, calibration_queries=300, **wider), items)
     wide.calibrate(sample)
     assert wide.params["calibrated_recall"] >= 0.95
     assert wide.params[width] < min(2048, wide.params.get("nlist", 2048))
     assert wide.params[width] <= doubled and wide._sample_recall(q, truth, 20, wide.params[width] * 7 // 8) < 0.95
-    kept = ItemIndex(IndexConfig(kind=kind, target_recall=0.0, **wider), items)
+    kept = ItemIndex(IndexSettings(kind=kind, target_recall=0.0, **wider), items)
     kept.calibrate(sample)
     assert kept.params[width] == min(2048, kept.params.get("nlist", 2048))
 
@@ -142,21 +168,21 @@ def test_calibration_that_cannot_reach_the_target_says_so(monkeypatch, caplog) -
     rng = np.random.default_rng(12)
     items, queries = rng.normal(size=(3000, 32)).astype(np.float32), rng.normal(size=(100, 32)).astype(np.float32)
     monkeypatch.setattr(ItemIndex, "EF_SEARCH_MAX", 40)
-    index = ItemIndex(IndexConfig(kind="hnsw", hnsw_m=2, hnsw_ef_search=4, target_recall=1.0), items)
+    index = ItemIndex(IndexSettings(kind="hnsw", hnsw_m=2, hnsw_ef_search=4, target_recall=1.0), items)
     with caplog.at_level("WARNING", logger="service.index"):
         index.calibrate(queries)
     assert 20 < index.params["ef_search"] <= 40 and index.params["calibrated_recall"] < 1.0
     assert "below MMF_ANN_TARGET_RECALL=1.00" in caplog.text
     # Where a doubling gains (almost) nothing, the search stays as narrow as it was.
     monkeypatch.setattr(ItemIndex, "MIN_RECALL_GAIN", 1.0)
-    stuck = ItemIndex(IndexConfig(kind="hnsw", hnsw_m=2, hnsw_ef_search=4, target_recall=1.0), items)
+    stuck = ItemIndex(IndexSettings(kind="hnsw", hnsw_m=2, hnsw_ef_search=4, target_recall=1.0), items)
     stuck.calibrate(queries)
     assert stuck.params["ef_search"] == 20  # the least it searches for a top 20
 
 
 def test_flat_index_is_not_calibrated() -> None:
     items, queries = clustered(500, 16, seed=1)
-    index = ItemIndex(IndexConfig(kind="flat", target_recall=0.99), items)
+    index = ItemIndex(IndexSettings(kind="flat", target_recall=0.99), items)
     index.calibrate(queries)
     assert index.params == {}
 
@@ -164,7 +190,7 @@ def test_flat_index_is_not_calibrated() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_index_changes_ties_and_bookkeeping(kind: str) -> None:
     items, queries = clustered(3000, 32, seed=5)
-    index = ItemIndex(IndexConfig(kind=kind, build_threads=1), items)  # one thread: a deterministic graph
+    index = ItemIndex(IndexSettings(kind=kind, build_threads=1), items)  # one thread: a deterministic graph
     q = queries[0]
     top = [r for r, _ in index.search(q, 10)]
     # delete: gone from answers, the next ones move up
@@ -203,7 +229,7 @@ def test_index_changes_ties_and_bookkeeping(kind: str) -> None:
 
 def test_flat_compacts_dead_slots() -> None:
     items, queries = clustered(3000, 16, seed=6)
-    index = ItemIndex(IndexConfig(kind="flat"), items)
+    index = ItemIndex(IndexSettings(kind="flat"), items)
     for row in range(0, 2400):  # well past a quarter of the slots dead: compacted on the way
         index.remove(row)
         if row % 2 == 0:
@@ -229,16 +255,16 @@ def test_ivf_scores_the_longest_vectors_exactly() -> None:
         return float(np.mean(hits)) / 20
 
     config = dict(kind="ivf", ivf_nprobe=8, target_recall=0.0, build_threads=1, ivf_exact_min_items=0)
-    without = ItemIndex(IndexConfig(**config, ivf_exact_fraction=0.0), items)
-    index = ItemIndex(IndexConfig(**config, ivf_exact_fraction=0.0375), items)
+    without = ItemIndex(IndexSettings(**config, ivf_exact_fraction=0.0), items)
+    index = ItemIndex(IndexSettings(**config, ivf_exact_fraction=0.0375), items)
     assert without.params["exact_items"] == 0 and index.params["exact_items"] == 150
     # the defaults: 5% of the items, at least 10,000 of them, at most half
-    assert [IndexConfig(kind="ivf").exact_items(n) for n in (4000, 100_000, 200_000, 1_000_000)] == [
+    assert [IndexSettings(kind="ivf").exact_items(n) for n in (4000, 100_000, 200_000, 1_000_000)] == [
         2000, 10_000, 10_000, 50_000
     ]  # fmt: skip
     assert recall(index) >= 0.95 and recall(index) > recall(without) + 0.05
     # every list probed: exact, the side list's items included
-    wide = ItemIndex(IndexConfig(**{**config, "ivf_nprobe": 10_000}, ivf_exact_fraction=0.0375), items)
+    wide = ItemIndex(IndexSettings(**{**config, "ivf_nprobe": 10_000}, ivf_exact_fraction=0.0375), items)
     for q in queries[:30]:
         assert [r for r, _ in wide.search(q, 20)] == exact_top(items, q, 20, set())
     gone = {int(r) for r in longest[:40:2]}  # side-list removals move other entries around: still exact
@@ -274,7 +300,7 @@ def test_ivf_side_list_answers_stay_exact_with_exclusions_and_ties() -> None:
     items[7], items[2993] = 0.0, 0.0
     items[7, :2] = top_first, 200.0
     items[2993, 0] = top_first
-    config = IndexConfig(kind="ivf", ivf_nprobe=10_000, target_recall=0.0, build_threads=1, ivf_exact_min_items=100)
+    config = IndexSettings(kind="ivf", ivf_nprobe=10_000, target_recall=0.0, build_threads=1, ivf_exact_min_items=100)
     index = ItemIndex(config, items)
     side = sorted(index._slot_rows[index._side.arrays()[0]].tolist())
     assert index.params["exact_items"] == len(side) == 150 and 7 in side and 2993 not in side
@@ -293,7 +319,7 @@ def test_approximate_search_never_answers_short() -> None:
     """With most items excluded, the approximate walk finds too few: the index searches exactly instead."""
     items, queries = clustered(2000, 32, seed=7)
     for kind in ("hnsw", "ivf"):
-        index = ItemIndex(IndexConfig(kind=kind, hnsw_ef_search=16, ivf_nprobe=1, build_threads=1), items)
+        index = ItemIndex(IndexSettings(kind=kind, hnsw_ef_search=16, ivf_nprobe=1, build_threads=1), items)
         keep = set(range(0, 2000, 97))
         got = index.search(queries[0], 15, exclude=set(range(2000)) - keep)
         assert [r for r, _ in got] == [sorted(keep)[i] for i in exact_top(items[sorted(keep)], queries[0], 15, set())]
@@ -309,11 +335,11 @@ def test_invalid_index_settings_are_clear_errors(artifact: Artifact, make_client
             Settings(**{field: value})
     with pytest.raises(ValidationError, match="MMF_IVF_NPROBE=64 is more than MMF_IVF_NLIST=8"):
         Settings(ivf_nlist=8, ivf_nprobe=64)
-    with pytest.raises(IndexConfigError, match="not one of flat, hnsw, ivf"):
-        IndexConfig(kind="annoy")
+    with pytest.raises(ValidationError, match="'flat', 'hnsw' or 'ivf'"):
+        IndexSettings(kind="annoy")
     # more lists than the artifact has items: refused at start-up with the reason
     too_many = f"MMF_IVF_NLIST=5000 .* the artifact has {len(artifact.item_ids)}"
-    with pytest.raises(IndexConfigError, match=too_many), make_client(index="ivf", ivf_nlist=5000):
+    with pytest.raises(IndexSettingsError, match=too_many), make_client(index="ivf", ivf_nlist=5000):
         pass
 
 
