@@ -1,4 +1,4 @@
-"""In-process index benchmark: milliseconds per ``ItemIndex.search`` call as the engine makes it, per ivf side-list
+"""In-process index benchmark: milliseconds per index ``search`` call as the engine makes it, per ivf side-list
 setting, at equal recall.
 
 For each ``--side FRACTION:MIN_ITEMS`` (``MMF_IVF_EXACT_FRACTION`` : ``MMF_IVF_EXACT_MIN_ITEMS``) builds the
@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT))
 from serve import exact_top_rows, seen_rows  # noqa: E402  (bench/serve.py, beside this file)
 
 from models.artifacts import EMBEDDINGS  # noqa: E402
-from service.index import ItemIndex, use_omp_threads  # noqa: E402
-from service.index_settings import IndexSettings  # noqa: E402
+from service.index.factory import build_index  # noqa: E402
+from service.index.settings import IndexSettings  # noqa: E402
+from service.index.threads import use_omp_threads  # noqa: E402
 
 CACHE = Path(os.environ.get("MMF_BENCH_CACHE", ROOT / "bench" / ".cache"))
 
@@ -76,8 +77,7 @@ def main() -> None:
             kind=args.index, ivf_exact_fraction=fraction, ivf_exact_min_items=min_items, target_recall=args.target
         )
         start = time.perf_counter()
-        index = ItemIndex(settings, items)
-        index.calibrate(users)
+        index = build_index(settings, items, calibration_queries=users)
         build = time.perf_counter() - start
         use_omp_threads(1)
         passes, answers = [], []

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from models.artifacts import Bundle
-from service.index import ItemIndex
-from service.index_settings import IndexSettings
+from service.index.factory import build_index
+from service.index.settings import IndexSettings
 from service.keyed_vectors import KeyedVectors
 from service.precomputed import PrecomputedTopK, row_scores
 
@@ -105,8 +105,9 @@ class Engine:
         self.modalities = bundle.modalities  # name -> dim, in feature concatenation order
         self._lock = threading.RLock()
         # Built from the item embeddings (the artifact's items.faiss is the same vectors, exact); rows are ids.
-        self.index = ItemIndex(index_settings or IndexSettings(), bundle.item_embeddings)
-        self.index.calibrate(bundle.user_embeddings)  # approximate kinds: search wide enough for the target recall
+        settings = index_settings or IndexSettings()
+        # approximate kinds: calibrated on the users' embeddings, to search wide enough for the target recall
+        self.index = build_index(settings, bundle.item_embeddings, calibration_queries=bundle.user_embeddings)
         self.user_rows = {u: i for i, u in enumerate(bundle.user_ids)}
         self._training_rows = {it: i for i, it in enumerate(bundle.item_ids)}
         self.item_rows = dict(self._training_rows)
@@ -135,7 +136,7 @@ class Engine:
         self.precomputed = (
             PrecomputedTopK(
                 bundle.user_embeddings, bundle.item_embeddings, self._seen_ptr, self._seen_items,
-                precomputed_k, threads=self.index.settings.build_thread_count,
+                precomputed_k, threads=settings.build_thread_count,
             )
             if precomputed_k > 0 and len(bundle.user_ids)
             else None

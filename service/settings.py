@@ -18,12 +18,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from service.index_settings import IndexSettings
+from service.index.settings import IndexSettings
 
 
 class Settings(BaseSettings):
     """Every field can be set as ``MMF_<FIELD>``, e.g. ``MMF_REDIS_URL=redis://localhost:6379/0``; the nested index
-    settings (``index``) each by a variable of its own, ``MMF_INDEX`` being the kind (service/index_settings.py)."""
+    settings (``index``) each by a variable of its own, ``MMF_INDEX`` being the kind (service/index/settings.py)."""
 
     model_config = SettingsConfigDict(env_prefix="MMF_", env_file=".env", extra="ignore")
 
@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     )
     index: Annotated[IndexSettings, NoDecode] = Field(
         default_factory=IndexSettings,
-        description="the item index (service/index_settings.py), each setting a variable of its own: MMF_INDEX (the "
+        description="the item index (service/index/settings.py), each setting a variable of its own: MMF_INDEX (the "
         "kind), MMF_HNSW_M, ...",
     )
     torch_threads: int = Field(

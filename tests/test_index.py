@@ -1,4 +1,4 @@
-"""The item index options (``MMF_INDEX=flat|hnsw|ivf``, service/index.py): recall of the approximate kinds
+"""The item index options (``MMF_INDEX=flat|hnsw|ivf``, service/index/): recall of the approximate kinds
 against exact search, every engine behaviour through the HTTP API for each kind (add, replace, delete,
 re-add, exclusions, ties, consistency check), invalid settings, and ``python -m service run --workers 2``
 with an approximate index (writes through one worker served by the other).
@@ -20,8 +20,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from service.index import ItemIndex
-from service.index_settings import KINDS, IndexSettings, IndexSettingsError
+from service.index import calibration
+from service.index.calibration import calibrate, sample_recall
+from service.index.factory import build_index
+from service.index.hnsw import HnswIndex
+from service.index.protocol import ItemIndex
+from service.index.settings import KINDS, IndexSettings, IndexSettingsError
 from service.settings import Settings, SettingsError, load_settings
 from tests.patience import HANG_GUARD_S
 from tests.service_support import (
@@ -100,8 +104,8 @@ def test_recall_against_flat_with_default_parameters(kind: str, params: dict) ->
     """recall@20 >= 0.95 against exact search, with exclusions, on 4000 clustered 64-d vectors. (At this
     size ivf's defaults, 102 lists and nprobe 128, scan every list: 8 probes is checked too.)"""
     items, queries = clustered(4000, 64, seed=3)
-    exact = ItemIndex(IndexSettings(kind="flat"), items)
-    approx = ItemIndex(IndexSettings(kind=kind, **params), items)
+    exact = build_index(IndexSettings(kind="flat"), items)
+    approx = build_index(IndexSettings(kind=kind, **params), items)
     if params:
         assert approx.params["nprobe"] < approx.params["nlist"]
     rng = np.random.default_rng(4)
@@ -133,64 +137,63 @@ def test_calibration_widens_the_search_to_the_target_recall(kind: str, floor: di
         hits = [len({r for r, _ in index.search(q, 20)} & set(exact_top(items, q, 20, set()))) for q in held_out]
         return float(np.mean(hits)) / 20
 
-    narrow = ItemIndex(IndexSettings(kind=kind, target_recall=0.0, **floor), items)
-    narrow.calibrate(sample)  # off: nothing changes
+    narrow = build_index(IndexSettings(kind=kind, target_recall=0.0, **floor), items)
+    calibrate(narrow, sample)  # off: nothing changes
     assert "calibrated_recall" not in narrow.params and recall(narrow) < 0.8
     width = "nprobe" if kind == "ivf" else "ef_search"
     config = IndexSettings(kind=kind, target_recall=0.95, calibration_queries=300, **floor)
-    index = ItemIndex(config, items)
-    index.calibrate(sample)
+    index = build_index(config, items)
+    calibrate(index, sample)
     assert index.params[width] > narrow.params[width]
     assert index.params["calibrated_recall"] >= 0.95
     # Not just the first doubling of the floor that reaches the target: bisected back below it.
     q = sample[np.sort(np.random.default_rng(0).choice(len(sample), 300, replace=False))]
-    truth = index._exact_top(q, 20)
+    truth = index.exact_slots(q, 20)
     doubled = floor[f"{kind}_{width}"] if kind == "ivf" else max(floor["hnsw_ef_search"], 20)  # efSearch >= k
-    while index._sample_recall(q, truth, 20, doubled) < 0.95:
+    while sample_recall(index, q, truth, 20, doubled) < 0.95:
         doubled *= 2
     assert doubled / 2 < index.params[width] <= doubled
-    assert index.params[width] < doubled or index._sample_recall(q, truth, 20, doubled * 7 // 8) < 0.95
+    assert index.params[width] < doubled or sample_recall(index, q, truth, 20, doubled * 7 // 8) < 0.95
     assert recall(index) >= 0.93  # other queries: about the target
     # A configured width wider than the target needs is narrowed (halved, then bisected) to about the
     # narrowest that reaches it; with calibration off it is kept as it is.
     wider = {**floor, f"{kind}_{width}": 2048}
-    wide = ItemIndex(IndexSettings(kind=kind, target_recall=0.95, calibration_queries=300, **wider), items)
-    wide.calibrate(sample)
+    wide = build_index(IndexSettings(kind=kind, target_recall=0.95, calibration_queries=300, **wider), items)
+    calibrate(wide, sample)
     assert wide.params["calibrated_recall"] >= 0.95
     assert wide.params[width] < min(2048, wide.params.get("nlist", 2048))
-    assert wide.params[width] <= doubled and wide._sample_recall(q, truth, 20, wide.params[width] * 7 // 8) < 0.95
-    kept = ItemIndex(IndexSettings(kind=kind, target_recall=0.0, **wider), items)
-    kept.calibrate(sample)
+    assert wide.params[width] <= doubled and sample_recall(wide, q, truth, 20, wide.params[width] * 7 // 8) < 0.95
+    kept = build_index(IndexSettings(kind=kind, target_recall=0.0, **wider), items)
+    calibrate(kept, sample)
     assert kept.params[width] == min(2048, kept.params.get("nlist", 2048))
 
 
 def test_calibration_that_cannot_reach_the_target_says_so(monkeypatch, caplog) -> None:
     rng = np.random.default_rng(12)
     items, queries = rng.normal(size=(3000, 32)).astype(np.float32), rng.normal(size=(100, 32)).astype(np.float32)
-    monkeypatch.setattr(ItemIndex, "EF_SEARCH_MAX", 40)
-    index = ItemIndex(IndexSettings(kind="hnsw", hnsw_m=2, hnsw_ef_search=4, target_recall=1.0), items)
+    monkeypatch.setattr(HnswIndex, "EF_SEARCH_MAX", 40)
+    index = build_index(IndexSettings(kind="hnsw", hnsw_m=2, hnsw_ef_search=4, target_recall=1.0), items)
     with caplog.at_level("WARNING", logger="service.index"):
-        index.calibrate(queries)
+        calibrate(index, queries)
     assert 20 < index.params["ef_search"] <= 40 and index.params["calibrated_recall"] < 1.0
     assert "below MMF_ANN_TARGET_RECALL=1.00" in caplog.text
     # Where a doubling gains (almost) nothing, the search stays as narrow as it was.
-    monkeypatch.setattr(ItemIndex, "MIN_RECALL_GAIN", 1.0)
-    stuck = ItemIndex(IndexSettings(kind="hnsw", hnsw_m=2, hnsw_ef_search=4, target_recall=1.0), items)
-    stuck.calibrate(queries)
+    monkeypatch.setattr(calibration, "MIN_RECALL_GAIN", 1.0)
+    stuck = build_index(IndexSettings(kind="hnsw", hnsw_m=2, hnsw_ef_search=4, target_recall=1.0), items)
+    calibrate(stuck, queries)
     assert stuck.params["ef_search"] == 20  # the least it searches for a top 20
 
 
 def test_flat_index_is_not_calibrated() -> None:
     items, queries = clustered(500, 16, seed=1)
-    index = ItemIndex(IndexSettings(kind="flat", target_recall=0.99), items)
-    index.calibrate(queries)
+    index = build_index(IndexSettings(kind="flat", target_recall=0.99), items, calibration_queries=queries)
     assert index.params == {}
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_index_changes_ties_and_bookkeeping(kind: str) -> None:
     items, queries = clustered(3000, 32, seed=5)
-    index = ItemIndex(IndexSettings(kind=kind, build_threads=1), items)  # one thread: a deterministic graph
+    index = build_index(IndexSettings(kind=kind, build_threads=1), items)  # one thread: a deterministic graph
     q = queries[0]
     top = [r for r, _ in index.search(q, 10)]
     # delete: gone from answers, the next ones move up
@@ -229,7 +232,7 @@ def test_index_changes_ties_and_bookkeeping(kind: str) -> None:
 
 def test_flat_compacts_dead_slots() -> None:
     items, queries = clustered(3000, 16, seed=6)
-    index = ItemIndex(IndexSettings(kind="flat"), items)
+    index = build_index(IndexSettings(kind="flat"), items)
     for row in range(0, 2400):  # well past a quarter of the slots dead: compacted on the way
         index.remove(row)
         if row % 2 == 0:
@@ -255,8 +258,8 @@ def test_ivf_scores_the_longest_vectors_exactly() -> None:
         return float(np.mean(hits)) / 20
 
     config = dict(kind="ivf", ivf_nprobe=8, target_recall=0.0, build_threads=1, ivf_exact_min_items=0)
-    without = ItemIndex(IndexSettings(**config, ivf_exact_fraction=0.0), items)
-    index = ItemIndex(IndexSettings(**config, ivf_exact_fraction=0.0375), items)
+    without = build_index(IndexSettings(**config, ivf_exact_fraction=0.0), items)
+    index = build_index(IndexSettings(**config, ivf_exact_fraction=0.0375), items)
     assert without.params["exact_items"] == 0 and index.params["exact_items"] == 150
     # the defaults: 5% of the items, at least 10,000 of them, at most half
     assert [IndexSettings(kind="ivf").exact_items(n) for n in (4000, 100_000, 200_000, 1_000_000)] == [
@@ -264,7 +267,7 @@ def test_ivf_scores_the_longest_vectors_exactly() -> None:
     ]  # fmt: skip
     assert recall(index) >= 0.95 and recall(index) > recall(without) + 0.05
     # every list probed: exact, the side list's items included
-    wide = ItemIndex(IndexSettings(**{**config, "ivf_nprobe": 10_000}, ivf_exact_fraction=0.0375), items)
+    wide = build_index(IndexSettings(**{**config, "ivf_nprobe": 10_000}, ivf_exact_fraction=0.0375), items)
     for q in queries[:30]:
         assert [r for r, _ in wide.search(q, 20)] == exact_top(items, q, 20, set())
     gone = {int(r) for r in longest[:40:2]}  # side-list removals move other entries around: still exact
@@ -301,8 +304,8 @@ def test_ivf_side_list_answers_stay_exact_with_exclusions_and_ties() -> None:
     items[7, :2] = top_first, 200.0
     items[2993, 0] = top_first
     config = IndexSettings(kind="ivf", ivf_nprobe=10_000, target_recall=0.0, build_threads=1, ivf_exact_min_items=100)
-    index = ItemIndex(config, items)
-    side = sorted(index._slot_rows[index._side.arrays()[0]].tolist())
+    index = build_index(config, items)
+    side = sorted(index.slots.rows[index._side.arrays()[0]].tolist())
     assert index.params["exact_items"] == len(side) == 150 and 7 in side and 2993 not in side
     for n, q in enumerate(queries[:40]):
         top = exact_top(items, q, 60, set())
@@ -319,7 +322,7 @@ def test_approximate_search_never_answers_short() -> None:
     """With most items excluded, the approximate walk finds too few: the index searches exactly instead."""
     items, queries = clustered(2000, 32, seed=7)
     for kind in ("hnsw", "ivf"):
-        index = ItemIndex(IndexSettings(kind=kind, hnsw_ef_search=16, ivf_nprobe=1, build_threads=1), items)
+        index = build_index(IndexSettings(kind=kind, hnsw_ef_search=16, ivf_nprobe=1, build_threads=1), items)
         keep = set(range(0, 2000, 97))
         got = index.search(queries[0], 15, exclude=set(range(2000)) - keep)
         assert [r for r, _ in got] == [sorted(keep)[i] for i in exact_top(items[sorted(keep)], queries[0], 15, set())]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-KINDS = ("flat", "hnsw", "ivf")
+IndexKind = Literal["flat", "hnsw", "ivf"]
+KINDS: tuple[str, ...] = get_args(IndexKind)
 
 
 class IndexSettingsError(RuntimeError):
@@ -24,7 +25,7 @@ class IndexSettingsError(RuntimeError):
 class IndexSettings(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
 
-    kind: Literal["flat", "hnsw", "ivf"] = Field(
+    kind: IndexKind = Field(
         "flat",
         alias="index",
         description="item index: flat (exact inner product), hnsw or ivf (approximate, for large catalogues)",

@@ -1,0 +1,139 @@
+"""``ivf``: FAISS's ``IndexIVFFlat`` over ``MMF_IVF_NLIST`` k-means lists (default about 4 sqrt(items)),
+``MMF_IVF_NPROBE`` of them scanned per query (calibrated), plus an exact side list of the longest vectors.
+
+Lists made for the inner product serve embeddings of very different norms badly, so the lists are built in
+L2 over vectors augmented with one coordinate ``sqrt(B^2 - |x|^2)`` (B: the bound on the listed norms;
+queries get 0), where the L2 order is the inner-product order (Bachrach et al., RecSys 2014). The answers are
+scored again by exact inner product.
+
+Item norms are skewed, and the long vectors are the ones most often in a top 20, while one large B makes every
+other augmented vector nearly the same length and the lists coarse. So the longest vectors are kept out of
+the lists, in an exact side list that every query scores (``MMF_IVF_EXACT_FRACTION`` of the items, and at
+least ``MMF_IVF_EXACT_MIN_ITEMS``, at most half the items), and B is the longest norm of the rest: far fewer
+lists need probing for the same recall. A side list costs a matrix-vector product per query, so it pays only
+while it saves many probes (docs/performance.md, "The longest vectors scored exactly" and "At least 10,000
+exact"). An item added later with a norm above B joins the side list.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from service.index.base import SlottedIndex
+from service.index.settings import IndexSettings
+from service.keyed_vectors import KeyedVectors
+
+
+class IvfIndex(SlottedIndex):
+    kind = "ivf"
+    width_name = "nprobe"
+
+    def __init__(self, settings: IndexSettings, vectors: np.ndarray) -> None:
+        # The side list by slot: a change costs O(dim) and a query one matrix-vector product, whatever its length.
+        self._side = KeyedVectors(np.shape(vectors)[1])
+        self._listed = 0  # vectors ever added to the lists (the side list's are not)
+        super().__init__(settings, vectors)
+
+    def _initial_params(self, n_items: int) -> dict:
+        exact_items = self.settings.exact_items(n_items)
+        nlist = self.settings.nlist(n_items - exact_items)  # the lists hold the rest
+        return {"nlist": nlist, "nprobe": min(self.settings.ivf_nprobe, nlist), "exact_items": exact_items}
+
+    def _build(self, vectors: np.ndarray) -> faiss.Index:
+        norms2 = np.einsum("ij,ij->i", vectors, vectors)
+        listed = len(norms2) - self.params["exact_items"]  # the shorter vectors go to the lists
+        self._bound2 = float(np.partition(norms2, listed - 1)[listed - 1]) if len(norms2) else 1.0
+        index = faiss.index_factory(self.dim + 1, f"IVF{self.params['nlist']},Flat", faiss.METRIC_L2)
+        index.cp.max_points_per_centroid = 64  # k-means on a sample of at most 64 vectors per list: fast enough
+        index.train(self._augment(vectors[norms2 <= self._bound2]))
+        # reconstruct() by slot, for re-scoring; a hash table, as the side list's slots are not in the lists
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        self._query_aug = np.zeros((1, self.dim + 1), dtype=np.float32)  # the query, augmented with 0
+        return index
+
+    def _augment(self, vectors: np.ndarray) -> np.ndarray:
+        norms2 = np.einsum("ij,ij->i", vectors, vectors)
+        extra = np.sqrt(np.maximum(self._bound2 - norms2, 0.0)).astype(np.float32)
+        return np.hstack([vectors, extra[:, None]])
+
+    def _store(self, first_slot: int, vectors: np.ndarray) -> None:
+        norms2 = np.einsum("ij,ij->i", vectors, vectors)
+        longer = norms2 > self._bound2 * (1 + 1e-6)
+        listed = np.flatnonzero(~longer)
+        self._faiss.add_with_ids(self._augment(vectors[listed]), first_slot + listed)
+        self._listed += len(listed)
+        self._side.extend(first_slot + np.flatnonzero(longer), vectors[longer])
+
+    def _kill(self, slot: int) -> None:
+        super()._kill(slot)
+        self._side.remove(slot)
+
+    def _parameter_values(self, exact: bool, want: int) -> tuple[type[faiss.SearchParameters], dict]:
+        return faiss.SearchParametersIVF, {"nprobe": self.params["nlist"] if exact else self.params["nprobe"]}
+
+    def _candidates(self, q: np.ndarray, want: int, filtered: bool, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+        """IVF answers re-scored by exact inner product, plus the best vectors of the exact side list."""
+        self._query_aug[0, : self.dim] = q[0]
+        _, slots = self._faiss.search(self._query_aug, want, params=self._search_parameters(filtered, exact, want))
+        slots = slots[0][slots[0] >= 0]
+        scores = self._faiss.reconstruct_batch(slots)[:, : self.dim] @ q[0] if len(slots) else np.zeros(0, np.float32)
+        if len(self._side):  # longer than the bound: scored exactly, always
+            side_slots, matrix = self._side.arrays()
+            side_scores = matrix @ q[0]  # all of them, then filtered: no copy of the matrix per query
+            # Only side vectors scoring at least the lists' want-th best can be among the best want of both
+            # (a comparison over the side list is far cheaper than a partition of all of it).
+            floor = scores.min() if len(scores) >= want else -np.inf
+            better = np.flatnonzero(side_scores >= floor)
+            side_slots, side_scores = side_slots[better], side_scores[better]
+            if filtered:
+                keep = self.slots.selected(side_slots)
+                side_slots, side_scores = side_slots[keep], side_scores[keep]
+            if len(side_scores) > want:
+                best = np.argpartition(-side_scores, want - 1)[:want]
+                side_slots, side_scores = side_slots[best], side_scores[best]
+            slots, scores = np.concatenate([slots, side_slots]), np.concatenate([scores, side_scores])
+        return self.slots.rows[slots], scores
+
+    def vector(self, row: int) -> np.ndarray:
+        slot = self.slots.by_row[row]
+        if slot in self._side:
+            return self._side.get(slot)
+        return self._faiss.reconstruct(slot)[: self.dim]
+
+    def _vectors_in_faiss(self) -> int:
+        return self._listed
+
+    def _own_problems(self) -> list[str]:
+        side_slots, _ = self._side.arrays()
+        if np.any(self.slots.rows[side_slots] < 0) or not self._side.consistent():
+            return ["the exact side list holds a dead slot, or its position map disagrees with it"]
+        return []
+
+    # -- for calibration (service/index/calibration.py) -------------------------------------------------------
+    def width_limits(self, k: int) -> tuple[int, int]:
+        """The fewest and most lists calibration probes."""
+        return 1, self.params["nlist"]
+
+    def exact_slots(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """Slots of the exact top ``k`` per query: every list probed, where the L2 order of the augmented
+        vectors is the inner-product order."""
+        return self._search_lists(queries, k, self.params["nlist"])
+
+    def approximate_slots(self, queries: np.ndarray, k: int, width: int) -> np.ndarray:
+        """Slots of the top ``k`` per query with ``width`` lists probed."""
+        return self._search_lists(queries, k, width)
+
+    def _search_lists(self, q: np.ndarray, k: int, nprobe: int) -> np.ndarray:
+        """Top ``k`` slots per query: the lists' answers and the side list, by exact inner product."""
+        aug = np.hstack([q, np.zeros((len(q), 1), np.float32)])
+        slots = self._faiss.search(aug, k, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
+        found = slots >= 0  # a short answer is padded with -1
+        vectors = self._faiss.reconstruct_batch(slots[found])[:, : self.dim]
+        scores = np.full(slots.shape, -np.inf, dtype=np.float32)
+        scores[found] = np.einsum("nd,nd->n", vectors, np.broadcast_to(q[:, None, :], (*slots.shape, self.dim))[found])
+        side_slots, side_vectors = self._side.arrays()
+        slots = np.hstack([slots, np.broadcast_to(side_slots, (len(q), len(side_slots)))])
+        scores = np.hstack([scores, q @ side_vectors.T])
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(slots, order, axis=1)
