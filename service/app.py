@@ -74,7 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = runtime.engine
         log.info(
             "serving artifact %s: %d users, %d items, %s index %s built in %.1f s", engine.artifact_id,
-            len(engine.user_rows), engine.n_items, engine.index.kind, engine.index.params, engine.index.build_seconds,
+            len(engine.catalog.user_rows), engine.n_items, engine.index.kind, engine.index.params,
+            engine.index.build_seconds,
         )  # fmt: skip
         # SIGHUP reloads the artifact (the served directory, re-read: point a symlink at the new version).
         # Only possible in the main thread (python -m service run); uvicorn's multi-worker supervisor

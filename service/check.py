@@ -19,6 +19,7 @@ from service.state import RedisState, StateError
 
 def check_consistency(engine: Engine, state: RedisState, max_listed: int = 20) -> dict:
     problems: list[str] = []
+    catalog = engine.catalog
     training = engine.bundle.item_ids
     training_set = set(training)
     deleted = state.deleted_items()
@@ -54,15 +55,15 @@ def check_consistency(engine: Engine, state: RedisState, max_listed: int = 20) -
     for item_id, row in expected.items():
         if counts.get(row, 0) != 1:
             problems.append(f"item {item_id!r} (row {row}) is in the index {counts.get(row, 0)} times")
-        elif engine.item_rows.get(item_id) != row or engine.row_items.get(row) != item_id:
-            problems.append(f"item {item_id!r}: engine maps it to row {engine.item_rows.get(item_id)}, expected {row}")
+        elif catalog.item_rows.get(item_id) != row or catalog.row_items.get(row) != item_id:
+            problems.append(f"item {item_id!r}: engine maps it to row {catalog.item_rows.get(item_id)}, expected {row}")
     for item_id in deleted:
-        row = engine.item_rows.get(item_id)
+        row = catalog.item_rows.get(item_id)
         if item_id not in stored and row is not None:
             problems.append(f"deleted item {item_id!r} is served (row {row})")
     unexpected = set(counts) - set(expected.values())
     problems += [
-        f"row {r} ({engine.row_items.get(r)!r}) is in the index but not a live item" for r in sorted(unexpected)
+        f"row {r} ({catalog.row_items.get(r)!r}) is in the index but not a live item" for r in sorted(unexpected)
     ]
     if len(ids) != len(expected):
         problems.append(f"index holds {len(ids)} vectors, expected {len(expected)}")

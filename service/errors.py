@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from service.engine import InputError, NotFound
+from service.request_errors import InputError, NotFound
 
 log = logging.getLogger("service")
 

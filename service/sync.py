@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterable
 
 import redis
 
-from service.engine import Engine, InputError
+from service.engine import Engine
+from service.request_errors import InputError
 from service.state import Event, RedisState, StoredItem
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def load_state(engine: Engine, state: RedisState, chunk: int = 512) -> str:
     for item_id in state.deleted_items():
         engine.delete(item_id)
     # Deleted online items too, for their interactions; a training item keeps its training row.
-    engine.known_rows.update({i: r for i, r in state.online_rows().items() if engine.training_row(i) is None})
+    engine.catalog.remember_online_rows(state.online_rows())
     for user_id, item_ids in state.all_user_items().items():
         for item_id in item_ids:
             engine.record_interaction(user_id, item_id)

@@ -11,7 +11,8 @@ import time
 import redis
 
 from service import schemas
-from service.engine import Engine, InputError, NotFound
+from service.engine import Engine
+from service.request_errors import InputError, NotFound
 from service.runtime import Runtime
 from service.state import StoredItem
 from service.sync import sync_item

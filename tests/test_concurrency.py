@@ -137,8 +137,8 @@ def test_concurrent_writers_and_readers_on_two_replicas(artifact: Artifact, redi
                 engine = app.state.runtime.engine
                 ids = engine.index_ids()
                 assert len(ids) == len(set(ids.tolist())) == expected
-                assert set(engine.item_rows) == set(artifact.item_ids) | live
-                assert sorted(engine.item_rows.values()) == sorted(ids.tolist())
+                assert set(engine.catalog.item_rows) == set(artifact.item_ids) | live
+                assert sorted(engine.catalog.item_rows.values()) == sorted(ids.tolist())
             for item_id in sorted(live)[:20]:
                 assert a.get(f"/items/{item_id}").status_code == b.get(f"/items/{item_id}").status_code == 200
             for item_id in deleted:

@@ -519,12 +519,14 @@ def test_popular_ranking_stays_exact(artifact: Artifact) -> None:
     from service.loading import load_bundle
 
     engine = Engine(load_bundle(artifact.path))
-    engine.TOP_ROWS = 8
+    engine.popularity.TOP_ROWS = 8
     rng = np.random.default_rng(9)
 
     def expected(k: int, exclude: set[int]) -> list[str]:
-        ranked = sorted(engine.popularity.items(), key=lambda kv: (-kv[1], kv[0]))
-        return [engine.row_items[r] for r, _ in ranked if r not in exclude and r in engine.row_items][:k]
+        ranked = sorted(engine.popularity.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [engine.catalog.row_items[r] for r, _ in ranked if r not in exclude and r in engine.catalog.row_items][
+            :k
+        ]
 
     emb, states = engine.fuse(engine.feature_matrix([artifact.features(5)]))
     ids = list(artifact.item_ids)
@@ -546,5 +548,5 @@ def test_popular_ranking_stays_exact(artifact: Artifact) -> None:
         exclude = set(rng.choice(len(artifact.item_ids), 5).tolist())
         got = engine.popular(k, exclude)
         assert got.item_ids == expected(k, exclude), step
-        assert got.scores == [engine.popularity[engine.item_rows[i]] for i in got.item_ids]
+        assert got.scores == [engine.popularity.counts[engine.catalog.item_rows[i]] for i in got.item_ids]
     assert engine.popular(1000).item_ids == expected(1000, set())

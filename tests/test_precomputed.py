@@ -66,7 +66,7 @@ def test_a_tie_across_the_cut_is_left_out() -> None:
 
 
 def test_merge_best_orders_by_score_then_row_across_both_lists() -> None:
-    from service.engine import _merge_best
+    from service.precomputed_answers import merge_best
 
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -78,7 +78,7 @@ def test_merge_best_orders_by_score_then_row_across_both_lists() -> None:
         b = [p for p, first in zip(ranked, in_a, strict=True) if not first]
         k = int(rng.integers(0, 35))
         split = [([r for _, r in part], [s for s, _ in part]) for part in (a, b)]
-        got_rows, got_scores = _merge_best(*split[0], *split[1], k)
+        got_rows, got_scores = merge_best(*split[0], *split[1], k)
         assert list(zip(got_scores, got_rows, strict=True)) == ranked[:k]
 
 
@@ -114,7 +114,7 @@ def test_engine_answers_like_an_exact_search_through_online_changes(artifact: Ar
     of the other finds, for every k up to past the lists' length."""
     bundle = load_bundle(artifact.path)
     listed, exact = Engine(bundle, precomputed_k=10), Engine(bundle)
-    listed.ONLINE_SCAN_MAX = scan_max
+    listed.precomputed.ONLINE_SCAN_MAX = scan_max
     assert listed.precomputed is not None and exact.precomputed is None
     rng = np.random.default_rng(4)
     embeddings, states = listed.fuse(listed.feature_matrix([artifact.features(r, 2.0) for r in range(8)]))
@@ -143,7 +143,7 @@ def test_engine_answers_like_an_exact_search_through_online_changes(artifact: Ar
                 engine.upsert(item, listed.training_row(item), emb, states[0])
         user, k = users[rng.integers(0, len(users))], int(rng.integers(1, 14))
         quick = listed.quick_recommend(user, k)
-        answered = listed._from_precomputed(listed.user_rows[user], k, listed.seen_rows(user)) is not None
+        answered = listed._from_precomputed(listed.catalog.user_rows[user], k, listed.seen_rows(user)) is not None
         from_lists += answered
         got, want = listed.recommend(user, k), exact.recommend(user, k)
         assert got.strategy == want.strategy == "model"

@@ -18,8 +18,8 @@ from service.dependencies import (
     StateDep,
     k_param,
 )
-from service.engine import InputError
 from service.fast_recommend import DEFAULT_K
+from service.request_errors import InputError
 from service.settings import Settings
 
 
@@ -47,7 +47,7 @@ def add_items_routes(app: FastAPI, settings: Settings, access: Access) -> None:
             loaded_at=engine.loaded_at,
             model=engine.bundle.model_config.name,
             modalities=engine.modalities,
-            n_users=len(engine.user_rows),
+            n_users=len(engine.catalog.user_rows),
             n_items=engine.n_items,
             embedding_dim=engine.dim,
             index=schemas.IndexInfo(
@@ -98,7 +98,7 @@ def add_items_routes(app: FastAPI, settings: Settings, access: Access) -> None:
     def get_item(item_id: ItemId, runtime: RuntimeDep, response: Response) -> schemas.ItemOut:
         engine, state = runtime.engine, runtime.state
         row = writes.item_row(runtime, engine, item_id)
-        online = item_id in engine.online_items
+        online = item_id in engine.online.ids
         features = None
         if online:
             try:
@@ -109,7 +109,7 @@ def add_items_routes(app: FastAPI, settings: Settings, access: Access) -> None:
         return schemas.ItemOut(
             item_id=item_id,
             source="online" if online else "training",
-            interactions=int(engine.popularity.get(row, 0)),
+            interactions=int(engine.popularity.count(row)),
             features=features,
         )
 
