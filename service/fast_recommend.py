@@ -1,9 +1,9 @@
 """``GET /recommend/{user_id}`` without the framework, for the requests where the framework is most of the cost.
 
 With a precomputed list or a bounded index search (hnsw, ivf, a small flat index) a recommendation for a
-training user takes about 0.1 ms; FastAPI's routing, parameter validation and dependency resolution around it
-took twice that (in-process, 2-core machine), so the endpoint served well under half the requests per second of
-a no-op one.
+training user costs less than FastAPI's routing, parameter validation and dependency resolution around it, which
+would hold the endpoint well under half the requests per second of a no-op one (docs/performance.md, "The
+/recommend fast path and one torch thread").
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def render_recommendation(
 ) -> bytes:
     """The body of a recommendation, in the shape of ``schemas.RecommendationOut`` (the documented model):
     the bytes of ``json.dumps(body, separators=(",", ":"))``, assembled from pieces because the JSON
-    encoder's per-dict work was a third of a fast-path request (35 us for 20 items)."""
+    encoder's per-dict work is a large part of a fast-path request (docs/performance.md, "The /recommend fast
+    path and one torch thread")."""
     if not all(map(math.isfinite, scores)):  # json.dumps spells these NaN / Infinity; repr does not
         return _render_with_json(user_id, artifact_id, strategy, items, scores, fresh)
     rows = ",".join(f'{{"item_id":{_string(i)},"score":{s!r}}}' for i, s in zip(items, scores, strict=True))

@@ -2,9 +2,9 @@
 
 A recommendation for a training user is then the first k entries of its list that are still valid (not
 seen online, not deleted, not replaced since the artifact), merged with an exact scan of the items that came
-online after it: O(k) work instead of an index search, and exact, where the approximate index finds about
-95% of the true top 20. The engine falls back to the index when the list runs out (a user with many online
-interactions, many deleted items) or when too many items came online for a scan to be cheap.
+online after it: O(k) work instead of an index search, and exact, where the approximate index is calibrated to
+a recall below 1 (MMF_ANN_TARGET_RECALL). The engine falls back to the index when the list runs out (a user
+with many online interactions, many deleted items) or when too many items came online for a scan to be cheap.
 
 Lists are ordered by score, then row (the index's order), and hold exactly the best K by that order: when
 the K-th and the (K+1)-th score tie, the tied group is cut off (the list gets shorter), so that an item
