@@ -23,6 +23,9 @@ class IndexSettingsError(RuntimeError):
 
 
 class IndexSettings(BaseModel):
+    """Which index to build and how; the alias of a field is the variable's name where it differs (the field
+    names say what the index does with them, the aliases are the names operators set)."""
+
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
 
     kind: IndexKind = Field(
