@@ -101,7 +101,7 @@ def build_artifact(n_items: int, n_users: int, train_items: int = 100_000) -> Pa
     out = CACHE / f"serve-{n_items}-{n_users}"
     if (out / "manifest.json").is_file():
         return out
-    from models.config import ModelConfig
+    from models.config import MetaMMFGraphConfig
     from training.config import DataConfig, RunConfig, TrainConfig
     from training.export import export_artifacts
     from training.synthetic import generate_synthetic
@@ -110,7 +110,7 @@ def build_artifact(n_items: int, n_users: int, train_items: int = 100_000) -> Pa
     synth = synthetic_config(n_items, n_users)
     run = RunConfig(
         data=DataConfig(synthetic=synth),
-        model=ModelConfig(),
+        model=MetaMMFGraphConfig(),
         train=TrainConfig(epochs=1, progress=False, eval_batch_size=max(8, 2_000_000_000 // (4 * n_items * 64))),
     )
     print(f"building a {n_items}-item artifact in {out} ...", file=sys.stderr)

@@ -61,6 +61,7 @@ from models.base import RecModel, bpr_loss, l2_penalty  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.metammf_gcn import MetaMMF_GCN  # noqa: E402
 from models.metammf_mf import MetaMMF_MF  # noqa: E402
+from models.registry import parse_model_config  # noqa: E402
 from training.allocator import keep_freed_memory  # noqa: E402
 from training.config import TrainConfig, load_run_config  # noqa: E402
 from training.data import RecData, load_mmrec, save_mmrec  # noqa: E402
@@ -121,9 +122,8 @@ def model_config(dataset: str, model: str, tensor: str) -> ModelConfig:
         base = load_run_config(ROOT / "configs" / "tiktok.yaml").model
     else:
         base = load_run_config(ROOT / "configs" / "tiktok-metammf_gcn.yaml", PAPER_NEW_ITEMS).model
-    return base.model_copy(
-        update={"name": model, "tensor": tensor, "fusion_layers": FUSION_LAYERS.get(dataset, base.fusion_layers)}
-    )
+    settings = {"name": model, "tensor": tensor, "fusion_layers": FUSION_LAYERS.get(dataset, base.fusion_layers)}
+    return parse_model_config({**base.model_dump(), **settings}, ignore_other_settings=True)
 
 
 # -- the original code's way of computing the same loss ------------------------------------------------

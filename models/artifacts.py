@@ -147,8 +147,8 @@ class Bundle:
         import numpy as np
         from safetensors.torch import load_file
 
-        from models.config import ModelConfig
         from models.inference import InferenceEncoder
+        from models.registry import parse_model_config
 
         self.path = Path(path)
         self.manifest = read_manifest(self.path, verify=verify)
@@ -160,7 +160,7 @@ class Bundle:
             self.user_ids: list[str] = catalog["users"]
             self.item_ids: list[str] = catalog["items"]
             self.modalities: dict[str, int] = {m["name"]: int(m["dim"]) for m in catalog["modalities"]}
-            self.model_config = ModelConfig.model_validate(self.config["model"])
+            self.model_config = parse_model_config(self.config["model"], ignore_other_settings=True)
             embeddings = load_file(self.path / EMBEDDINGS)
             self.user_embeddings = embeddings["user_embeddings"].numpy()
             self.item_embeddings = embeddings["item_embeddings"].numpy()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import GATConv
 
-from models.config import ModelConfig
+from models.config import GATConfig
 from models.graphsage import ProjectedFeatureGraph, no_edges
 
 
@@ -34,7 +34,7 @@ class GAT(ProjectedFeatureGraph):
     ``gat_heads``, ``message_dropout``, ``normalize_features`` are used).
     """
 
-    def build_convs(self, dim: int, config: ModelConfig) -> nn.ModuleList:
+    def build_convs(self, dim: int, config: GATConfig) -> nn.ModuleList:
         return nn.ModuleList(
             GATConv(dim, dim, heads=config.gat_heads, concat=False, dropout=config.message_dropout)
             for _ in range(config.gcn_layers)

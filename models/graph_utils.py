@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch_geometric.utils import degree, to_torch_csr_tensor
 
 from models.csr import SparseMatmul
@@ -16,6 +16,23 @@ def standardize_features(item_features: Tensor, normalize: bool = True) -> Tenso
     if not normalize:
         return x
     return (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+
+
+class FeatureStandardizer(nn.Module):
+    """:func:`standardize_features` with the training items' statistics kept, so that items outside the
+    training data (``embed_unseen_items``) are standardised the same way. The statistics follow from the
+    features and are not saved with the weights."""
+
+    def __init__(self, item_features: Tensor, normalize: bool = True) -> None:
+        super().__init__()
+        x = item_features.float()
+        mean = x.mean(0) if normalize else x.new_zeros(x.shape[1])
+        std = x.std(0).clamp_min(1e-6) if normalize else x.new_ones(x.shape[1])
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return (features.float() - self.mean) / self.std
 
 
 def symmetric_norm_weights(edge_index: Tensor, num_nodes: int) -> Tensor:

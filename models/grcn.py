@@ -60,11 +60,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import coalesce, dropout_edge, softmax
 
-from models.base import RecModel, bpr_loss, l2_penalty
-from models.config import ModelConfig
+from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.config import GRCNConfig
 from models.edge_ops import EdgePattern, edge_scores, weighted_sum
 from models.graph_utils import batch_rows, standardize_features
-from models.registry import ModelInputs
 
 
 def attention(x: Tensor, pattern: EdgePattern) -> tuple[Tensor, Tensor]:
@@ -130,20 +129,10 @@ class GRCN(RecModel):
         reg_weight: L2 weight on the batch's ID embeddings and user preferences.
     """
 
-    def __init__(
-        self,
-        n_users: int,
-        item_features: Tensor,
-        modality_dims: dict[str, int],
-        train_pairs: Tensor,
-        config: ModelConfig,
-        reg_weight: float,
-    ) -> None:
-        super().__init__()
-        self.config = config
-        self.n_users, self.n_items = n_users, item_features.shape[0]
+    def __init__(self, inputs: ModelInputs, config: GRCNConfig, reg_weight: float = 1e-4) -> None:
+        super().__init__(inputs, config, reg_weight)
+        item_features, modality_dims, train_pairs = inputs.item_features, inputs.modality_dims, inputs.train_pairs
         self.n_nodes = self.n_users + self.n_items
-        self.reg_weight = reg_weight
         features = standardize_features(item_features, config.normalize_features)
         start = 0
         for n, dim in enumerate(modality_dims.values()):
@@ -154,16 +143,12 @@ class GRCN(RecModel):
         self.register_buffer("user_item", user_item, persistent=False)
         self.id_embedding = nn.Parameter(torch.empty(self.n_nodes, config.embedding_dim))
         self.content = nn.ModuleList(
-            ContentGraph(n_users, dim, config.fused_dim, config.grcn_routing, config.leaky_slope)
+            ContentGraph(self.n_users, dim, config.fused_dim, config.grcn_routing, config.leaky_slope)
             for dim in modality_dims.values()
         )
         self.confidence = nn.Parameter(torch.empty(self.n_nodes, len(modality_dims)))
         self._full_graphs: RefiningGraphs | None = None  # built on first use, on the buffers' device
         self.reset_parameters()
-
-    @classmethod
-    def from_inputs(cls, inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> GRCN:
-        return cls(inputs.n_users, inputs.item_features, inputs.modality_dims, inputs.train_pairs, config, reg_weight)
 
     def reset_parameters(self) -> None:
         nn.init.xavier_normal_(self.id_embedding)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from models.base import RecModel
 from models.cold_items import content_keys, nearest, with_neighbors
-from models.config import ModelConfig
+from models.config import MetaMMFConfig
 from models.item_graph import content_graph_rows
 from models.metammf_gcn import MetaMMF_GCN
 from models.metammf_lightgcn import MetaMMF_LightGCN
@@ -34,7 +34,7 @@ class InferenceEncoder(nn.Module):
 
     NEIGHBOR_BUFFERS = ("neighbor_keys", "neighbor_states", "neighbor_scale")
 
-    def __init__(self, config: ModelConfig, in_dim: int, n_neighbor_keys: int = 0) -> None:
+    def __init__(self, config: MetaMMFConfig, in_dim: int, n_neighbor_keys: int = 0) -> None:
         super().__init__()
         self.config = config
         self.fusion = build_fusion(config, in_dim)
@@ -47,7 +47,7 @@ class InferenceEncoder(nn.Module):
         self.register_buffer("neighbor_scale", torch.ones(()))
 
     @classmethod
-    def from_state_dict(cls, config: ModelConfig, in_dim: int, state: Mapping[str, Tensor]) -> InferenceEncoder:
+    def from_state_dict(cls, config: MetaMMFConfig, in_dim: int, state: Mapping[str, Tensor]) -> InferenceEncoder:
         """An encoder holding ``state`` (``encoder.safetensors``); one written without content neighbours
         may lack their (empty) buffers."""
         keys = state.get("neighbor_keys")

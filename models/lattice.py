@@ -57,11 +57,10 @@ from torch import Tensor, nn
 from torch_geometric.nn import LGConv
 from torch_geometric.utils import to_torch_csr_tensor
 
-from models.base import bpr_loss, l2_penalty
-from models.config import ModelConfig
+from models.base import ModelInputs, bpr_loss, l2_penalty
+from models.config import LATTICEConfig
 from models.graph_utils import autocast_off, standardize_features
 from models.lightgcn import LightGCN
-from models.registry import ModelInputs
 
 KNN_CHUNK = 2048  # rows per block of the similarity matrix during the top-k search
 
@@ -111,26 +110,15 @@ class LATTICE(LightGCN):
     """LightGCN plus LATTICE's learned item-item graph.
 
     Args:
-        n_users: number of users.
-        item_features: (n_items, d_x) concatenated raw features.
-        modality_dims: modality name -> width, in the column order of ``item_features``.
-        train_pairs: (n, 2) training (user, item) pairs: the user-item graph.
+        inputs: the item features (modalities in ``modality_dims`` order) and the training (user, item) pairs.
         config: ``embedding_dim``, ``gcn_layers``, ``normalize_features``, ``lattice_knn_k``,
             ``lattice_lambda``, ``lattice_item_layers`` are used.
         reg_weight: L2 weight on the batch's final embeddings.
     """
 
-    def __init__(
-        self,
-        n_users: int,
-        item_features: Tensor,
-        modality_dims: dict[str, int],
-        train_pairs: Tensor,
-        config: ModelConfig,
-        reg_weight: float,
-    ) -> None:
-        n_items = item_features.shape[0]
-        super().__init__(n_users, n_items, train_pairs, config, reg_weight)
+    def __init__(self, inputs: ModelInputs, config: LATTICEConfig, reg_weight: float = 1e-4) -> None:
+        super().__init__(inputs, config, reg_weight)
+        item_features, modality_dims = inputs.item_features, inputs.modality_dims
         self.k = config.lattice_knn_k
         self.skip = config.lattice_lambda
         features = standardize_features(item_features, config.normalize_features)
@@ -150,10 +138,6 @@ class LATTICE(LightGCN):
         self.modal_weight = nn.Parameter(torch.full((len(modality_dims),), 1.0 / len(modality_dims)))
         self.item_convs = nn.ModuleList(LGConv(normalize=False) for _ in range(config.lattice_item_layers))
         self.reset_parameters()
-
-    @classmethod
-    def from_inputs(cls, inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> LATTICE:
-        return cls(inputs.n_users, inputs.item_features, inputs.modality_dims, inputs.train_pairs, config, reg_weight)
 
     def reset_parameters(self) -> None:
         self._epoch_graph: Tensor | None = None  # S of this epoch, detached, as a CSR adj_t
@@ -185,10 +169,8 @@ class LATTICE(LightGCN):
             weights.append((self.skip * s).reshape(-1))
         return torch.cat(edges, dim=1), torch.cat(weights)
 
-    def train(self, mode: bool = True) -> LATTICE:
-        if mode:  # the trainer calls train() at the start of every epoch: rebuild S at its first step
-            self._epoch_graph = None
-        return super().train(mode)
+    def on_epoch_start(self) -> None:
+        self._epoch_graph = None  # S is rebuilt at the epoch's first step
 
     def current_item_graph(self) -> tuple[Tensor, Tensor | None]:
         """S for this step, as LGConv's ``(edge_index, edge_weight)``. Training: built (with gradients to

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
 from torch_geometric.utils import coalesce, degree
 
-from models.base import RecModel, bpr_loss, l2_penalty
+from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
 from models.cold_items import (
     ContentNeighbors,
     content_keys,
@@ -31,7 +31,7 @@ from models.cold_items import (
     with_mean_id,
     with_neighbors,
 )
-from models.config import ModelConfig
+from models.config import MetaMMFGraphConfig
 from models.csr import SparseMatmul, csr_pair
 from models.graph_utils import batch_rows
 from models.item_graph import ItemContentGraph
@@ -106,7 +106,7 @@ class SAGETower(nn.Module):
         self.activate_last = activate_last
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> SAGETower:
+    def from_config(cls, config: MetaMMFGraphConfig) -> SAGETower:
         """The tower a :class:`MetaMMF_GCN` with ``config`` uses (also rebuilt by the service)."""
         return cls(
             config.embedding_dim,
@@ -213,10 +213,8 @@ class MetaMMF_GCN(RecModel):
     """MetaMMF with GraphSAGE message passing over the training interactions.
 
     Args:
-        n_users: number of users.
-        item_features: (n_items, d_x) concatenated raw multimodal features.
-        train_pairs: (n, 2) training (user, item) index pairs: the graph (with
-            ``config.untrained_items='content'``, items absent from it are scored from content alone).
+        inputs: the items' concatenated raw multimodal features and the training (user, item) pairs: the
+            graph (with ``config.untrained_items='content'``, items absent from it are scored from content alone).
         config: model hyper-parameters (``gcn_layers``, ``layer_combine``, fusion settings).
         reg_weight: L2 weight on the batch ego representations.
         items: the item ego encoder (default: :class:`MultimodalItemEncoder`; see :class:`MetaMMF_MF`).
@@ -224,21 +222,17 @@ class MetaMMF_GCN(RecModel):
 
     def __init__(
         self,
-        n_users: int,
-        item_features: Tensor,
-        train_pairs: Tensor,
-        config: ModelConfig,
+        inputs: ModelInputs,
+        config: MetaMMFGraphConfig,
         reg_weight: float = 1e-4,
         *,
         items: nn.Module | None = None,
     ) -> None:
-        super().__init__()
-        self.config = config
-        self.n_users, self.n_items = n_users, item_features.shape[0]
-        self.reg_weight = reg_weight
+        super().__init__(inputs, config, reg_weight)
+        train_pairs = inputs.train_pairs
         dim = config.embedding_dim
-        self.user_embedding = nn.Embedding(n_users, dim)
-        self.items = items if items is not None else MultimodalItemEncoder(config, item_features)
+        self.user_embedding = nn.Embedding(self.n_users, dim)
+        self.items = items if items is not None else MultimodalItemEncoder(config, inputs.item_features)
         self.graph = self.tower(config)
         edge_index = bipartite_edge_index(train_pairs.long(), self.n_users, self.n_items)
         self.register_buffer("edge_index", edge_index, persistent=False)
@@ -259,7 +253,7 @@ class MetaMMF_GCN(RecModel):
         self.reset_parameters()
 
     @staticmethod
-    def tower(config: ModelConfig) -> SAGETower:
+    def tower(config: MetaMMFGraphConfig) -> SAGETower:
         """The graph layers (also rebuilt by the service, :mod:`models.inference`)."""
         return SAGETower.from_config(config)
 
@@ -322,7 +316,7 @@ class MetaMMF_GCN(RecModel):
         return self.graph.combine(self.new_item_states(fused, neighbors, item_states))
 
     @torch.no_grad()
-    def encode_new_items(self, features: Tensor) -> Tensor:
+    def embed_unseen_items(self, features: Tensor) -> Tensor:
         """Final embeddings of items outside the model from their raw features (evaluation mode)."""
         inputs = self.items.fusion.standardize(features.float())
         fused = self.items.fusion.fuse_standardized(inputs)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from models.config import ModelConfig
+from models.config import MetaMMFGraphConfig
 from models.graph_utils import SymmetricPropagation
 from models.metammf_gcn import MetaMMF_GCN
 
@@ -46,7 +46,7 @@ class LightTower(nn.Module):
         self.isolated_nodes = isolated_nodes
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> LightTower:
+    def from_config(cls, config: MetaMMFGraphConfig) -> LightTower:
         return cls(config.gcn_layers, config.isolated_nodes)
 
     def reset_parameters(self) -> None:
@@ -88,7 +88,7 @@ class MetaMMF_LightGCN(MetaMMF_GCN):
     """
 
     @staticmethod
-    def tower(config: ModelConfig) -> LightTower:
+    def tower(config: MetaMMFGraphConfig) -> LightTower:
         return LightTower.from_config(config)
 
     def propagation(self, edge_index: Tensor) -> SymmetricPropagation:

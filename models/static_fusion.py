@@ -32,12 +32,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from models.config import ModelConfig
+from models.base import ModelInputs
+from models.config import MetaMMFConfig, MetaMMFGraphConfig
 from models.fusion import tower_widths
 from models.metammf_gcn import MetaMMF_GCN
 from models.metammf_lightgcn import MetaMMF_LightGCN
 from models.metammf_mf import MetaMMF_MF
-from models.registry import ModelInputs
 
 FusionMode = Literal["early", "late", "hybrid"]
 
@@ -122,7 +122,7 @@ class StaticItemEncoder(nn.Module):
     :class:`models.metammf_mf.MultimodalItemEncoder`."""
 
     def __init__(
-        self, config: ModelConfig, item_features: Tensor, modality_dims: dict[str, int], mode: FusionMode
+        self, config: MetaMMFConfig, item_features: Tensor, modality_dims: dict[str, int], mode: FusionMode
     ) -> None:
         super().__init__()
         n_items = item_features.shape[0]
@@ -145,68 +145,33 @@ class StaticItemEncoder(nn.Module):
         return torch.cat([self.fusion.fuse_standardized(self.item_inputs[items]), self.id_embedding(items)], dim=1)
 
 
-class StaticFusionMF(MetaMMF_MF):
-    """MF backbone with static fusion (``mode``: 'early', 'late' or 'hybrid')."""
+def fusion_mode(config: MetaMMFConfig) -> FusionMode:
+    """'early', 'late' or 'hybrid': the first word of the model's name (e.g. ``late_fusion_gcn``)."""
+    mode = config.name.split("_", 1)[0]
+    if mode not in ("early", "late", "hybrid"):
+        raise ValueError(f"model {config.name!r} is not a static-fusion variant (<mode>_fusion_<backbone>)")
+    return mode  # type: ignore[return-value]
 
-    def __init__(
-        self,
-        n_users: int,
-        item_features: Tensor,
-        modality_dims: dict[str, int],
-        config: ModelConfig,
-        reg_weight: float = 1e-4,
-        mode: FusionMode = "early",
-        train_pairs: Tensor | None = None,
-    ) -> None:
-        items = StaticItemEncoder(config, item_features, modality_dims, mode)
-        super().__init__(n_users, item_features, config, reg_weight, items=items, train_pairs=train_pairs)
-        self.fusion_mode = mode
+
+class StaticFusionMF(MetaMMF_MF):
+    """MF backbone with static fusion (the mode from ``config.name``: early, late or hybrid)."""
+
+    def __init__(self, inputs: ModelInputs, config: MetaMMFConfig, reg_weight: float = 1e-4) -> None:
+        self.fusion_mode = fusion_mode(config)
+        items = StaticItemEncoder(config, inputs.item_features, inputs.modality_dims, self.fusion_mode)
+        super().__init__(inputs, config, reg_weight, items=items)
 
 
 class StaticFusionGCN(MetaMMF_GCN):
-    """GraphSAGE backbone with static fusion (``mode``: 'early', 'late' or 'hybrid')."""
+    """GraphSAGE backbone with static fusion (the mode from ``config.name``: early, late or hybrid)."""
 
-    def __init__(
-        self,
-        n_users: int,
-        item_features: Tensor,
-        modality_dims: dict[str, int],
-        train_pairs: Tensor,
-        config: ModelConfig,
-        reg_weight: float = 1e-4,
-        mode: FusionMode = "early",
-    ) -> None:
-        items = StaticItemEncoder(config, item_features, modality_dims, mode)
-        super().__init__(n_users, item_features, train_pairs, config, reg_weight, items=items)
-        self.fusion_mode = mode
+    def __init__(self, inputs: ModelInputs, config: MetaMMFGraphConfig, reg_weight: float = 1e-4) -> None:
+        self.fusion_mode = fusion_mode(config)
+        items = StaticItemEncoder(config, inputs.item_features, inputs.modality_dims, self.fusion_mode)
+        super().__init__(inputs, config, reg_weight, items=items)
 
 
 class StaticFusionLightGCN(StaticFusionGCN, MetaMMF_LightGCN):
     """LightGCN backbone (with the item-item content graph of ``item_graph_k``) with static fusion: the
     constructor of :class:`StaticFusionGCN`, the tower and propagation of
     :class:`~models.metammf_lightgcn.MetaMMF_LightGCN` (next in the method resolution order)."""
-
-
-def _mf(mode: FusionMode):
-    def build(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> StaticFusionMF:
-        return StaticFusionMF(
-            inputs.n_users, inputs.item_features, inputs.modality_dims, config, reg_weight, mode, inputs.train_pairs
-        )
-
-    return build
-
-
-def _graph(model: type[StaticFusionGCN], mode: FusionMode):
-    def build(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> StaticFusionGCN:
-        return model(
-            inputs.n_users, inputs.item_features, inputs.modality_dims, inputs.train_pairs, config, reg_weight, mode
-        )
-
-    return build
-
-
-early_fusion_mf, late_fusion_mf, hybrid_fusion_mf = _mf("early"), _mf("late"), _mf("hybrid")
-early_fusion_gcn, late_fusion_gcn, hybrid_fusion_gcn = (_graph(StaticFusionGCN, m) for m in ("early", "late", "hybrid"))
-early_fusion_lightgcn, late_fusion_lightgcn, hybrid_fusion_lightgcn = (
-    _graph(StaticFusionLightGCN, m) for m in ("early", "late", "hybrid")
-)

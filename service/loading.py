@@ -118,9 +118,9 @@ def diagnose(path: Path) -> str | None:
         return f"{path / 'catalog.json'}: {exc}"
     config = parsed[CONFIG]
     try:
-        from models.config import ModelConfig
+        from models.registry import parse_model_config
 
-        model_config = ModelConfig.model_validate(config["model"])
+        model_config = parse_model_config(config["model"], ignore_other_settings=True)
     except Exception as exc:
         return f"{path / 'config.json'}: no valid model section ({_first_line(exc)})"
 

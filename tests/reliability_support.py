@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.artifacts import sha256_file
-from models.config import ModelConfig
 from models.inference import InferenceEncoder
+from models.registry import parse_model_config
 from tests.service_support import (
     AUTH,
     PATIENCE_S,
@@ -66,7 +66,7 @@ class Version:
 
 
 def encoder_of(path: Path, in_dim: int) -> InferenceEncoder:
-    config = ModelConfig.model_validate(json.loads((path / "config.json").read_text())["model"])
+    config = parse_model_config(json.loads((path / "config.json").read_text())["model"])
     return InferenceEncoder.from_state_dict(config, in_dim, load_file(path / "encoder.safetensors"))
 
 

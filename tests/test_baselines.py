@@ -16,7 +16,6 @@ from pydantic import ValidationError
 from torch_geometric.nn import GATConv, LGConv, SAGEConv
 
 from models.base import RecModel
-from models.config import ModelConfig
 from models.gat import GAT
 from models.graphsage import GraphSAGE
 from models.grcn import GRCN
@@ -29,7 +28,7 @@ from models.metammf_lightgcn import MetaMMF_LightGCN
 from models.metammf_mf import MetaMMF_MF
 from models.mmgcn import MMGCN
 from models.ngcf import NGCF
-from models.registry import MODELS, is_servable
+from models.registry import MODELS, is_servable, parse_model_config
 from models.static_fusion import StaticFusionGCN, StaticFusionLightGCN, StaticFusionMF
 from models.vbpr import VBPR
 from tests.training_support import random_ranker_recall
@@ -121,7 +120,9 @@ def test_every_registered_name_is_a_valid_config_and_builds_its_class(data: RecD
 
 def test_unknown_model_name_is_rejected_with_the_known_names() -> None:
     with pytest.raises(ValidationError, match=r"unknown model 'lightgcm'.*lightgcn"):
-        ModelConfig(name="lightgcm")
+        RunConfig.model_validate({"model": {"name": "lightgcm"}})
+    with pytest.raises(ValueError, match=r"unknown model 'lightgcm'.*lightgcn"):
+        parse_model_config({"name": "lightgcm"})
     assert RunConfig.model_validate({"model": {"name": "ngcf"}}).model.name == "ngcf"
     parser = cli.build_parser()
     for name in ALL_MODELS:

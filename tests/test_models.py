@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.base import RecModel
+from models.base import ModelInputs, RecModel
 from models.config import ModelConfig
 from models.csr import csr_matmul
 from models.inference import InferenceEncoder, item_states
@@ -336,7 +336,8 @@ def test_encode_items_matches_isolated_item_node(tiny_data: RecData, make_config
     assert len(train) < len(tiny_data.train)  # the item did have training interactions
     features = torch.from_numpy(tiny_data.item_features())
     torch.manual_seed(0)
-    model = MetaMMF_GCN(tiny_data.n_users, features, torch.from_numpy(train), make_config("metammf_gcn", **variant))
+    inputs = ModelInputs(tiny_data.n_users, features, tiny_data.modality_dims, torch.from_numpy(train))
+    model = MetaMMF_GCN(inputs, make_config("metammf_gcn", **variant))
     perturb(model)
     _set_row_to_mean_of_others(model.items.id_embedding.weight, new)
     model.eval()

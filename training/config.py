@@ -9,7 +9,8 @@ import tomllib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.config import ModelConfig
+from models.config import MetaMMFGraphConfig, ModelConfig
+from models.registry import MODELS, AnyModelConfig, check_model_section, unseen_items_problem
 from training.synthetic import SyntheticConfig
 
 
@@ -128,16 +129,20 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: AnyModelConfig = Field(default_factory=MetaMMFGraphConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _known_model_and_settings(cls, model: Any) -> Any:
+        return check_model_section(model) if isinstance(model, dict) else model
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         check_neighbor_sampling(self.model, self.train)
-        if self.data.protocol == "cold_items":
-            from training.coldstart import check_cold_start_model  # imports no model code
-
-            check_cold_start_model(self.model.name)
+        problem = unseen_items_problem(self.model.name) if self.data.protocol == "cold_items" else None
+        if problem:
+            raise ValueError(f"{problem} (data.protocol=cold_items)")
         return self
 
 
@@ -184,4 +189,12 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
         return RunConfig.model_validate(data)
     except ValidationError as exc:
         where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}:\n{exc}") from None
+        raise ConfigError(f"invalid configuration{where}:\n{_without_model_tags(str(exc))}") from None
+
+
+def _without_model_tags(message: str) -> str:
+    """Pydantic names a model setting ``model.<name>.<field>`` (the config class's tag): ``model.<field>`` is
+    what a user writes in a config file or a ``--set``."""
+    for name in MODELS:
+        message = message.replace(f"\nmodel.{name}.", "\nmodel.")
+    return message
