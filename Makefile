@@ -56,7 +56,7 @@ bench-train: .venv/.installed
 	$(PYTHON) bench/train.py --quality
 
 ## bench-gpu: on a machine with CUDA and a CUDA build of torch (PYTHON=...): the GPU tests, then the training
-## benches of docs/performance.md "GPU" (TikTok in ../shared/data/tiktok, or TIKTOK=DIR)
+## benches of docs/performance.md, "GPU (NVIDIA H200)" (TikTok in ../shared/data/tiktok, or TIKTOK=DIR)
 TIKTOK ?= ../shared/data/tiktok
 bench-gpu:
 	$(PYTHON) -m pytest -q --noconftest tests/test_cuda.py
