@@ -19,7 +19,7 @@ TOPIC_PAGES = ("docs/performance.md", "docs/results.md", "docs/reliability.md")
 # "(" counts only when it closes the parenthesis or names a round, so "(first layer only)" stays legitimate.
 ORDINAL = r"first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth|\d+(?:st|nd|rd|th)"
 ROUND_HEADING = re.compile(rf"\((?i:{ORDINAL})(?:\)|\s+(?i:session|round|pass|attempt|iteration|run)s?\b)|\bNow \(")
-# A reference to a section of a page: docs/results.md, "New items" / [api.md](api.md), "Performance" /
+# A reference to a section of a page: docs/results.md, "New items" / [api.md](api.md), "Endpoints" /
 # docs/results.md ("A heading", "Another heading").
 SECTION_REF = re.compile(r'\b([a-z]+)\.md\]?(?:\([^)\s]*\))?,? \(?((?:"[^"\n]+"(?:, )?)+)')
 
