@@ -25,7 +25,7 @@ port against Redis (``--redis-url``, a fresh namespace, deleted afterwards) and 
    what they cost. The summary gives both throughput ratios.
 
 Artifacts are built once and cached under ``bench/.cache``. Up to ``--train-items`` (100k) items the
-artifact is trained (one epoch: latency does not depend on model quality; recall does, see docs/api.md); a
+artifact is trained (one epoch: latency does not depend on model quality; recall does, see docs/performance.md); a
 larger catalogue extends the trained one: ``--items - --train-items`` more synthetic items (the training
 data's generator, its projections and group signatures replayed from its seed, with other draws) are fused
 by the trained model's meta learner exactly as ``POST /items`` fuses a new item (ID part: the mean item ID

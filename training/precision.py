@@ -10,7 +10,7 @@
   without them (AVX2 only) it was 10x slower than fp32 (71.9 against 7.4 s per 100 steps), so training there
   falls back to fp32 with a warning (``effective_precision``; ``models.hardware.bf16_instructions``).
 
-docs/PERFORMANCE.md measures the speed and the accuracy of each, on CPU and on a GPU.
+docs/performance.md measures the speed and the accuracy of each, on CPU and on a GPU.
 """
 
 from __future__ import annotations
