@@ -21,7 +21,7 @@ its own). Rows, for every combination asked for:
 per-epoch validation that early stopping needs; the test evaluation used to detect the target is not
 counted) until test Recall@20 first reaches ``--target`` (0.068, the best test Recall@20 of the original
 code on the TikTok set), with the settings of configs/tiktok-metammf_gcn.yaml. Everything here trains the paper's model:
-configs/tiktok-metammf_gcn.yaml's new-item settings (``models/cold_items.py``) are turned off.
+configs/tiktok-metammf_gcn.yaml's new-item settings (``models/metammf/cold_items.py``) are turned off.
 
     python bench/train.py                                    # CPU, all data sets, timing rows
     python bench/train.py --datasets tiktok --quality        # + time to Recall@20 >= 0.068
@@ -59,8 +59,8 @@ import torch  # noqa: E402
 
 from models.base import RecModel, bpr_loss, l2_penalty  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from models.metammf_gcn import MetaMMF_GCN  # noqa: E402
-from models.metammf_mf import MetaMMF_MF  # noqa: E402
+from models.metammf.gcn import MetaMMF_GCN  # noqa: E402
+from models.metammf.mf import MetaMMF_MF  # noqa: E402
 from models.registry import get_spec, parse_model_config  # noqa: E402
 from training.allocator import keep_freed_memory  # noqa: E402
 from training.config import TrainConfig, load_run_config  # noqa: E402
@@ -100,14 +100,14 @@ def load_dataset(name: str, tiktok: Path) -> RecData:
 
 def reference_feasible(data: RecData, config: ModelConfig) -> bool:
     """The authors-style step materialises (n_items, d_in, d_out) per layer: skip it beyond ~2 GB."""
-    from models.fusion import tower_widths
+    from models.metammf.fusion import tower_widths
 
     widths = tower_widths(data.item_features().shape[1], config.fused_dim, config.fusion_layers)
     return data.n_items * max(a * b for a, b in itertools.pairwise(widths)) * 4 < 2 * 2**30
 
 
-# The paper's model: configs/tiktok-metammf_gcn.yaml's new-item training (models/cold_items.py) off, so that both
-# implementations compute the same loss, for the MF backbone too.
+# The paper's model: configs/tiktok-metammf_gcn.yaml's new-item training (models/metammf/cold_items.py) off, so
+# that both implementations compute the same loss, for the MF backbone too.
 PAPER_NEW_ITEMS = [
     "model.untrained_items=id",
     "model.isolated_nodes=zeros",

@@ -147,7 +147,7 @@ class Bundle:
         import numpy as np
         from safetensors.torch import load_file
 
-        from models.inference import InferenceEncoder
+        from models.metammf.inference import InferenceEncoder
         from models.registry import parse_model_config
 
         self.path = Path(path)

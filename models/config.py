@@ -143,8 +143,8 @@ class MetaMMFGraphConfig(MetaMMFConfig, GraphConfig):
         ge=0,
         le=1000,
         description="each item's final embedding adds the similarity-weighted mean of the ego representations of "
-        "its k nearest trained items by content (a frozen item-item graph, as in FREEDOM; models/item_graph.py); "
-        "0 = off",
+        "its k nearest trained items by content (a frozen item-item graph, as in FREEDOM; "
+        "models/metammf/item_graph.py); 0 = off",
     )
     item_graph_normalize: bool = Field(
         False, description="with item_graph_k: the item-graph term scaled to unit length (as LATTICE adds it)"

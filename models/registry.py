@@ -6,7 +6,7 @@ Entries name their class as ``"module:Class"`` and import it on first use, so im
 way, ``Class(inputs, config, reg_weight)`` (:class:`models.base.RecModel`).
 
 Only MetaMMF models are *servable* (the service rebuilds their fusion network and graph layers for
-new items and users, :mod:`models.inference`); the baselines are trained and evaluated only.
+new items and users, :mod:`models.metammf.inference`); the baselines are trained and evaluated only.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _metammf(target: str, config: type[ModelConfig], summary: str) -> ModelSpec:
 def _static(backbone: str, target: str, config: type[ModelConfig], label: str) -> dict[str, ModelSpec]:
     return {
         f"{mode}_fusion_{backbone}": ModelSpec(
-            f"models.static_fusion:{target}",
+            f"models.baselines.static_fusion:{target}",
             config,
             f"static {mode} fusion, {label} backbone",
             embeds_unseen_items=True,
@@ -83,32 +83,37 @@ def _static(backbone: str, target: str, config: type[ModelConfig], label: str) -
 
 
 MODELS: dict[str, ModelSpec] = {
-    "metammf_gcn": _metammf("models.metammf_gcn:MetaMMF_GCN", MetaMMFGraphConfig, "MetaMMF, GraphSAGE backbone"),
-    "metammf_mf": _metammf("models.metammf_mf:MetaMMF_MF", MetaMMFConfig, "MetaMMF, MF backbone"),
+    "metammf_gcn": _metammf("models.metammf.gcn:MetaMMF_GCN", MetaMMFGraphConfig, "MetaMMF, GraphSAGE backbone"),
+    "metammf_mf": _metammf("models.metammf.mf:MetaMMF_MF", MetaMMFConfig, "MetaMMF, MF backbone"),
     "metammf_lightgcn": _metammf(
-        "models.metammf_lightgcn:MetaMMF_LightGCN",
+        "models.metammf.lightgcn:MetaMMF_LightGCN",
         MetaMMFGraphConfig,
         "MetaMMF, LightGCN backbone with a frozen item-item content graph",
     ),
     # Baselines (the paper's Table 2) ...
-    "vbpr": ModelSpec("models.vbpr:VBPR", VBPRConfig, "VBPR (He & McAuley 2016)", embeds_unseen_items=True),
-    "lightgcn": ModelSpec("models.lightgcn:LightGCN", LightGCNConfig, "LightGCN (He et al. 2020), pure CF"),
-    "ngcf": ModelSpec("models.ngcf:NGCF", NGCFConfig, "NGCF (Wang et al. 2019), pure CF"),
+    "vbpr": ModelSpec("models.baselines.vbpr:VBPR", VBPRConfig, "VBPR (He & McAuley 2016)", embeds_unseen_items=True),
+    "lightgcn": ModelSpec("models.baselines.lightgcn:LightGCN", LightGCNConfig, "LightGCN (He et al. 2020), pure CF"),
+    "ngcf": ModelSpec("models.baselines.ngcf:NGCF", NGCFConfig, "NGCF (Wang et al. 2019), pure CF"),
     "graphsage": ModelSpec(
-        "models.graphsage:GraphSAGE",
+        "models.baselines.graphsage:GraphSAGE",
         GraphSAGEConfig,
         "GraphSAGE (Hamilton et al. 2017), multimodal items",
         embeds_unseen_items=True,
     ),
     "gat": ModelSpec(
-        "models.gat:GAT", GATConfig, "GAT (Velickovic et al. 2018), multimodal items", embeds_unseen_items=True
+        "models.baselines.gat:GAT",
+        GATConfig,
+        "GAT (Velickovic et al. 2018), multimodal items",
+        embeds_unseen_items=True,
     ),
-    "mmgcn": ModelSpec("models.mmgcn:MMGCN", MMGCNConfig, "MMGCN (Wei et al. 2019)", embeds_unseen_items=True),
-    "grcn": ModelSpec("models.grcn:GRCN", GRCNConfig, "GRCN (Wei et al. 2020), refined user-item graph"),
+    "mmgcn": ModelSpec(
+        "models.baselines.mmgcn:MMGCN", MMGCNConfig, "MMGCN (Wei et al. 2019)", embeds_unseen_items=True
+    ),
+    "grcn": ModelSpec("models.baselines.grcn:GRCN", GRCNConfig, "GRCN (Wei et al. 2020), refined user-item graph"),
     "lattice": ModelSpec(
-        "models.lattice:LATTICE", LATTICEConfig, "LATTICE (Zhang et al. 2021), learned item-item graph"
+        "models.baselines.lattice:LATTICE", LATTICEConfig, "LATTICE (Zhang et al. 2021), learned item-item graph"
     ),
-    "invrl": ModelSpec("models.invrl:InvRL", InvRLConfig, "InvRL (Du et al. 2022), invariant feature mask"),
+    "invrl": ModelSpec("models.baselines.invrl:InvRL", InvRLConfig, "InvRL (Du et al. 2022), invariant feature mask"),
     # ... and the static-fusion variants of its Table 3, and with the served default's LightGCN backbone.
     **_static("mf", "StaticFusionMF", MetaMMFConfig, "MF"),
     **_static("gcn", "StaticFusionGCN", MetaMMFGraphConfig, "GCN"),

@@ -161,7 +161,7 @@ def diagnose(path: Path) -> str | None:
     try:
         import torch
 
-        from models.inference import InferenceEncoder
+        from models.metammf.inference import InferenceEncoder
 
         state = {k: torch.from_numpy(np.array(v)) for k, v in tensors[ENCODER].items()}
         InferenceEncoder.from_state_dict(model_config, sum(m["dim"] for m in catalog["modalities"]), state)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.artifacts import sha256_file
-from models.inference import InferenceEncoder
+from models.metammf.inference import InferenceEncoder
 from models.registry import parse_model_config
 from tests.service_support import (
     AUTH,

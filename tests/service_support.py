@@ -31,7 +31,7 @@ from safetensors.torch import load_file as load_tensors
 
 from bench.support import NotReady, free_port
 from bench.support import wait_ready as ready
-from models.inference import InferenceEncoder
+from models.metammf.inference import InferenceEncoder
 from service.app import create_app
 from service.embedded_redis import find_redis_server
 from service.settings import Settings

@@ -16,21 +16,21 @@ from pydantic import ValidationError
 from torch_geometric.nn import GATConv, LGConv, SAGEConv
 
 from models.base import RecModel
-from models.gat import GAT
-from models.graphsage import GraphSAGE
-from models.grcn import GRCN
-from models.inference import InferenceEncoder
-from models.invrl import InvRL
-from models.lattice import LATTICE
-from models.lightgcn import LightGCN
-from models.metammf_gcn import MetaMMF_GCN
-from models.metammf_lightgcn import MetaMMF_LightGCN
-from models.metammf_mf import MetaMMF_MF
-from models.mmgcn import MMGCN
-from models.ngcf import NGCF
+from models.baselines.gat import GAT
+from models.baselines.graphsage import GraphSAGE
+from models.baselines.grcn import GRCN
+from models.baselines.invrl import InvRL
+from models.baselines.lattice import LATTICE
+from models.baselines.lightgcn import LightGCN
+from models.baselines.mmgcn import MMGCN
+from models.baselines.ngcf import NGCF
+from models.baselines.static_fusion import StaticFusionGCN, StaticFusionLightGCN, StaticFusionMF
+from models.baselines.vbpr import VBPR
+from models.metammf.gcn import MetaMMF_GCN
+from models.metammf.inference import InferenceEncoder
+from models.metammf.lightgcn import MetaMMF_LightGCN
+from models.metammf.mf import MetaMMF_MF
 from models.registry import MODELS, is_servable, parse_model_config
-from models.static_fusion import StaticFusionGCN, StaticFusionLightGCN, StaticFusionMF
-from models.vbpr import VBPR
 from tests.training_support import random_ranker_recall
 from training import cli
 from training.config import RunConfig, TrainConfig

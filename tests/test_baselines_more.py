@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch_geometric.nn import AGNNConv, LGConv
 
 from models.base import RecModel, bpr_loss
-from models.grcn import attention
-from models.lattice import knn_neighbours
+from models.baselines.grcn import attention
+from models.baselines.lattice import knn_neighbours
 from training.data import RecData
 from training.sampling import BPRSampler
 from training.trainer import build_model

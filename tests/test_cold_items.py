@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models.base import bpr_loss, l2_penalty
-from models.inference import InferenceEncoder
-from models.metammf_gcn import SAGETower
+from models.metammf.gcn import SAGETower
+from models.metammf.inference import InferenceEncoder
 from service.engine import Engine
 from service.loading import load_bundle
 from training.cli import load_data

@@ -116,7 +116,7 @@ def test_cold_protocol_trains_on_warm_items_and_ranks_held_out_ones() -> None:
     # Among all items a held-out item has more competitors: it can only rank lower.
     assert result.test.metrics["full_recall@20"] <= result.test.metrics["recall@20"]
     # Held-out items are scored from content alone: what the service's encoder computes for new items.
-    from models.inference import InferenceEncoder
+    from models.metammf.inference import InferenceEncoder
 
     features = torch.from_numpy(split.cold_item_features())
     expected, _ = InferenceEncoder.from_model(result.model).encode_items(features)
@@ -360,8 +360,8 @@ def test_run_key_depends_on_config_data_and_code(tiny_data: RecData) -> None:
     assert run_key(RunSpec(tiny_config(**{"model.rank": 8, "train.seed": 3}), "popularity"), "d", "c") == pop
     # A model's code version covers its own module and the training loop, not the other models.
     _, modules = code_modules("vbpr")
-    assert {"models.vbpr", "training.trainer", "training.evaluate", "models.base"} <= set(modules)
-    assert "models.lightgcn" not in modules and "models.registry" not in modules
+    assert {"models.baselines.vbpr", "training.trainer", "training.evaluate", "models.base"} <= set(modules)
+    assert "models.baselines.lightgcn" not in modules and "models.registry" not in modules
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ from fastapi.testclient import TestClient
 from torch_geometric.nn import LGConv
 
 from models.base import ModelInputs
-from models.inference import InferenceEncoder, item_states
-from models.item_graph import ItemContentGraph
-from models.metammf_gcn import bipartite_edge_index
-from models.metammf_lightgcn import MetaMMF_LightGCN
+from models.graph.utils import bipartite_edge_index
+from models.metammf.inference import InferenceEncoder, item_states
+from models.metammf.item_graph import ItemContentGraph
+from models.metammf.lightgcn import MetaMMF_LightGCN
 from service.app import create_app
 from service.settings import Settings
 from tests.service_support import AUTH, KEY, post_item, rec

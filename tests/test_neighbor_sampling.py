@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.metammf_gcn import MetaMMF_GCN
-from models.neighbor_sampling import NeighborSampler
+from models.graph.neighbor_sampling import NeighborSampler
+from models.metammf.gcn import MetaMMF_GCN
 from tests.training_support import random_ranker_recall
 from training.cli import build_parser
 from training.config import ConfigError, TrainConfig, load_run_config

@@ -17,7 +17,7 @@ Scoring unseen items from content (:func:`cold_item_embeddings`, each model's ``
 per model family:
 
 * MetaMMF_MF / MetaMMF_GCN / MetaMMF_LightGCN and the static-fusion variants: ego ``[fusion(x_i) ; mean
-  item ID embedding]`` (what :class:`models.inference.InferenceEncoder` serves); graph backbones then run
+  item ID embedding]`` (what :class:`models.metammf.inference.InferenceEncoder` serves); graph backbones then run
   their layers for a node without neighbours (``isolated``), with the content neighbours' states and the
   item-item content graph's term where the config turns them on;
 * VBPR: ``[mean gamma_i ; E f_i ; mean beta_i + beta'^T f_i]``;
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from models.base import RecModel
-from models.inference import InferenceEncoder
+from models.metammf.inference import InferenceEncoder
 from models.registry import is_servable, unseen_items_problem
 from training.data import DataError, RecData
 from training.evaluate import EvalResult, full_rank_evaluate

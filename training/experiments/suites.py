@@ -249,7 +249,7 @@ def coldstart(ctx: Context) -> list[Path]:
     return _model_table(ctx, "coldstart", models, "cold_items", what)
 
 
-# Every new-item setting of models/cold_items.py, as the paper has them (a row sets all of them, whatever
+# Every new-item setting of models/metammf/cold_items.py, as the paper has them (a row sets all of them, whatever
 # the base config says) ...
 _PAPER = {
     "model.untrained_items": "id",
@@ -277,7 +277,7 @@ NEW_ITEM_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def newitems(ctx: Context) -> list[Path]:
-    """Ways to represent and train new items (models.cold_items), one model (the base config's), under the
+    """Ways to represent and train new items (models.metammf.cold_items), one model (the base config's), under the
     cold-item protocol: each variant's held-out items ranked among themselves, among all items, and the
     warm items' ranking; the variant with the best validation selection score is compared with the others."""
     groups = {

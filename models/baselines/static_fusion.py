@@ -1,11 +1,11 @@
 r"""Static multimodal fusion: the ablation of the MetaMMF paper's Table 3 (Early, Late and Hybrid
 fusion, each with the MF and with the GCN backbone), and the same three for the LightGCN backbone of
-:class:`~models.metammf_lightgcn.MetaMMF_LightGCN`.
+:class:`~models.metammf.lightgcn.MetaMMF_LightGCN`.
 
 Everything but the fusion function is MetaMMF's: the item ego representation is
 :math:`[e_i^m ; e_i^c]` (fused content plus an ID embedding), the MF variant scores
-:math:`e_u^\top e_i` (:class:`~models.metammf_mf.MetaMMF_MF`), the GCN variant propagates over the
-training graph with the same GraphSAGE tower (:class:`~models.metammf_gcn.MetaMMF_GCN`: ``SAGETower``
+:math:`e_u^\top e_i` (:class:`~models.metammf.mf.MetaMMF_MF`), the GCN variant propagates over the
+training graph with the same GraphSAGE tower (:class:`~models.metammf.gcn.MetaMMF_GCN`: ``SAGETower``
 with the fast ``MeanAggregation``), with the same loss, regularisation and feature standardisation.
 Only :math:`e_i^m` comes from a fusion network whose weights are shared by all items instead of
 being generated per item:
@@ -18,7 +18,7 @@ being generated per item:
 
 This is our reading of the paper's Table 3 (static counterparts that differ from MetaMMF only in the
 fusion function). The towers are MetaMMF's with the item-specific part removed: the same widths
-(:func:`models.fusion.tower_widths`, ``config.fusion_layers`` layers, e.g. 2276 -> 1024 -> 512 -> 256
+(:func:`models.metammf.fusion.tower_widths`, ``config.fusion_layers`` layers, e.g. 2276 -> 1024 -> 512 -> 256
 -> 32 for 4 layers; per-modality towers start from the modality's width), no bias, LeakyReLU
 (``config.leaky_slope``) between layers and none after the last, Xavier init with
 ``config.fusion_init_gain`` on the last layer. So MetaMMF with ``T = 0`` is exactly Early fusion.
@@ -34,10 +34,10 @@ from torch import Tensor, nn
 
 from models.base import ModelInputs
 from models.config import MetaMMFConfig, MetaMMFGraphConfig
-from models.fusion import tower_widths
-from models.metammf_gcn import MetaMMF_GCN
-from models.metammf_lightgcn import MetaMMF_LightGCN
-from models.metammf_mf import MetaMMF_MF
+from models.metammf.fusion import tower_widths
+from models.metammf.gcn import MetaMMF_GCN
+from models.metammf.lightgcn import MetaMMF_LightGCN
+from models.metammf.mf import MetaMMF_MF
 
 FusionMode = Literal["early", "late", "hybrid"]
 
@@ -119,7 +119,7 @@ class StaticFusionNetwork(nn.Module):
 
 class StaticItemEncoder(nn.Module):
     """Item ego representation [e_i^m ; e_i^c] with static fusion: the drop-in counterpart of
-    :class:`models.metammf_mf.MultimodalItemEncoder`."""
+    :class:`models.metammf.mf.MultimodalItemEncoder`."""
 
     def __init__(
         self, config: MetaMMFConfig, item_features: Tensor, modality_dims: dict[str, int], mode: FusionMode
@@ -174,4 +174,4 @@ class StaticFusionGCN(MetaMMF_GCN):
 class StaticFusionLightGCN(StaticFusionGCN, MetaMMF_LightGCN):
     """LightGCN backbone (with the item-item content graph of ``item_graph_k``) with static fusion: the
     constructor of :class:`StaticFusionGCN`, the tower and propagation of
-    :class:`~models.metammf_lightgcn.MetaMMF_LightGCN` (next in the method resolution order)."""
+    :class:`~models.metammf.lightgcn.MetaMMF_LightGCN` (next in the method resolution order)."""

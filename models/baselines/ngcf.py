@@ -31,8 +31,7 @@ from torch import Tensor, nn
 
 from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
 from models.config import NGCFConfig
-from models.graph_utils import SymmetricPropagation
-from models.metammf_gcn import bipartite_edge_index
+from models.graph.utils import SymmetricPropagation, bipartite_edge_index
 
 LEAKY_SLOPE = 0.2
 

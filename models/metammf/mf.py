@@ -3,7 +3,7 @@ r"""MetaMMF_MF: dynamic multimodal fusion with a matrix-factorisation backbone.
 .. math::
     e_i = [\, e_i^m ; e_i^c \,], \qquad \hat y_{ui} = e_u^\top e_i
 
-where :math:`e_i^m` is the output of the item's own fusion network (:mod:`models.fusion`) and
+where :math:`e_i^m` is the output of the item's own fusion network (:mod:`models.metammf.fusion`) and
 :math:`e_i^c` a free ID embedding.
 """
 
@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
-from models.cold_items import content_rows, fused_part, replace_rows, untrained_mask, with_mean_id
 from models.config import MetaMMFConfig
-from models.fusion import MetaFusionNetwork
+from models.metammf.cold_items import content_rows, fused_part, replace_rows, untrained_mask, with_mean_id
+from models.metammf.fusion import MetaFusionNetwork
 
 
 def build_fusion(config: MetaMMFConfig, in_dim: int) -> MetaFusionNetwork:
@@ -69,11 +69,11 @@ class MetaMMF_MF(RecModel):
     Args:
         inputs: the items' concatenated raw multimodal features and the training pairs (with
             ``config.untrained_items='content'`` the items absent from them are scored from content alone,
-            :mod:`models.cold_items`).
+            :mod:`models.metammf.cold_items`).
         config: model hyper-parameters.
         reg_weight: L2 weight on the batch representations.
         items: the item ego encoder (default: :class:`MultimodalItemEncoder`, MetaMMF's fusion); the
-            static-fusion baselines (:mod:`models.static_fusion`) pass theirs, everything else is shared.
+            static-fusion baselines (:mod:`models.baselines.static_fusion`) pass theirs, everything else is shared.
     """
 
     def __init__(
@@ -93,7 +93,7 @@ class MetaMMF_MF(RecModel):
         self.items.reset_parameters()
 
     def new_item_embeddings(self, fused: Tensor) -> Tensor:
-        """Final embeddings of items known by their fused content e^m alone (:mod:`models.cold_items`)."""
+        """Final embeddings of items known by their fused content e^m alone (:mod:`models.metammf.cold_items`)."""
         return with_mean_id(fused, self.items.id_embedding)
 
     @torch.no_grad()

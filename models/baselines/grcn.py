@@ -18,7 +18,7 @@ representation :math:`c^m_v = x_v + \sum_{w \in N(v)} \alpha^m_{vw} x_w` (:math:
 item contents) and the edge scores :math:`\alpha^m_{vw} = \mathrm{softmax}_{w \in N(v)}(x_v^\top x_w)`,
 in [0, 1]. As the inputs are unit vectors this is PyG's ``AGNNConv`` with :math:`\beta = 1` and no
 self loops (a test checks it); here the attention is computed once and reused as the edge scores, with
-sparse kernels instead of per-edge gathers (models/edge_ops.py: a training step 2.3x faster on the CPU).
+sparse kernels instead of per-edge gathers (models/graph/edge_ops.py: a training step 2.3x faster on the CPU).
 
 **Edge weights.** Each node carries a learned confidence per modality; the weight of the message
 :math:`w \to v` is the max over modalities of score times the sender's confidence, pruned at 0
@@ -62,14 +62,14 @@ from torch_geometric.utils import coalesce, dropout_edge, softmax
 
 from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
 from models.config import GRCNConfig
-from models.edge_ops import EdgePattern, edge_scores, weighted_sum
-from models.graph_utils import batch_rows, standardize_features
+from models.graph.edge_ops import EdgePattern, edge_scores, weighted_sum
+from models.graph.utils import batch_rows, standardize_features
 
 
 def attention(x: Tensor, pattern: EdgePattern) -> tuple[Tensor, Tensor]:
     r"""Inner-product attention over ``pattern``'s edges (source -> target):
     :math:`\alpha_{vw} = \mathrm{softmax}_{w}(x_v^\top x_w)` per target :math:`v`, and
-    :math:`\sum_w \alpha_{vw} x_w`, as sparse kernels (models/edge_ops.py).
+    :math:`\sum_w \alpha_{vw} x_w`, as sparse kernels (models/graph/edge_ops.py).
     Returns (aggregated (num_nodes, d), alpha (E,) in ``pattern.edge_index`` order)."""
     alpha = softmax(edge_scores(x, x, pattern), ptr=pattern.crow, num_nodes=pattern.num_nodes)
     return weighted_sum(alpha, x, pattern), alpha

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
 from models.config import VBPRConfig
-from models.graph_utils import FeatureStandardizer
+from models.graph.utils import FeatureStandardizer
 
 
 class VBPR(RecModel):

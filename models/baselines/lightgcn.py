@@ -25,8 +25,7 @@ from torch_geometric.nn import LGConv
 
 from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
 from models.config import GraphConfig
-from models.graph_utils import autocast_off, symmetric_norm_adjacency
-from models.metammf_gcn import bipartite_edge_index
+from models.graph.utils import autocast_off, bipartite_edge_index, symmetric_norm_adjacency
 
 
 class LightGCN(RecModel):

@@ -34,8 +34,7 @@ from torch import Tensor, nn
 
 from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
 from models.config import MMGCNConfig
-from models.graph_utils import FeatureStandardizer, batch_rows
-from models.metammf_gcn import MeanAggregation, bipartite_edge_index
+from models.graph.utils import FeatureStandardizer, MeanAggregation, batch_rows, bipartite_edge_index
 
 MAX_INPUT_WIDTH = 256  # the official code projects its 2048-d visual features to 256
 

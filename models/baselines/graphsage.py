@@ -16,7 +16,7 @@ hidden width ``config.embedding_dim``. One deviation: the last layer is neither 
 normalised, since the scores are inner products trained with BPR (a unit-norm output would bound
 them to [-1, 1]). Loss: BPR plus ``reg_weight`` x the L2 norm of the batch's ego states / batch size.
 The layers are PyG's ``SAGEConv`` modules; the neighbour mean is computed with the precomputed CSR
-of :class:`~models.metammf_gcn.MeanAggregation` (the same result as ``SAGEConv.forward``, faster).
+of :class:`~models.metammf.gcn.MeanAggregation` (the same result as ``SAGEConv.forward``, faster).
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from torch_geometric.nn import SAGEConv
 
 from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
 from models.config import GraphSAGEConfig
-from models.graph_utils import FeatureStandardizer, batch_rows
-from models.metammf_gcn import MeanAggregation, bipartite_edge_index
+from models.graph.utils import FeatureStandardizer, MeanAggregation, batch_rows, bipartite_edge_index
 
 
 class ProjectedFeatureGraph(RecModel):

@@ -21,7 +21,7 @@ latent graph keeps a skip connection to the initial one:
         + \lambda \textstyle\sum_m \alpha_m \tilde S^m_0, \qquad
     h_i^{(l)} = \textstyle\sum_j S_{ij} h_j^{(l-1)}, \quad h^{(0)} = e^{id}_{items}
 
-**Recommendation.** LightGCN (:class:`models.lightgcn.LightGCN`, PyG ``LGConv``) smooths the free user
+**Recommendation.** LightGCN (:class:`models.baselines.lightgcn.LightGCN`, PyG ``LGConv``) smooths the free user
 and item ID embeddings over the user-item graph; the item-graph output is added, L2-normalised:
 :math:`e_i = e_i^{LightGCN} + h_i^{(L)} / \lVert h_i^{(L)} \rVert`, :math:`\hat y_{ui} = e_u^\top e_i`.
 The item-graph layers are PyG ``LGConv(normalize=False)`` with the normalised similarities as edge
@@ -58,9 +58,9 @@ from torch_geometric.nn import LGConv
 from torch_geometric.utils import to_torch_csr_tensor
 
 from models.base import ModelInputs, bpr_loss, l2_penalty
+from models.baselines.lightgcn import LightGCN
 from models.config import LATTICEConfig
-from models.graph_utils import autocast_off, standardize_features
-from models.lightgcn import LightGCN
+from models.graph.utils import autocast_off, standardize_features
 
 KNN_CHUNK = 2048  # rows per block of the similarity matrix during the top-k search
 

@@ -1,12 +1,13 @@
-"""Helpers shared by the graph baselines: feature standardisation, normalised adjacencies."""
+"""Graph plumbing shared by MetaMMF and the baselines: the user-item graph, neighbour aggregations, normalised
+adjacencies, and the feature standardisation of the content baselines."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch_geometric.utils import degree, to_torch_csr_tensor
+from torch_geometric.utils import coalesce, degree, to_torch_csr_tensor
 
-from models.csr import SparseMatmul
+from models.graph.csr import SparseMatmul, csr_pair
 
 
 def standardize_features(item_features: Tensor, normalize: bool = True) -> Tensor:
@@ -58,7 +59,7 @@ def symmetric_norm_adjacency(edge_index: Tensor, num_nodes: int) -> Tensor:
 
 class SymmetricPropagation:
     r"""``x -> D^{-1/2} A D^{-1/2} x`` for an undirected graph, as one sparse product whose backward
-    pass reuses the same (symmetric) matrix: the fast path of :class:`models.metammf_gcn.MeanAggregation`
+    pass reuses the same (symmetric) matrix: the fast path of :class:`models.metammf.gcn.MeanAggregation`
     with symmetric instead of row normalisation."""
 
     def __init__(self, edge_index: Tensor, num_nodes: int) -> None:
@@ -72,3 +73,33 @@ class SymmetricPropagation:
 def batch_rows(n_users: int, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
     """Node indices (users first, then ``n_users`` + item) of a BPR batch, in [users | pos | neg] order."""
     return torch.cat([users, n_users + pos_items, n_users + neg_items])
+
+
+def bipartite_edge_index(train_pairs: Tensor, n_users: int, n_items: int) -> Tensor:
+    """Undirected, de-duplicated edges over nodes [users | items] (item j is node n_users + j)."""
+    users, items = train_pairs[:, 0], train_pairs[:, 1] + n_users
+    edge_index = torch.stack([torch.cat([users, items]), torch.cat([items, users])])
+    return coalesce(edge_index, num_nodes=n_users + n_items)
+
+
+class MeanAggregation:
+    r"""Neighbour mean :math:`\frac{1}{|N(v)|}\sum_{w \in N(v)} h_w` as one sparse product with the
+    row-normalised adjacency; a node without neighbours gets zeros (as in PyG's mean aggregation).
+
+    Same result as :class:`SAGEConv`'s mean aggregation, about 4x faster per training step on CPU: the
+    normalised CSR matrix and its transpose (for the backward pass) are built once per graph instead of
+    sorted again on every backward pass.
+
+    Args:
+        edge_index: (2, E) edges ``source -> target`` over ``num_nodes`` nodes.
+        num_nodes: number of nodes.
+    """
+
+    def __init__(self, edge_index: Tensor, num_nodes: int) -> None:
+        target = edge_index[1]
+        weights = 1.0 / degree(target, num_nodes).clamp_min(1)[target]
+        self.matrix, self.transposed = csr_pair(edge_index, weights, num_nodes)
+        self.device = edge_index.device
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return SparseMatmul.apply(x, self.matrix, self.transposed)

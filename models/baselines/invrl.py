@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
 from models.config import InvRLConfig
-from models.graph_utils import standardize_features
+from models.graph.utils import standardize_features
 
 GATE_SIGMA = 0.5  # std of the stochastic gate noise
 ENV_ROUNDS = 3  # environment-learning rounds (the official ``solve(ite=3)``)
