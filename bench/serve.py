@@ -72,6 +72,7 @@ from models.artifacts import (  # noqa: E402
     ENCODER,
     INDEX,
     INTERACTIONS,
+    MANIFEST,
     METRICS,
     MODEL_WEIGHTS,
     PER_USER_TEST,
@@ -99,7 +100,7 @@ def build_artifact(n_items: int, n_users: int, train_items: int = 100_000) -> Pa
     if n_items > train_items:
         return extend_artifact(build_artifact(train_items, n_users, train_items), n_items, n_users)
     out = CACHE / f"serve-{n_items}-{n_users}"
-    if (out / "manifest.json").is_file():
+    if (out / MANIFEST).is_file():
         return out
     from models.config import MetaMMFGraphConfig
     from training.config import DataConfig, RunConfig, TrainConfig
@@ -154,7 +155,7 @@ def extend_artifact(base: Path, n_items: int, n_users: int, chunk: int = 20_000)
     from training.export import build_item_index
 
     out = CACHE / f"{base.name}-extended-{n_items}"
-    if (out / "manifest.json").is_file():
+    if (out / MANIFEST).is_file():
         return out
     bundle = Bundle(base)
     n_base = len(bundle.item_ids)

@@ -21,8 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
-from models.artifacts import ArtifactError
-from service.loading import load_bundle
+from models.artifacts import ArtifactError, load_bundle
 from tests.patience import HANG_GUARD_S
 from tests.reliability_support import (
     copy_artifact,

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from models.artifacts import load_bundle
 from models.base import bpr_loss, l2_penalty
 from models.metammf.gcn import SAGETower
 from models.metammf.inference import InferenceEncoder
 from service.engine import Engine
-from service.loading import load_bundle
 from training.cli import load_data
 from training.coldstart import cold_item_embeddings, cold_item_split, train_protocol
 from training.config import RunConfig
