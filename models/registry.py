@@ -109,11 +109,24 @@ MODELS: dict[str, ModelSpec] = {
     "mmgcn": ModelSpec(
         "models.baselines.mmgcn:MMGCN", MMGCNConfig, "MMGCN (Wei et al. 2019)", embeds_unseen_items=True
     ),
-    "grcn": ModelSpec("models.baselines.grcn:GRCN", GRCNConfig, "GRCN (Wei et al. 2020), refined user-item graph"),
-    "lattice": ModelSpec(
-        "models.baselines.lattice:LATTICE", LATTICEConfig, "LATTICE (Zhang et al. 2021), learned item-item graph"
+    "grcn": ModelSpec(
+        "models.baselines.grcn:GRCN",
+        GRCNConfig,
+        "GRCN (Wei et al. 2020), refined user-item graph",
+        embeds_unseen_items=True,
     ),
-    "invrl": ModelSpec("models.baselines.invrl:InvRL", InvRLConfig, "InvRL (Du et al. 2022), invariant feature mask"),
+    "lattice": ModelSpec(
+        "models.baselines.lattice:LATTICE",
+        LATTICEConfig,
+        "LATTICE (Zhang et al. 2021), learned item-item graph",
+        embeds_unseen_items=True,
+    ),
+    "invrl": ModelSpec(
+        "models.baselines.invrl:InvRL",
+        InvRLConfig,
+        "InvRL (Du et al. 2022), invariant feature mask",
+        embeds_unseen_items=True,
+    ),
     # ... and the static-fusion variants of its Table 3, and with the served default's LightGCN backbone.
     **_static("mf", "StaticFusionMF", MetaMMFConfig, "MF"),
     **_static("gcn", "StaticFusionGCN", MetaMMFGraphConfig, "GCN"),

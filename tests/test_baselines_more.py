@@ -101,6 +101,40 @@ def test_lattice_item_graph_and_embeddings_follow_the_paper(tiny_data: RecData, 
     torch.testing.assert_close(item_emb, expected_items, atol=1e-5, rtol=1e-5)
 
 
+def test_lattice_embeds_unseen_items_with_a_row_of_its_item_graph(tiny_data: RecData, make_config) -> None:
+    """An item outside the catalogue gets the row of S a catalogue item would have (its k nearest catalogue items
+    per modality, learned and initial graphs, normalised with its own and the catalogue's degrees), and
+    LightGCN's part of a node without edges; dense reference as above."""
+    config = make_config("lattice")
+    model = _perturbed(build_model(tiny_data, config, 1e-4))
+    k, lam, n_users = config.lattice_knn_k, config.lattice_lambda, tiny_data.n_users
+    raw = torch.randn(3, sum(tiny_data.modality_dims.values())) * 2 + 0.5  # three items nobody has seen
+    x = model.standardizer(raw)
+    alpha = torch.softmax(model.modal_weight, 0)
+
+    def top_row(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        sim = F.normalize(queries, dim=1) @ F.normalize(keys, dim=1).T
+        top = sim.topk(k, dim=1).indices
+        return torch.zeros_like(sim).scatter_(1, top, sim.gather(1, top).clamp_min(0))
+
+    def degree(s: torch.Tensor) -> torch.Tensor:
+        return s.sum(1).rsqrt()
+
+    parts = x.split(list(tiny_data.modality_dims.values()), dim=1)
+    catalogue = [getattr(model, f"features_{m}") for m in range(2)]
+    learned_new = sum(alpha[m] * top_row(p(parts[m]), p(catalogue[m])) for m, p in enumerate(model.projections))
+    learned_catalogue = sum(alpha[m] * _dense_knn(p(catalogue[m]), k) for m, p in enumerate(model.projections))
+    row = (1 - lam) * degree(learned_new)[:, None] * learned_new * degree(learned_catalogue)[None, :]
+    for m in range(2):
+        initial = top_row(parts[m], catalogue[m])
+        normalised = degree(initial)[:, None] * initial * degree(_dense_knn(catalogue[m], k))[None, :]
+        row = row + lam * alpha[m] * normalised
+    ids = model.embedding.weight[n_users:]
+    expected = ids.mean(0) / (config.gcn_layers + 1) + F.normalize(row @ ids, dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed_unseen_items(raw), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_lattice_builds_its_learned_graph_once_per_epoch(tiny_data: RecData, make_config, monkeypatch) -> None:
     """As the official code: the kNN graph is built at an epoch's first step (gradients reach the
     projections there) and reused, detached, by the epoch's other steps; inference builds it afresh."""

@@ -140,9 +140,39 @@ def test_unseen_item_embeddings_equal_isolated_nodes(tiny_data: RecData, make_co
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+# Where each model keeps its item ID parameters: (parameter, first item row).
+ITEM_ID_PARAMETERS = {
+    "grcn": lambda m: [(m.id_embedding, m.n_users)],
+    "mmgcn": lambda m: [(m.id_embedding, m.n_users)],
+    "invrl": lambda m: [(m.item.weight, 0)],
+    "vbpr": lambda m: [(m.item_gamma.weight, 0), (m.item_bias.weight, 0)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ITEM_ID_PARAMETERS))
+def test_unseen_items_are_items_without_edges_and_with_the_mean_id(tiny_data: RecData, make_config, name: str) -> None:
+    """An unseen item is scored as a catalogue item without training interactions whose ID parameters are the
+    mean of the trained items' (set so here: the mean over all items stays the same)."""
+    isolated = np.arange(5)
+    train = tiny_data.train[~np.isin(tiny_data.train[:, 1], isolated)]
+    data = RecData(tiny_data.name, tiny_data.n_users, tiny_data.n_items, train, tiny_data.valid, tiny_data.test,
+                   tiny_data.features)  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(data, make_config(name), 1e-4).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+        for weight, first in ITEM_ID_PARAMETERS[name](model):
+            rows = weight[first : first + data.n_items]
+            rows[isolated] = rows[len(isolated) :].mean(0)
+        expected = model.get_embedding()[1][isolated]
+    got = cold_item_embeddings(model, torch.from_numpy(data.item_features())[isolated])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("name", "why"),
-    [("lightgcn", "pure ID model"), ("ngcf", "pure ID model"), ("lattice", "no content-only item representation")],
+    [("lightgcn", "pure ID model"), ("ngcf", "pure ID model")],
 )
 def test_models_without_unseen_item_embeddings_are_rejected_under_the_cold_protocol(name: str, why: str) -> None:
     with pytest.raises(ConfigError, match=why):
@@ -159,7 +189,7 @@ def test_every_model_that_embeds_unseen_items_implements_it() -> None:
     for name, spec in MODELS.items():
         implemented = spec.model_class().embed_unseen_items is not RecModel.embed_unseen_items
         assert implemented == spec.embeds_unseen_items, name
-        assert not spec.embeds_unseen_items or spec.has_content, name
+        assert spec.embeds_unseen_items == spec.has_content, name  # every content model scores unseen items
 
 
 def test_cli_train_under_the_cold_protocol_reports_and_does_not_export(tmp_path, capsys, tiny_yaml) -> None:

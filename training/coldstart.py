@@ -22,11 +22,14 @@ per model family:
   item-item content graph's term where the config turns them on;
 * VBPR: ``[mean gamma_i ; E f_i ; mean beta_i + beta'^T f_i]``;
 * GraphSAGE / GAT: the projected features through the layers as an isolated node (GAT: self loop only);
-* MMGCN: per modality, the projected features with the mean item ID embedding as an isolated node.
+* MMGCN: per modality, the projected features with the mean item ID embedding as an isolated node;
+* GRCN: ``[normalised mean item ID embedding ; f^1 ; ... ; f^M]``, an isolated node's representation;
+* InvRL: ``[mean item ID embedding ; W (f * mask) + b]``;
+* LATTICE: LightGCN's part of a node without edges plus the item-graph term of a row of S built for the item
+  (its k nearest catalogue items per modality).
 
-User embeddings are the trained model's final ones. Pure ID models (LightGCN, NGCF) and the content
-models without a content-only item representation (GRCN, LATTICE, InvRL) cannot score items they never
-saw: their :class:`~models.registry.ModelSpec` says so and the run config refuses them under this protocol
+User embeddings are the trained model's final ones. Pure ID models (LightGCN, NGCF) cannot score items they
+never saw: their :class:`~models.registry.ModelSpec` says so and the run config refuses them under this protocol
 (:func:`check_cold_start_model`). The popularity ranker lives in :mod:`training.popularity`.
 """
 

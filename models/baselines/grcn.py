@@ -63,7 +63,7 @@ from torch_geometric.utils import coalesce, dropout_edge, softmax
 from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
 from models.config import GRCNConfig
 from models.graph.edge_ops import EdgePattern, edge_scores, weighted_sum
-from models.graph.utils import batch_rows, standardize_features
+from models.graph.utils import FeatureStandardizer, batch_rows
 
 
 def attention(x: Tensor, pattern: EdgePattern) -> tuple[Tensor, Tensor]:
@@ -104,9 +104,13 @@ class ContentGraph(nn.Module):
         self.mlp.reset_parameters()
         nn.init.xavier_normal_(self.preference)
 
+    def item_content(self, features: Tensor) -> Tensor:
+        """:math:`f_i = \\mathrm{normalize}(\\mathrm{LeakyReLU}(W x_i + b))`."""
+        return F.normalize(F.leaky_relu(self.mlp(features), self.leaky_slope), dim=1)
+
     def forward(self, features: Tensor, graphs: RefiningGraphs) -> tuple[Tensor, Tensor]:
         """Content representation of all nodes and the edge scores on ``graphs.both``'s edges."""
-        items = F.normalize(F.leaky_relu(self.mlp(features), self.leaky_slope), dim=1)
+        items = self.item_content(features)
         preference = F.normalize(self.preference, dim=1)
         for _ in range(self.routing):
             aggregated, _ = attention(torch.cat([preference, items]), graphs.to_users)
@@ -133,7 +137,8 @@ class GRCN(RecModel):
         super().__init__(inputs, config, reg_weight)
         item_features, modality_dims, train_pairs = inputs.item_features, inputs.modality_dims, inputs.train_pairs
         self.n_nodes = self.n_users + self.n_items
-        features = standardize_features(item_features, config.normalize_features)
+        self.standardizer = FeatureStandardizer(item_features, config.normalize_features)
+        features = self.standardizer(item_features)
         start = 0
         for n, dim in enumerate(modality_dims.values()):
             self.register_buffer(f"features_{n}", features[:, start : start + dim].contiguous(), persistent=False)
@@ -200,6 +205,19 @@ class GRCN(RecModel):
     def get_embedding(self) -> tuple[Tensor, Tensor]:
         final = self.propagate()
         return final[: self.n_users], final[self.n_users :]
+
+    @torch.no_grad()
+    def embed_unseen_items(self, features: Tensor) -> Tensor:
+        """Nodes without edges: ``[normalize(mean item ID embedding) ; f^1 ; ... ; f^M]`` (no messages to add to
+        the ID part or to each modality's content ``f^m = normalize(LeakyReLU(W_m x^m + b_m))``)."""
+        x = self.standardizer(features)
+        mean_id = F.normalize(self.id_embedding[self.n_users :].mean(0), dim=0).expand(x.shape[0], -1)
+        content, start = [], 0
+        for n, layer in enumerate(self.content):
+            width = getattr(self, f"features_{n}").shape[1]
+            content.append(layer.item_content(x[:, start : start + width]))
+            start += width
+        return torch.cat([mean_id, *content], dim=1)
 
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         final = self.propagate()

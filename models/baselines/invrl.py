@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
 from models.config import InvRLConfig
-from models.graph.utils import standardize_features
+from models.graph.utils import FeatureStandardizer
 
 GATE_SIGMA = 0.5  # std of the stochastic gate noise
 ENV_ROUNDS = 3  # environment-learning rounds (the official ``solve(ite=3)``)
@@ -106,8 +106,9 @@ class InvRL(RecModel):
         super().__init__(inputs, config, reg_weight)
         item_features, modality_dims, train_pairs = inputs.item_features, inputs.modality_dims, inputs.train_pairs
         self.n_envs = config.invrl_envs
-        features = standardize_features(item_features, config.normalize_features)
-        features = torch.cat([F.normalize(x, dim=1) for x in features.split(list(modality_dims.values()), dim=1)], 1)
+        self.standardizer = FeatureStandardizer(item_features, config.normalize_features)
+        self.modality_widths = list(modality_dims.values())
+        features = self.content_inputs(item_features)
         self.register_buffer("features", features, persistent=False)
         self.user = nn.Embedding(self.n_users, config.id_dim + config.fused_dim)  # [U^id ; U^f]
         self.item = nn.Embedding(self.n_items, config.id_dim)  # V
@@ -142,8 +143,20 @@ class InvRL(RecModel):
         v = self.item.weight if items is None else self.item(items)
         return torch.cat([v, self.projection(f * mask)], dim=1)
 
+    def content_inputs(self, item_features: Tensor) -> Tensor:
+        """Raw features standardised, each modality's part L2-normalised: what the mask and W act on."""
+        x = self.standardizer(item_features)
+        return torch.cat([F.normalize(part, dim=1) for part in x.split(self.modality_widths, dim=1)], 1)
+
     def get_embedding(self) -> tuple[Tensor, Tensor]:
         return self.user.weight, self.items(None, self.gate())
+
+    @torch.no_grad()
+    def embed_unseen_items(self, features: Tensor) -> Tensor:
+        """``[mean V ; W (f * mask) + b]``: the masked content projection with the mean item ID embedding."""
+        f = self.content_inputs(features)
+        v = self.item.weight.mean(0).expand(f.shape[0], -1)
+        return torch.cat([v, self.projection(f * self.gate())], dim=1)
 
     # ----------------------------------------------------------------------------------------------
     # Environments and the invariance penalty
