@@ -28,7 +28,7 @@ install-locked: .venv/bin/python
 lock:
 	$(PYTHON) tools/lock_deps.py
 
-# torch advisories with no fixed release, reviewed and accepted in docs/RELIABILITY.md ("Dependency audit");
+# torch advisories with no fixed release, reviewed and accepted in docs/reliability.md ("Dependency audit");
 # `make audit AUDIT_IGNORE=` shows them again
 AUDIT_IGNORE ?= PYSEC-2026-139 PYSEC-2025-189 PYSEC-2025-190 PYSEC-2025-191 PYSEC-2025-192 PYSEC-2025-193 \
 	PYSEC-2025-194 PYSEC-2025-195 PYSEC-2025-196 PYSEC-2025-197 PYSEC-2025-210
@@ -56,7 +56,7 @@ bench-train: .venv/.installed
 	$(PYTHON) bench/train.py --quality
 
 ## bench-gpu: on a machine with CUDA and a CUDA build of torch (PYTHON=...): the GPU tests, then the training
-## benches of docs/PERFORMANCE.md "GPU" (TikTok in ../shared/data/tiktok, or TIKTOK=DIR)
+## benches of docs/performance.md, "GPU (NVIDIA H200)" (TikTok in ../shared/data/tiktok, or TIKTOK=DIR)
 TIKTOK ?= ../shared/data/tiktok
 bench-gpu:
 	$(PYTHON) -m pytest -q --noconftest tests/test_cuda.py

@@ -215,7 +215,9 @@ def scenarios(protocol: str, port: int, args: argparse.Namespace) -> list[dict]:
 
 
 def tiny_artifact(path: Path) -> Path:
-    if (path / "manifest.json").is_file():
+    from models.artifacts import MANIFEST
+
+    if (path / MANIFEST).is_file():
         return path
     subprocess.run(
         [sys.executable, "-m", "training", "train", "--out", str(path), "--no-progress", "--set", "train.epochs=1",

@@ -1,9 +1,9 @@
-"""GRCN's attention as sparse kernels (models/edge_ops.py) against per-edge gathers and scatters.
+"""GRCN's attention as sparse kernels (models/graph/edge_ops.py) against per-edge gathers and scatters.
 
 On GRCN's refining graph of a data set (both directions of every training edge), times forward + backward of
 the edge scores ``x_t . x_s`` (SDDMM against ``(x[target] * x[source]).sum(-1)``) and of the weighted sum
 ``sum_e w_e x_s`` (SpMM against ``scatter(w[:, None] * x[source], target)``), then a whole GRCN training step
-with each formulation (the gather/scatter one patched into models/grcn.py for its rows). Each row: the median
+with each formulation (the gather/scatter one patched into models/baselines/grcn.py for its rows). Each row: the median
 of ``--steps`` timed calls after one warm-up, the two formulations alternated ``--repeats`` times in this
 process (best kept), so both see the same background load; the loss of both steps is checked to agree.
 
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train import BATCH, ROOT, SYNTHETIC_SETS, load_dataset, model_config
 
-import models.grcn
-from models.edge_ops import EdgePattern, edge_scores, weighted_sum
+import models.baselines.grcn
+from models.graph.edge_ops import EdgePattern, edge_scores, weighted_sum
 from training.allocator import keep_freed_memory
 from training.sampling import BPRSampler
 from training.trainer import build_model, make_optimizer
@@ -48,17 +48,17 @@ def gather_weighted_sum(weights: Tensor, x: Tensor, pattern: EdgePattern) -> Ten
 
 
 def gather_attention(x: Tensor, pattern: EdgePattern) -> tuple[Tensor, Tensor]:
-    """models.grcn.attention written with gathers and scatters (the formulation before models/edge_ops.py)."""
+    """models.baselines.grcn.attention written with gathers and scatters (what models/graph/edge_ops.py fuses)."""
     alpha = softmax(gather_scores(x, x, pattern), pattern.target, num_nodes=pattern.num_nodes)
     return gather_weighted_sum(alpha, x, pattern), alpha
 
 
 @contextlib.contextmanager
 def gather_formulation() -> Iterator[None]:
-    """models/grcn.py with its attention and weighted sums written with gathers and scatters."""
+    """models/baselines/grcn.py with its attention and weighted sums written with gathers and scatters."""
     with (
-        mock.patch.object(models.grcn, "attention", gather_attention),
-        mock.patch.object(models.grcn, "weighted_sum", gather_weighted_sum),
+        mock.patch.object(models.baselines.grcn, "attention", gather_attention),
+        mock.patch.object(models.baselines.grcn, "weighted_sum", gather_weighted_sum),
     ):
         yield
 

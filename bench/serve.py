@@ -25,7 +25,7 @@ port against Redis (``--redis-url``, a fresh namespace, deleted afterwards) and 
    what they cost. The summary gives both throughput ratios.
 
 Artifacts are built once and cached under ``bench/.cache``. Up to ``--train-items`` (100k) items the
-artifact is trained (one epoch: latency does not depend on model quality; recall does, see docs/api.md); a
+artifact is trained (one epoch: latency does not depend on model quality; recall does, see docs/performance.md); a
 larger catalogue extends the trained one: ``--items - --train-items`` more synthetic items (the training
 data's generator, its projections and group signatures replayed from its seed, with other draws) are fused
 by the trained model's meta learner exactly as ``POST /items`` fuses a new item (ID part: the mean item ID
@@ -72,6 +72,7 @@ from models.artifacts import (  # noqa: E402
     ENCODER,
     INDEX,
     INTERACTIONS,
+    MANIFEST,
     METRICS,
     MODEL_WEIGHTS,
     PER_USER_TEST,
@@ -99,9 +100,9 @@ def build_artifact(n_items: int, n_users: int, train_items: int = 100_000) -> Pa
     if n_items > train_items:
         return extend_artifact(build_artifact(train_items, n_users, train_items), n_items, n_users)
     out = CACHE / f"serve-{n_items}-{n_users}"
-    if (out / "manifest.json").is_file():
+    if (out / MANIFEST).is_file():
         return out
-    from models.config import ModelConfig
+    from models.config import MetaMMFGraphConfig
     from training.config import DataConfig, RunConfig, TrainConfig
     from training.export import export_artifacts
     from training.synthetic import generate_synthetic
@@ -110,7 +111,7 @@ def build_artifact(n_items: int, n_users: int, train_items: int = 100_000) -> Pa
     synth = synthetic_config(n_items, n_users)
     run = RunConfig(
         data=DataConfig(synthetic=synth),
-        model=ModelConfig(),
+        model=MetaMMFGraphConfig(),
         train=TrainConfig(epochs=1, progress=False, eval_batch_size=max(8, 2_000_000_000 // (4 * n_items * 64))),
     )
     print(f"building a {n_items}-item artifact in {out} ...", file=sys.stderr)
@@ -154,7 +155,7 @@ def extend_artifact(base: Path, n_items: int, n_users: int, chunk: int = 20_000)
     from training.export import build_item_index
 
     out = CACHE / f"{base.name}-extended-{n_items}"
-    if (out / "manifest.json").is_file():
+    if (out / MANIFEST).is_file():
         return out
     bundle = Bundle(base)
     n_base = len(bundle.item_ids)

@@ -21,7 +21,7 @@ its own). Rows, for every combination asked for:
 per-epoch validation that early stopping needs; the test evaluation used to detect the target is not
 counted) until test Recall@20 first reaches ``--target`` (0.068, the best test Recall@20 of the original
 code on the TikTok set), with the settings of configs/tiktok-metammf_gcn.yaml. Everything here trains the paper's model:
-configs/tiktok-metammf_gcn.yaml's new-item settings (``models/cold_items.py``) are turned off.
+configs/tiktok-metammf_gcn.yaml's new-item settings (``models/metammf/cold_items.py``) are turned off.
 
     python bench/train.py                                    # CPU, all data sets, timing rows
     python bench/train.py --datasets tiktok --quality        # + time to Recall@20 >= 0.068
@@ -59,8 +59,9 @@ import torch  # noqa: E402
 
 from models.base import RecModel, bpr_loss, l2_penalty  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from models.metammf_gcn import MetaMMF_GCN  # noqa: E402
-from models.metammf_mf import MetaMMF_MF  # noqa: E402
+from models.metammf.gcn import MetaMMF_GCN  # noqa: E402
+from models.metammf.mf import MetaMMF_MF  # noqa: E402
+from models.registry import get_spec, parse_model_config  # noqa: E402
 from training.allocator import keep_freed_memory  # noqa: E402
 from training.config import TrainConfig, load_run_config  # noqa: E402
 from training.data import RecData, load_mmrec, save_mmrec  # noqa: E402
@@ -99,14 +100,14 @@ def load_dataset(name: str, tiktok: Path) -> RecData:
 
 def reference_feasible(data: RecData, config: ModelConfig) -> bool:
     """The authors-style step materialises (n_items, d_in, d_out) per layer: skip it beyond ~2 GB."""
-    from models.fusion import tower_widths
+    from models.metammf.fusion import tower_widths
 
     widths = tower_widths(data.item_features().shape[1], config.fused_dim, config.fusion_layers)
     return data.n_items * max(a * b for a, b in itertools.pairwise(widths)) * 4 < 2 * 2**30
 
 
-# The paper's model: configs/tiktok-metammf_gcn.yaml's new-item training (models/cold_items.py) off, so that both
-# implementations compute the same loss, for the MF backbone too.
+# The paper's model: configs/tiktok-metammf_gcn.yaml's new-item training (models/metammf/cold_items.py) off, so
+# that both implementations compute the same loss, for the MF backbone too.
 PAPER_NEW_ITEMS = [
     "model.untrained_items=id",
     "model.isolated_nodes=zeros",
@@ -121,9 +122,8 @@ def model_config(dataset: str, model: str, tensor: str) -> ModelConfig:
         base = load_run_config(ROOT / "configs" / "tiktok.yaml").model
     else:
         base = load_run_config(ROOT / "configs" / "tiktok-metammf_gcn.yaml", PAPER_NEW_ITEMS).model
-    return base.model_copy(
-        update={"name": model, "tensor": tensor, "fusion_layers": FUSION_LAYERS.get(dataset, base.fusion_layers)}
-    )
+    settings = {"name": model, "tensor": tensor, "fusion_layers": FUSION_LAYERS.get(dataset, base.fusion_layers)}
+    return parse_model_config({**base.model_dump(), **settings}, ignore_other_settings=True)
 
 
 # -- the original code's way of computing the same loss ------------------------------------------------
@@ -233,9 +233,9 @@ def _peak_rss() -> int:
 def measure_quality(spec: dict) -> dict:
     """Wall time to test Recall@20 >= target with the project's trainer settings (configs/tiktok-metammf_gcn.yaml)."""
     data = load_dataset(spec["dataset"], Path(spec["tiktok"]))
-    run = load_run_config(
-        ROOT / "configs" / "tiktok-metammf_gcn.yaml", [*PAPER_NEW_ITEMS, f"model.name={spec['model']}"]
-    )
+    settings = get_spec(spec["model"]).config.model_fields
+    paper = [o for o in PAPER_NEW_ITEMS if o.partition("=")[0].removeprefix("model.") in settings]  # MF: fewer
+    run = load_run_config(ROOT / "configs" / "tiktok-metammf_gcn.yaml", [*paper, f"model.name={spec['model']}"])
     cfg: TrainConfig = run.train.model_copy(
         update={"progress": False, "device": spec["device"], "precision": spec["precision"]}
     )

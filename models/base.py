@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
 
 
 def bpr_loss(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
@@ -19,19 +24,59 @@ def l2_penalty(*tensors: Tensor) -> Tensor:
     return sum(t.pow(2).sum() for t in tensors) / (2 * tensors[0].shape[0])
 
 
-class RecModel(nn.Module, ABC):
-    """A trainable recommender over ``n_users`` x ``n_items``.
+@dataclass(frozen=True)
+class ModelInputs:
+    """What a model is built from, derived from the data set (training interactions only).
 
-    Subclasses implement :meth:`get_embedding` (final user and item embeddings, scores are their inner
-    products) and :meth:`calculate_loss`; :meth:`full_sort_predict` scores all items for a batch of
-    users from embeddings cached by :meth:`prepare_inference`.
+    Attributes:
+        n_users: number of users.
+        item_features: (n_items, d_x) float32 raw features, modalities concatenated in
+            ``modality_dims`` order.
+        modality_dims: modality name -> width, in the column order of ``item_features``.
+        train_pairs: (n, 2) int64 training (user, item) pairs: the interaction graph.
     """
 
     n_users: int
-    n_items: int
+    item_features: Tensor
+    modality_dims: dict[str, int]
+    train_pairs: Tensor
 
-    def __init__(self) -> None:
+    def __post_init__(self) -> None:
+        if sum(self.modality_dims.values()) != self.item_features.shape[1]:
+            raise ValueError(
+                f"modality widths {self.modality_dims} do not add up to the {self.item_features.shape[1]} "
+                "feature columns"
+            )
+
+    @property
+    def n_items(self) -> int:
+        return int(self.item_features.shape[0])
+
+    @property
+    def modality_slices(self) -> dict[str, slice]:
+        """Columns of each modality in ``item_features``."""
+        slices, start = {}, 0
+        for name, dim in self.modality_dims.items():
+            slices[name] = slice(start, start + dim)
+            start += dim
+        return slices
+
+
+class RecModel(nn.Module, ABC):
+    """A trainable recommender over ``n_users`` x ``n_items``, built from the data set's :class:`ModelInputs`,
+    its config (the class registered with it in :mod:`models.registry`) and the L2 weight.
+
+    Subclasses implement :meth:`get_embedding` (final user and item embeddings, scores are their inner
+    products) and :meth:`calculate_loss`; :meth:`full_sort_predict` scores all items for a batch of
+    users from embeddings cached by :meth:`prepare_inference`. A model that reads item content implements
+    :meth:`embed_unseen_items`, and the trainer calls :meth:`on_epoch_start` before each epoch.
+    """
+
+    def __init__(self, inputs: ModelInputs, config: ModelConfig, reg_weight: float = 1e-4) -> None:
         super().__init__()
+        self.config = config
+        self.n_users, self.n_items = inputs.n_users, inputs.n_items
+        self.reg_weight = reg_weight
         self._cache: tuple[Tensor, Tensor] | None = None
 
     @abstractmethod
@@ -49,6 +94,11 @@ class RecModel(nn.Module, ABC):
 
     def on_epoch_start(self) -> None:
         """Called by the trainer before each epoch (a model that keeps per-epoch state refreshes it)."""
+
+    def embed_unseen_items(self, features: Tensor) -> Tensor:
+        """Final embeddings (b, d) of items outside the training data from their raw features (b, d_x),
+        scored against the trained users like any item (the cold-item protocol, :mod:`training.coldstart`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot embed items it never saw from their content")
 
     def clear_inference_cache(self) -> None:
         self._cache = None

@@ -1,152 +1,143 @@
-"""Model registry: ``ModelConfig.name`` -> a builder, so a new model (a baseline) is one new file plus
-one line here.
+"""Model registry: ``name`` -> the model class, its config class and what it can do, so a new model (a
+baseline) is one new file plus one line here.
 
-A builder takes the data-derived :class:`ModelInputs`, the :class:`~models.config.ModelConfig` and the
-L2 weight, and returns a :class:`~models.base.RecModel`. Entries name their builder as
-``"module:attribute"`` and are imported on first use, so importing the registry (``ModelConfig``
-validates names against it) loads no model code. A class entry is built with its ``from_inputs``
-classmethod, a function entry is called as it is.
+Entries name their class as ``"module:Class"`` and import it on first use, so importing the registry
+(the run config validates against it) loads no model code and no torch. Every class is built the same
+way, ``Class(inputs, config, reg_weight)`` (:class:`models.base.RecModel`).
 
 Only MetaMMF models are *servable* (the service rebuilds their fusion network and graph layers for
-new items and users, :mod:`models.inference`); the baselines are trained and evaluated only.
+new items and users, :mod:`models.metammf.inference`); the baselines are trained and evaluated only.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any, Union
+
+from pydantic import Field
+
+from models.config import (
+    DEFAULT_MODEL,
+    FUSION_MODES,
+    ContentConfig,
+    GATConfig,
+    GraphConfig,
+    GraphSAGEConfig,
+    GRCNConfig,
+    InvRLConfig,
+    LATTICEConfig,
+    LightGCNConfig,
+    MetaMMFConfig,
+    MetaMMFGraphConfig,
+    MMGCNConfig,
+    ModelConfig,
+    NGCFConfig,
+    VBPRConfig,
+)
 
 if TYPE_CHECKING:
-    from torch import Tensor
-
-    from models.base import RecModel
-    from models.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class ModelInputs:
-    """What a model is built from, derived from the data set (training interactions only).
-
-    Attributes:
-        n_users: number of users.
-        item_features: (n_items, d_x) float32 raw features, modalities concatenated in
-            ``modality_dims`` order.
-        modality_dims: modality name -> width, in the column order of ``item_features``.
-        train_pairs: (n, 2) int64 training (user, item) pairs: the interaction graph.
-    """
-
-    n_users: int
-    item_features: Tensor
-    modality_dims: dict[str, int]
-    train_pairs: Tensor
-
-    def __post_init__(self) -> None:
-        if sum(self.modality_dims.values()) != self.item_features.shape[1]:
-            raise ValueError(
-                f"modality widths {self.modality_dims} do not add up to the {self.item_features.shape[1]} "
-                "feature columns"
-            )
-
-    @property
-    def n_items(self) -> int:
-        return int(self.item_features.shape[0])
-
-    @property
-    def modality_slices(self) -> dict[str, slice]:
-        """Columns of each modality in ``item_features``."""
-        slices, start = {}, 0
-        for name, dim in self.modality_dims.items():
-            slices[name] = slice(start, start + dim)
-            start += dim
-        return slices
-
-
-Builder = Callable[["ModelInputs", "ModelConfig", float], "RecModel"]
+    from models.base import ModelInputs, RecModel
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: where its builder lives and what it is."""
+    """A registered model: its class, its config class and its capabilities."""
 
-    target: str  # "module:attribute": a RecModel class with ``from_inputs``, or a builder function
+    target: str  # "module:Class", a RecModel subclass
+    config: type[ModelConfig]
     summary: str
     servable: bool = False  # exportable as a serving artifact (MetaMMF only)
-    layers_field: str | None = None  # the ModelConfig field holding its layer count (tuned), if any
+    embeds_unseen_items: bool = False  # scores items it never saw from their content (embed_unseen_items)
 
-    def builder(self) -> Builder:
+    @property
+    def has_content(self) -> bool:
+        """Reads item features (a pure ID model does not)."""
+        return issubclass(self.config, ContentConfig)
+
+    @property
+    def layers_field(self) -> str | None:
+        """The config field holding its layer count (tuned), if it has one."""
+        return "gcn_layers" if issubclass(self.config, GraphConfig) else None
+
+    def model_class(self) -> type[RecModel]:
         module, _, attr = self.target.partition(":")
-        obj = getattr(importlib.import_module(module), attr)
-        return obj.from_inputs if isinstance(obj, type) else obj
+        return getattr(importlib.import_module(module), attr)
 
 
-def _metammf_mf(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> RecModel:
-    from models.metammf_mf import MetaMMF_MF
-
-    return MetaMMF_MF(inputs.n_users, inputs.item_features, config, reg_weight, train_pairs=inputs.train_pairs)
+def _metammf(target: str, config: type[ModelConfig], summary: str) -> ModelSpec:
+    return ModelSpec(target, config, summary, servable=True, embeds_unseen_items=True)
 
 
-def _metammf_gcn(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> RecModel:
-    from models.metammf_gcn import MetaMMF_GCN
-
-    return MetaMMF_GCN(inputs.n_users, inputs.item_features, inputs.train_pairs, config, reg_weight)
-
-
-def _metammf_lightgcn(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> RecModel:
-    from models.metammf_lightgcn import MetaMMF_LightGCN
-
-    return MetaMMF_LightGCN(inputs.n_users, inputs.item_features, inputs.train_pairs, config, reg_weight)
+def _static(backbone: str, target: str, config: type[ModelConfig], label: str) -> dict[str, ModelSpec]:
+    return {
+        f"{mode}_fusion_{backbone}": ModelSpec(
+            f"models.baselines.static_fusion:{target}",
+            config,
+            f"static {mode} fusion, {label} backbone",
+            embeds_unseen_items=True,
+        )
+        for mode in FUSION_MODES
+    }
 
 
 MODELS: dict[str, ModelSpec] = {
-    "metammf_gcn": ModelSpec(
-        "models.registry:_metammf_gcn", "MetaMMF, GraphSAGE backbone", servable=True, layers_field="gcn_layers"
-    ),
-    "metammf_mf": ModelSpec("models.registry:_metammf_mf", "MetaMMF, MF backbone", servable=True),
-    "metammf_lightgcn": ModelSpec(
-        "models.registry:_metammf_lightgcn",
+    "metammf_gcn": _metammf("models.metammf.gcn:MetaMMF_GCN", MetaMMFGraphConfig, "MetaMMF, GraphSAGE backbone"),
+    "metammf_mf": _metammf("models.metammf.mf:MetaMMF_MF", MetaMMFConfig, "MetaMMF, MF backbone"),
+    "metammf_lightgcn": _metammf(
+        "models.metammf.lightgcn:MetaMMF_LightGCN",
+        MetaMMFGraphConfig,
         "MetaMMF, LightGCN backbone with a frozen item-item content graph",
-        servable=True,
-        layers_field="gcn_layers",
     ),
     # Baselines (the paper's Table 2) ...
-    "vbpr": ModelSpec("models.vbpr:VBPR", "VBPR (He & McAuley 2016)"),
-    "lightgcn": ModelSpec("models.lightgcn:LightGCN", "LightGCN (He et al. 2020), pure CF", layers_field="gcn_layers"),
-    "ngcf": ModelSpec("models.ngcf:NGCF", "NGCF (Wang et al. 2019), pure CF", layers_field="gcn_layers"),
+    "vbpr": ModelSpec("models.baselines.vbpr:VBPR", VBPRConfig, "VBPR (He & McAuley 2016)", embeds_unseen_items=True),
+    "lightgcn": ModelSpec("models.baselines.lightgcn:LightGCN", LightGCNConfig, "LightGCN (He et al. 2020), pure CF"),
+    "ngcf": ModelSpec("models.baselines.ngcf:NGCF", NGCFConfig, "NGCF (Wang et al. 2019), pure CF"),
     "graphsage": ModelSpec(
-        "models.graphsage:GraphSAGE", "GraphSAGE (Hamilton et al. 2017), multimodal items", layers_field="gcn_layers"
+        "models.baselines.graphsage:GraphSAGE",
+        GraphSAGEConfig,
+        "GraphSAGE (Hamilton et al. 2017), multimodal items",
+        embeds_unseen_items=True,
     ),
-    "gat": ModelSpec("models.gat:GAT", "GAT (Velickovic et al. 2018), multimodal items", layers_field="gcn_layers"),
-    "mmgcn": ModelSpec("models.mmgcn:MMGCN", "MMGCN (Wei et al. 2019)", layers_field="gcn_layers"),
-    "grcn": ModelSpec("models.grcn:GRCN", "GRCN (Wei et al. 2020), refined user-item graph", layers_field="gcn_layers"),
+    "gat": ModelSpec(
+        "models.baselines.gat:GAT",
+        GATConfig,
+        "GAT (Velickovic et al. 2018), multimodal items",
+        embeds_unseen_items=True,
+    ),
+    "mmgcn": ModelSpec(
+        "models.baselines.mmgcn:MMGCN", MMGCNConfig, "MMGCN (Wei et al. 2019)", embeds_unseen_items=True
+    ),
+    "grcn": ModelSpec(
+        "models.baselines.grcn:GRCN",
+        GRCNConfig,
+        "GRCN (Wei et al. 2020), refined user-item graph",
+        embeds_unseen_items=True,
+    ),
     "lattice": ModelSpec(
-        "models.lattice:LATTICE", "LATTICE (Zhang et al. 2021), learned item-item graph", layers_field="gcn_layers"
+        "models.baselines.lattice:LATTICE",
+        LATTICEConfig,
+        "LATTICE (Zhang et al. 2021), learned item-item graph",
+        embeds_unseen_items=True,
     ),
-    "invrl": ModelSpec("models.invrl:InvRL", "InvRL (Du et al. 2022), invariant feature mask"),
-    # ... and the static-fusion variants of its Table 3.
-    "early_fusion_mf": ModelSpec("models.static_fusion:early_fusion_mf", "static early fusion, MF backbone"),
-    "late_fusion_mf": ModelSpec("models.static_fusion:late_fusion_mf", "static late fusion, MF backbone"),
-    "hybrid_fusion_mf": ModelSpec("models.static_fusion:hybrid_fusion_mf", "static hybrid fusion, MF backbone"),
-    "early_fusion_gcn": ModelSpec(
-        "models.static_fusion:early_fusion_gcn", "static early fusion, GCN backbone", layers_field="gcn_layers"
+    "invrl": ModelSpec(
+        "models.baselines.invrl:InvRL",
+        InvRLConfig,
+        "InvRL (Du et al. 2022), invariant feature mask",
+        embeds_unseen_items=True,
     ),
-    "late_fusion_gcn": ModelSpec(
-        "models.static_fusion:late_fusion_gcn", "static late fusion, GCN backbone", layers_field="gcn_layers"
-    ),
-    "hybrid_fusion_gcn": ModelSpec(
-        "models.static_fusion:hybrid_fusion_gcn", "static hybrid fusion, GCN backbone", layers_field="gcn_layers"
-    ),
-    # ... and with the served default's LightGCN backbone.
-    **{
-        f"{mode}_fusion_lightgcn": ModelSpec(
-            f"models.static_fusion:{mode}_fusion_lightgcn",
-            f"static {mode} fusion, LightGCN backbone",
-            layers_field="gcn_layers",
-        )
-        for mode in ("early", "late", "hybrid")
-    },
+    # ... and the static-fusion variants of its Table 3, and with the served default's LightGCN backbone.
+    **_static("mf", "StaticFusionMF", MetaMMFConfig, "MF"),
+    **_static("gcn", "StaticFusionGCN", MetaMMFGraphConfig, "GCN"),
+    **_static("lightgcn", "StaticFusionLightGCN", MetaMMFGraphConfig, "LightGCN"),
 }
+
+# The model section of a run config: one of the registered config classes, told apart by ``name``.
+AnyModelConfig = Annotated[
+    Union[tuple(dict.fromkeys(spec.config for spec in MODELS.values()))],  # noqa: UP007 (a runtime tuple)
+    Field(discriminator="name"),
+]
 
 
 def model_names() -> list[str]:
@@ -168,6 +159,42 @@ def is_servable(name: str) -> bool:
     return get_spec(name).servable
 
 
+def unseen_items_problem(name: str) -> str | None:
+    """Why model ``name`` cannot score items unseen in training from their content (None: it can)."""
+    spec = get_spec(name)
+    if spec.embeds_unseen_items:
+        return None
+    able = ", ".join(n for n, s in MODELS.items() if s.embeds_unseen_items)
+    why = "is a pure ID model (no item content)" if not spec.has_content else "has no content-only item representation"
+    return f"model {name!r} {why}: it cannot score items unseen in training; use one of: {able}"
+
+
+def check_model_section(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (a config's model section) with the default name filled in, checked before validation:
+    an unknown name, or a setting the named model does not have, is a ``ValueError`` that says which."""
+    data = {"name": DEFAULT_MODEL, **data}
+    name = data["name"]
+    config = get_spec(name).config
+    unknown = [key for key in data if key not in config.model_fields]
+    if unknown:
+        raise ValueError(
+            f"model {name!r} has no setting {', '.join(map(repr, unknown))}; its settings: "
+            f"{', '.join(f for f in config.model_fields if f != 'name')}"
+        )
+    return data
+
+
+def parse_model_config(data: Mapping[str, Any], *, ignore_other_settings: bool = False) -> ModelConfig:
+    """The config object of the model ``data["name"]`` (default: the served default). With
+    ``ignore_other_settings``, keys its model does not have are dropped (a config shared by several models,
+    or a resolved config that lists the settings of every model) instead of refused."""
+    if ignore_other_settings:
+        config = get_spec(data.get("name", DEFAULT_MODEL)).config
+        data = {key: value for key, value in data.items() if key in config.model_fields}
+    data = check_model_section(data)
+    return get_spec(data["name"]).config.model_validate(data)
+
+
 def build_model(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> RecModel:
     """The model named by ``config.name``, built for ``inputs``."""
-    return get_spec(config.name).builder()(inputs, config, reg_weight)
+    return get_spec(config.name).model_class()(inputs, config, reg_weight)

@@ -46,7 +46,7 @@ def freeze_startup_objects() -> None:
     """Move every object alive after start-up (torch's and the other libraries') out of the
     garbage collector's reach, once per process. Otherwise a full collection traverses them all every time
     enough request objects have survived younger collections: a pause long enough to set the p99 of
-    POST /items under load (docs/api.md, "Performance"). Objects alive at start-up live as long as the
+    POST /items under load (docs/performance.md, "The request path"). Objects alive at start-up live as long as the
     process; an engine replaced by a reload is still freed (by reference counting: it holds no cycles)."""
     global _startup_objects_frozen
     if not _startup_objects_frozen:

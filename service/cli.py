@@ -18,9 +18,10 @@ server_ran = False
 def ensure_artifacts(path: Path, train_config: str | None) -> None:
     """Train on the built-in synthetic data (or ``train_config``) when no artifact directory exists (or an
     empty one). A directory with files but no manifest is a broken artifact, not something to overwrite."""
-    if (path / "manifest.json").is_file():
+    from models.artifacts import MANIFEST, ArtifactError
+
+    if (path / MANIFEST).is_file():
         return
-    from models.artifacts import ArtifactError
 
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ArtifactError(f"{path / 'manifest.json'}: missing (not an artifact directory, or an interrupted write)")
@@ -43,8 +44,8 @@ def ensure_artifacts(path: Path, train_config: str | None) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from models.artifacts import load_bundle
     from service.embedded_redis import start_unless_url
-    from service.loading import load_bundle
     from service.settings import load_settings
 
     if args.artifacts:
@@ -151,10 +152,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Rebuild an engine from the artifacts plus Redis, as a starting replica would, and check it."""
     import redis
 
+    from models.artifacts import load_bundle
     from service.check import check_consistency
     from service.embedded_redis import start_unless_url
     from service.engine import Engine
-    from service.loading import load_bundle
     from service.runtime import redis_client
     from service.settings import load_settings
     from service.state import RedisState

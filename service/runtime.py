@@ -21,10 +21,9 @@ from pathlib import Path
 
 import redis
 
-from models.artifacts import ArtifactError, Bundle, read_manifest
+from models.artifacts import ArtifactError, Bundle, load_bundle, read_manifest
 from service.embedded_redis import EmbeddedRedis, start_unless_url
 from service.engine import Engine
-from service.loading import load_bundle
 from service.settings import Settings
 from service.state import RedisState
 from service.sync import Follower, IncompatibleState, load_state

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from models.config import ModelConfig
+from models.registry import parse_model_config
 from tests.training_support import SMALL_MODEL, TINY
 from training.data import RecData
 from training.synthetic import generate_synthetic
@@ -29,7 +30,8 @@ def make_config():
     """Factory of small model configurations: ``make_config("metammf_mf", rank=4)``."""
 
     def make(name: str = "metammf_gcn", **overrides: object) -> ModelConfig:
-        return ModelConfig(name=name, **{**SMALL_MODEL, **overrides})
+        small = parse_model_config({"name": name, **SMALL_MODEL}, ignore_other_settings=True).model_dump()
+        return parse_model_config({**small, **overrides})
 
     return make
 

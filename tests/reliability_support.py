@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.artifacts import sha256_file
-from models.config import ModelConfig
-from models.inference import InferenceEncoder
+from models.artifacts import CATALOG, CONFIG, ENCODER, MANIFEST, sha256_file
+from models.metammf.inference import InferenceEncoder
+from models.registry import parse_model_config
 from tests.service_support import (
     AUTH,
     PATIENCE_S,
@@ -36,15 +36,15 @@ PY_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ign
 
 def rehash(path: Path) -> str:
     """Rewrite ``path``'s manifest so that it matches the files as they are now (new checksums, new id)."""
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = json.loads((path / MANIFEST).read_text())
     files = {
         p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(path.iterdir())
-        if p.name != "manifest.json"
+        if p.name != MANIFEST
     }
     manifest["files"] = files
     manifest["artifact_id"] = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
-    (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest["artifact_id"]
 
 
@@ -66,14 +66,14 @@ class Version:
 
 
 def encoder_of(path: Path, in_dim: int) -> InferenceEncoder:
-    config = ModelConfig.model_validate(json.loads((path / "config.json").read_text())["model"])
-    return InferenceEncoder.from_state_dict(config, in_dim, load_file(path / "encoder.safetensors"))
+    config = parse_model_config(json.loads((path / CONFIG).read_text())["model"])
+    return InferenceEncoder.from_state_dict(config, in_dim, load_file(path / ENCODER))
 
 
 @pytest.fixture(scope="module")
 def v1(artifact: Artifact) -> Version:
     path = artifact.path
-    artifact_id = json.loads((path / "manifest.json").read_text())["artifact_id"]
+    artifact_id = json.loads((path / MANIFEST).read_text())["artifact_id"]
     return Version(path, artifact_id, encoder_of(path, sum(artifact.modalities.values())))
 
 
@@ -82,12 +82,12 @@ def v2(artifact: Artifact, tmp_path_factory: pytest.TempPathFactory) -> Version:
     """A new version of the artifact: same catalogue and modalities, another fusion network (the weights
     of the meta learner perturbed), so online items must be fused again after a reload."""
     path = copy_artifact(artifact.path, tmp_path_factory.mktemp("v2") / "artifacts")
-    weights = load_file(path / "encoder.safetensors")
+    weights = load_file(path / ENCODER)
     gen = torch.Generator().manual_seed(5)
     for name, tensor in weights.items():
         if name.startswith("fusion.") and tensor.is_floating_point():
             weights[name] = tensor * 1.5 + 0.05 * torch.randn(tensor.shape, generator=gen)
-    save_file(weights, str(path / "encoder.safetensors"))
+    save_file(weights, str(path / ENCODER))
     artifact_id = rehash(path)
     return Version(path, artifact_id, encoder_of(path, sum(artifact.modalities.values())))
 
@@ -96,9 +96,9 @@ def v2(artifact: Artifact, tmp_path_factory: pytest.TempPathFactory) -> Version:
 def incompatible(artifact: Artifact, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A valid artifact whose modalities differ (one renamed): must never replace the served one."""
     path = copy_artifact(artifact.path, tmp_path_factory.mktemp("incompatible") / "artifacts")
-    catalog = json.loads((path / "catalog.json").read_text())
+    catalog = json.loads((path / CATALOG).read_text())
     catalog["modalities"][0]["name"] = "image"
-    (path / "catalog.json").write_text(json.dumps(catalog))
+    (path / CATALOG).write_text(json.dumps(catalog))
     rehash(path)
     return path
 

@@ -31,7 +31,8 @@ from safetensors.torch import load_file as load_tensors
 
 from bench.support import NotReady, free_port
 from bench.support import wait_ready as ready
-from models.inference import InferenceEncoder
+from models.artifacts import CATALOG, CONFIG, EMBEDDINGS, ENCODER, INTERACTIONS
+from models.metammf.inference import InferenceEncoder
 from service.app import create_app
 from service.embedded_redis import find_redis_server
 from service.settings import Settings
@@ -90,12 +91,12 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
     run = RunConfig(data=DataConfig(synthetic=SYNTHETIC), train=TrainConfig(progress=False, epochs=3))
     result = train(data, run.model, run.train)
     path = export_artifacts(result, data, run, tmp_path_factory.mktemp("service") / "artifacts")
-    catalog = json.loads((path / "catalog.json").read_text())
-    emb = load_file(path / "embeddings.safetensors")
-    pairs = np.load(path / "interactions.npy")
-    config = RunConfig.model_validate_json((path / "config.json").read_text())
+    catalog = json.loads((path / CATALOG).read_text())
+    emb = load_file(path / EMBEDDINGS)
+    pairs = np.load(path / INTERACTIONS)
+    config = RunConfig.model_validate_json((path / CONFIG).read_text())
     encoder = InferenceEncoder.from_state_dict(
-        config.model, sum(data.modality_dims.values()), load_tensors(path / "encoder.safetensors")
+        config.model, sum(data.modality_dims.values()), load_tensors(path / ENCODER)
     )
     seen: dict[str, set[str]] = {u: set() for u in catalog["users"]}
     for u, i in pairs.tolist():

@@ -23,7 +23,7 @@ from models.artifacts import (
     read_manifest,
     write_artifacts,
 )
-from models.inference import InferenceEncoder
+from models.metammf.inference import InferenceEncoder
 from training.config import RunConfig, TrainConfig
 from training.data import RecData
 from training.evaluate import topk_items

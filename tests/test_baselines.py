@@ -16,22 +16,21 @@ from pydantic import ValidationError
 from torch_geometric.nn import GATConv, LGConv, SAGEConv
 
 from models.base import RecModel
-from models.config import ModelConfig
-from models.gat import GAT
-from models.graphsage import GraphSAGE
-from models.grcn import GRCN
-from models.inference import InferenceEncoder
-from models.invrl import InvRL
-from models.lattice import LATTICE
-from models.lightgcn import LightGCN
-from models.metammf_gcn import MetaMMF_GCN
-from models.metammf_lightgcn import MetaMMF_LightGCN
-from models.metammf_mf import MetaMMF_MF
-from models.mmgcn import MMGCN
-from models.ngcf import NGCF
-from models.registry import MODELS, is_servable
-from models.static_fusion import StaticFusionGCN, StaticFusionLightGCN, StaticFusionMF
-from models.vbpr import VBPR
+from models.baselines.gat import GAT
+from models.baselines.graphsage import GraphSAGE
+from models.baselines.grcn import GRCN
+from models.baselines.invrl import InvRL
+from models.baselines.lattice import LATTICE
+from models.baselines.lightgcn import LightGCN
+from models.baselines.mmgcn import MMGCN
+from models.baselines.ngcf import NGCF
+from models.baselines.static_fusion import StaticFusionGCN, StaticFusionLightGCN, StaticFusionMF
+from models.baselines.vbpr import VBPR
+from models.metammf.gcn import MetaMMF_GCN
+from models.metammf.inference import InferenceEncoder
+from models.metammf.lightgcn import MetaMMF_LightGCN
+from models.metammf.mf import MetaMMF_MF
+from models.registry import MODELS, is_servable, parse_model_config
 from tests.training_support import random_ranker_recall
 from training import cli
 from training.config import RunConfig, TrainConfig
@@ -121,7 +120,9 @@ def test_every_registered_name_is_a_valid_config_and_builds_its_class(data: RecD
 
 def test_unknown_model_name_is_rejected_with_the_known_names() -> None:
     with pytest.raises(ValidationError, match=r"unknown model 'lightgcm'.*lightgcn"):
-        ModelConfig(name="lightgcm")
+        RunConfig.model_validate({"model": {"name": "lightgcm"}})
+    with pytest.raises(ValueError, match=r"unknown model 'lightgcm'.*lightgcn"):
+        parse_model_config({"name": "lightgcm"})
     assert RunConfig.model_validate({"model": {"name": "ngcf"}}).model.name == "ngcf"
     parser = cli.build_parser()
     for name in ALL_MODELS:

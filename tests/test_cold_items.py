@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from models.artifacts import load_bundle
 from models.base import bpr_loss, l2_penalty
-from models.inference import InferenceEncoder
-from models.metammf_gcn import SAGETower
+from models.metammf.gcn import SAGETower
+from models.metammf.inference import InferenceEncoder
 from service.engine import Engine
-from service.loading import load_bundle
 from training.cli import load_data
 from training.coldstart import cold_item_embeddings, cold_item_split, train_protocol
 from training.config import RunConfig
@@ -38,7 +38,8 @@ def test_untrained_items_get_exactly_what_a_new_item_gets(
     untrained = np.arange(6)
     data = without_items(tiny_data, untrained)
     torch.manual_seed(0)
-    config = make_config(name, content_neighbors=neighbors, content_residual=residual, **CONTENT)
+    graph = {"content_neighbors": neighbors, "content_residual": residual, **CONTENT}
+    config = make_config(name, **(graph if name != "metammf_mf" else {"untrained_items": "content"}))
     model = build_model(data, config, 1e-4).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -80,7 +81,8 @@ def test_unknown_isolated_nodes_setting_is_refused() -> None:
 def test_cold_item_dropout_scores_dropped_items_from_content(tiny_data: RecData, make_config, name: str) -> None:
     """With a dropout share of (nearly) 1 every batch item is scored as a new item would be."""
     torch.manual_seed(0)
-    model = build_model(tiny_data, make_config(name, cold_item_dropout=0.999999, reg_target="final"), 1e-3)
+    graph = {"reg_target": "final"} if name != "metammf_mf" else {}
+    model = build_model(tiny_data, make_config(name, cold_item_dropout=0.999999, **graph), 1e-3)
     model.train()
     users, pos, neg = (torch.from_numpy(a) for a in (tiny_data.train[:64, 0], tiny_data.train[:64, 1],
                                                       np.arange(64) % tiny_data.n_items))  # fmt: skip
@@ -127,9 +129,7 @@ def test_offline_cold_score_is_what_the_service_computes(tmp_path) -> None:
     split = cold_item_split(data, run.data.cold_item_ratio, run.data.cold_item_seed)
     result = train_protocol(run, data)
     features = split.cold_item_features()
-    offline = cold_item_embeddings(
-        result.model, torch.from_numpy(features), torch.from_numpy(split.warm.item_features())
-    )
+    offline = cold_item_embeddings(result.model, torch.from_numpy(features))
     path = export_artifacts(result, split.warm, run, tmp_path / "artifact", [str(i) for i in split.warm_items])
     engine = Engine(load_bundle(path))
     assert engine.bundle.item_ids == [str(i) for i in split.warm_items]
@@ -161,7 +161,7 @@ def test_content_neighbors_are_the_nearest_trained_items_by_feature_cosine(tiny_
     with torch.no_grad():
         model.neighbors.scale.fill_(2.5)
     assert InferenceEncoder.from_model(model.eval()).neighbor_scale.item() == 2.5
-    with pytest.raises(ValueError, match="graph backbone"):
+    with pytest.raises(ValueError, match="'metammf_mf' has no setting 'content_neighbors'"):
         build_model(data, make_config("metammf_mf", content_neighbors=5), 1e-4)
 
 

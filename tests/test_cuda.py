@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.config import ModelConfig
-from models.registry import MODELS
+from models.registry import MODELS, parse_model_config
 from tests.training_support import SMALL_MODEL, random_ranker_recall
 from training.config import TrainConfig
 from training.data import RecData
@@ -31,7 +31,7 @@ def data() -> RecData:
 
 
 def small(name: str) -> ModelConfig:
-    return ModelConfig(name=name, **SMALL_MODEL)
+    return parse_model_config({"name": name, **SMALL_MODEL}, ignore_other_settings=True)
 
 
 def _check_trained(result, data: RecData) -> None:

@@ -13,6 +13,15 @@ HISTORY = re.compile(
     r"('s)? session\b|\bbefore this change\b|\bused to be\b|\bdevelopment history\b",
     re.IGNORECASE,
 )
+# The three topic pages the README's documentation index points to.
+TOPIC_PAGES = ("docs/performance.md", "docs/results.md", "docs/reliability.md")
+# A heading that numbers a round of work: "(third session)", "(tenth)", "(2nd pass)", "Now (...)". An ordinal after
+# "(" counts only when it closes the parenthesis or names a round, so "(first layer only)" stays legitimate.
+ORDINAL = r"first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth|\d+(?:st|nd|rd|th)"
+ROUND_HEADING = re.compile(rf"\((?i:{ORDINAL})(?:\)|\s+(?i:session|round|pass|attempt|iteration|run)s?\b)|\bNow \(")
+# A reference to a section of a page: docs/results.md, "New items" / [api.md](api.md), "Endpoints" /
+# docs/results.md ("A heading", "Another heading").
+SECTION_REF = re.compile(r'\b([a-z]+)\.md\]?(?:\([^)\s]*\))?,? \(?((?:"[^"\n]+"(?:, )?)+)')
 
 
 def tracked(*patterns: str) -> list[Path]:
@@ -72,3 +81,53 @@ def test_configuration_page_is_generated_from_the_settings() -> None:
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "settings_doc.py"), "--check"], capture_output=True,
                          text=True, cwd=ROOT)  # fmt: skip
     assert run.returncode == 0, run.stderr
+
+
+def test_topic_pages_exist_and_the_readme_links_them() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for page in TOPIC_PAGES:
+        assert (ROOT / page).is_file(), page
+        assert f"]({page})" in readme, page
+
+
+def headings(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of the Markdown headings of a page, outside fenced code."""
+    found, fenced = [], False
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            found.append((n, line.lstrip("#").strip()))
+    return found
+
+
+def test_no_heading_numbers_a_round_of_work() -> None:
+    assert ROUND_HEADING.search("## Serving (tenth session)") and ROUND_HEADING.search("### Figures (third)")
+    assert ROUND_HEADING.search("## Now (after the change)") and ROUND_HEADING.search("## Step (2nd round)")
+    assert not ROUND_HEADING.search("### Only the last layer (first layer only)")
+    assert not ROUND_HEADING.search("## Known now (and then)") and not ROUND_HEADING.search("## Tuning (seeds)")
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {text}"
+        for path in sorted((ROOT / "docs").glob("*.md"))
+        for n, text in headings(path)
+        if ROUND_HEADING.search(text)
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_section_references_name_existing_headings() -> None:
+    """`docs/results.md, "New items"` in code, configs and pages names a heading that the page has."""
+    pages = {path.stem: {text for _, text in headings(path)} for path in (ROOT / "docs").glob("*.md")}
+    files = tracked("*.md", "*.py", "*.yaml", "*.yml", "*.toml", "*.sh", "Makefile")
+    found = []
+    for path in files:
+        if path.name == "test_docs.py":
+            continue
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+            for match in SECTION_REF.finditer(line):
+                if match.group(1) not in pages:
+                    continue
+                for name in re.findall(r'"([^"]+)"', match.group(2)):
+                    if name not in pages[match.group(1)]:
+                        found.append(f"{path.relative_to(ROOT)}:{n}: {match.group(1)}.md has no heading {name!r}")
+    assert not found, "\n".join(found)

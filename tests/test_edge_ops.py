@@ -1,4 +1,4 @@
-"""models/edge_ops.py: the sparse-kernel edge scores and weighted sums give the values and gradients of
+"""models/graph/edge_ops.py: the sparse-kernel edge scores and weighted sums give the values and gradients of
 the gather/scatter formulas they replace."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch_geometric.utils import coalesce, scatter
 
-from models.edge_ops import EdgePattern, _EdgeScores, _WeightedSum, edge_scores, weighted_sum
+from models.graph.edge_ops import EdgePattern, _EdgeScores, _WeightedSum, edge_scores, weighted_sum
 
 N_NODES, DIM = 40, 6
 

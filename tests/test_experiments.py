@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.registry import MODELS
 from training.coldstart import (
     ColdStartError,
     check_cold_start_model,
@@ -115,16 +116,16 @@ def test_cold_protocol_trains_on_warm_items_and_ranks_held_out_ones() -> None:
     # Among all items a held-out item has more competitors: it can only rank lower.
     assert result.test.metrics["full_recall@20"] <= result.test.metrics["recall@20"]
     # Held-out items are scored from content alone: what the service's encoder computes for new items.
-    from models.inference import InferenceEncoder
+    from models.metammf.inference import InferenceEncoder
 
     features = torch.from_numpy(split.cold_item_features())
     expected, _ = InferenceEncoder.from_model(result.model).encode_items(features)
-    got = cold_item_embeddings(result.model, features, torch.from_numpy(split.warm.item_features()))
+    got = cold_item_embeddings(result.model, features)
     torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("name", ["graphsage", "gat"])
-def test_cold_item_embeddings_equal_isolated_nodes(tiny_data: RecData, make_config, name: str) -> None:
+def test_unseen_item_embeddings_equal_isolated_nodes(tiny_data: RecData, make_config, name: str) -> None:
     """For models without item IDs, a held-out item is exactly an item without edges in the graph."""
     isolated = np.arange(5)
     train = tiny_data.train[~np.isin(tiny_data.train[:, 1], isolated)]
@@ -135,17 +136,60 @@ def test_cold_item_embeddings_equal_isolated_nodes(tiny_data: RecData, make_conf
     features = torch.from_numpy(data.item_features())
     with torch.no_grad():
         expected = model.get_embedding()[1][isolated]
-    got = cold_item_embeddings(model, features[isolated], features)
+    got = cold_item_embeddings(model, features[isolated])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["lightgcn", "ngcf"])
-def test_pure_id_models_are_rejected_under_the_cold_protocol(name: str) -> None:
-    with pytest.raises(ConfigError, match="pure ID model"):
+# Where each model keeps its item ID parameters: (parameter, first item row).
+ITEM_ID_PARAMETERS = {
+    "grcn": lambda m: [(m.id_embedding, m.n_users)],
+    "mmgcn": lambda m: [(m.id_embedding, m.n_users)],
+    "invrl": lambda m: [(m.item.weight, 0)],
+    "vbpr": lambda m: [(m.item_gamma.weight, 0), (m.item_bias.weight, 0)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ITEM_ID_PARAMETERS))
+def test_unseen_items_are_items_without_edges_and_with_the_mean_id(tiny_data: RecData, make_config, name: str) -> None:
+    """An unseen item is scored as a catalogue item without training interactions whose ID parameters are the
+    mean of the trained items' (set so here: the mean over all items stays the same)."""
+    isolated = np.arange(5)
+    train = tiny_data.train[~np.isin(tiny_data.train[:, 1], isolated)]
+    data = RecData(tiny_data.name, tiny_data.n_users, tiny_data.n_items, train, tiny_data.valid, tiny_data.test,
+                   tiny_data.features)  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(data, make_config(name), 1e-4).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+        for weight, first in ITEM_ID_PARAMETERS[name](model):
+            rows = weight[first : first + data.n_items]
+            rows[isolated] = rows[len(isolated) :].mean(0)
+        expected = model.get_embedding()[1][isolated]
+    got = cold_item_embeddings(model, torch.from_numpy(data.item_features())[isolated])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [("lightgcn", "pure ID model"), ("ngcf", "pure ID model")],
+)
+def test_models_without_unseen_item_embeddings_are_rejected_under_the_cold_protocol(name: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
         load_run_config(None, [f"model.name={name}", "data.protocol=cold_items"])
     with pytest.raises(ColdStartError, match="cannot score items unseen in training"):
         check_cold_start_model(name)
     load_run_config(None, [f"model.name={name}"])  # fine under the warm protocol
+
+
+def test_every_model_that_embeds_unseen_items_implements_it() -> None:
+    """The registry's capability flag and the model classes agree (the base class refuses)."""
+    from models.base import RecModel
+
+    for name, spec in MODELS.items():
+        implemented = spec.model_class().embed_unseen_items is not RecModel.embed_unseen_items
+        assert implemented == spec.embeds_unseen_items, name
+        assert spec.embeds_unseen_items == spec.has_content, name  # every content model scores unseen items
 
 
 def test_cli_train_under_the_cold_protocol_reports_and_does_not_export(tmp_path, capsys, tiny_yaml) -> None:
@@ -346,8 +390,8 @@ def test_run_key_depends_on_config_data_and_code(tiny_data: RecData) -> None:
     assert run_key(RunSpec(tiny_config(**{"model.rank": 8, "train.seed": 3}), "popularity"), "d", "c") == pop
     # A model's code version covers its own module and the training loop, not the other models.
     _, modules = code_modules("vbpr")
-    assert {"models.vbpr", "training.trainer", "training.evaluate", "models.base"} <= set(modules)
-    assert "models.lightgcn" not in modules and "models.registry" not in modules
+    assert {"models.baselines.vbpr", "training.trainer", "training.evaluate", "models.base"} <= set(modules)
+    assert "models.baselines.lightgcn" not in modules and "models.registry" not in modules
 
 
 # --------------------------------------------------------------------------------------------------
@@ -539,23 +583,24 @@ def test_newitems_suite_puts_every_new_item_variant_side_by_side(tmp_path: Path)
     chosen = max(summary["rows"], key=lambda row: summary["rows"][row]["valid selection"]["mean"])
     assert summary["comparisons"][0]["target"] == chosen
     configs = [json.loads(p.read_text())["config"]["model"] for p in (tmp_path / "runs").glob("*/config.json")]
-    assert sorted(c["content_neighbors"] for c in configs) == sorted(
+    assert sorted(c.get("content_neighbors", 0) for c in configs) == sorted(
         changes.get("model.content_neighbors", 0) for changes in NEW_ITEM_VARIANTS.values()
     )
     assert {c["cold_item_dropout"] for c in configs} <= {0.0, 0.2}
-    # MF backbones cannot take content neighbours: the suites turn them off there.
-    assert ctx.variant(0, {"model.name": "late_fusion_mf"}).model.content_neighbors == 0
+    # MF backbones have no content neighbours: the suites leave the setting out there.
+    assert "content_neighbors" not in type(ctx.variant(0, {"model.name": "late_fusion_mf"}).model).model_fields
     assert ctx.variant(0, {"model.name": "metammf_gcn"}).model.content_neighbors == 7
 
 
-def test_suites_turn_the_graph_only_settings_off_for_mf_backbones(tmp_path: Path) -> None:
+def test_suites_give_each_model_the_base_settings_it_has(tmp_path: Path) -> None:
     """A base config with the item graph and content neighbours (as configs/tiktok.yaml): MF rows run without
-    both, graph rows keep them."""
+    both (their configs have no such settings), graph rows keep them, every row keeps the shared width."""
     base = tiny_config(**{"model.name": "metammf_lightgcn", "model.content_neighbors": 7, "model.item_graph_k": 5})
     ctx = Context(Runner(tmp_path), base, seeds=1, out=tmp_path)
-    for name in ("metammf_mf", "late_fusion_mf"):
+    for name in ("metammf_mf", "late_fusion_mf", "vbpr", "lightgcn"):
         model = ctx.variant(0, {"model.name": name}).model
-        assert (model.content_neighbors, model.item_graph_k) == (0, 0), name
+        assert not {"content_neighbors", "item_graph_k"} & set(type(model).model_fields), name
+        assert model.embedding_dim == base.model.embedding_dim, name
     for name in ("metammf_lightgcn", "early_fusion_gcn"):
         model = ctx.variant(0, {"model.name": name}).model
         assert (model.content_neighbors, model.item_graph_k) == (7, 5), name

@@ -4,7 +4,7 @@ keeps serving and loses nothing it acknowledged.
 Real components throughout: the tiny trained artifact of ``service_support``, real Redis (the shared one at
 127.0.0.1:6379 on a private namespace, or a private ``redis-server`` where a test kills it), real uvicorn
 servers (in threads, so several replicas share one interpreter) or real ``python -m service`` processes
-where a test needs to SIGKILL or SIGHUP one. docs/RELIABILITY.md summarises what each test tries.
+where a test needs to SIGKILL or SIGHUP one. docs/reliability.md summarises what each test tries.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from models.fusion import MetaFusionLayer, MetaFusionNetwork, tower_widths
+from models.metammf.fusion import MetaFusionLayer, MetaFusionNetwork, tower_widths
 
 IN, OUT, META, RANK, BATCH = 12, 7, 5, 4, 9
 

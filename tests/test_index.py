@@ -515,8 +515,8 @@ def test_two_workers_with_hnsw_stay_consistent(artifact: Artifact, redis_url: st
 def test_popular_ranking_stays_exact(artifact: Artifact) -> None:
     """Interactions, new items, deletions and re-adds, checked after each step against a full sort, with a
     ranking cache of 8 rows so that every path (incremental update, eviction, re-ranking) runs."""
+    from models.artifacts import load_bundle
     from service.engine import Engine
-    from service.loading import load_bundle
 
     engine = Engine(load_bundle(artifact.path))
     engine.popularity.TOP_ROWS = 8

@@ -8,10 +8,11 @@ import torch
 from fastapi.testclient import TestClient
 from torch_geometric.nn import LGConv
 
-from models.inference import InferenceEncoder, item_states
-from models.item_graph import ItemContentGraph
-from models.metammf_gcn import bipartite_edge_index
-from models.metammf_lightgcn import MetaMMF_LightGCN
+from models.base import ModelInputs
+from models.graph.utils import bipartite_edge_index
+from models.metammf.inference import InferenceEncoder, item_states
+from models.metammf.item_graph import ItemContentGraph
+from models.metammf.lightgcn import MetaMMF_LightGCN
 from service.app import create_app
 from service.settings import Settings
 from tests.service_support import AUTH, KEY, post_item, rec
@@ -28,7 +29,8 @@ NEW_ITEMS = {"untrained_items": "content", "isolated_nodes": "self", "content_ne
 def build(data: RecData, config, train_pairs: np.ndarray | None = None, seed: int = 0) -> MetaMMF_LightGCN:
     torch.manual_seed(seed)
     pairs = torch.from_numpy(data.train if train_pairs is None else train_pairs)
-    model = MetaMMF_LightGCN(data.n_users, torch.from_numpy(data.item_features()), pairs, config)
+    inputs = ModelInputs(data.n_users, torch.from_numpy(data.item_features()), data.modality_dims, pairs)
+    model = MetaMMF_LightGCN(inputs, config)
     perturb(model)
     return model.eval()
 
@@ -102,7 +104,7 @@ def test_a_new_item_gets_what_an_item_without_interactions_gets(tiny_data: RecDa
     _, items = model.get_embedding()
     torch.testing.assert_close(embedding[0], items[new], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(states[:, 0], item_states(model)[:, new], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(model.encode_new_items(torch.from_numpy(tiny_data.item_features()[new:])), embedding)
+    torch.testing.assert_close(model.embed_unseen_items(torch.from_numpy(tiny_data.item_features()[new:])), embedding)
 
 
 def test_a_new_user_aggregates_the_states_of_their_items(tiny_data: RecData, make_config) -> None:
@@ -130,7 +132,7 @@ def test_neighbour_sampling_is_refused_with_the_item_graph(make_config) -> None:
 
 
 def test_mf_backbones_refuse_the_item_graph(make_config) -> None:
-    with pytest.raises(ValueError, match="item_graph_k=5 needs a graph backbone"):
+    with pytest.raises(ValueError, match="model 'metammf_mf' has no setting 'item_graph_k'"):
         make_config("metammf_mf", item_graph_k=5)
 
 

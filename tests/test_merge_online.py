@@ -110,7 +110,7 @@ def test_cli_merges_and_the_result_trains_and_serves_the_new_user(tmp_path: Path
         "train", "--data", str(tmp_path / "merged"), "--out", str(art), "--no-progress", "--model", "metammf_mf",
         "--set", "train.epochs=1", "--set", "train.batch_size=256",
         "--set", "model.fused_dim=8", "--set", "model.id_dim=8", "--set", "model.rank=4",
-        "--set", "model.extractor_hidden=8", "--set", "model.item_graph_k=0",
+        "--set", "model.extractor_hidden=8",
     ]) == 0  # fmt: skip
     catalog = json.loads((art / "catalog.json").read_text())
     assert catalog["users"] == [*(str(u) for u in range(60)), "alice"]

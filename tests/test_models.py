@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.base import RecModel
+from models.base import ModelInputs, RecModel
 from models.config import ModelConfig
-from models.csr import csr_matmul
-from models.inference import InferenceEncoder, item_states
-from models.metammf_gcn import MetaMMF_GCN, bipartite_edge_index
-from models.metammf_mf import MetaMMF_MF
+from models.graph.csr import csr_matmul
+from models.graph.utils import bipartite_edge_index
+from models.metammf.gcn import MetaMMF_GCN
+from models.metammf.inference import InferenceEncoder, item_states
+from models.metammf.mf import MetaMMF_MF
 from tests.training_support import perturb
 from training.data import RecData
 from training.sampling import BPRSampler
@@ -207,7 +208,7 @@ def test_final_rows_equals_full_propagation(
     tiny_data: RecData, make_config, combine: str, gcn_layers: int, activate_last: bool, sage_bias: bool
 ) -> None:
     """The training shortcut (last layer only for the batch's nodes, repeated rows allowed, the
-    hand-written backward of models/sage_rows.py) gives the same embeddings and gradients as
+    hand-written backward of models/graph/sage_rows.py) gives the same embeddings and gradients as
     propagating everything with autograd and indexing."""
     config = make_config(
         "metammf_gcn", gcn_layers=gcn_layers, layer_combine=combine, activate_last=activate_last, sage_bias=sage_bias
@@ -233,8 +234,8 @@ def test_final_rows_equals_full_propagation(
 def test_sage_rows_backward_passes_gradcheck(combine: str) -> None:
     """The hand-written backward pass against finite differences (float64, a small random graph with an
     isolated node, repeated and isolated rows, a negative pre-activation range)."""
-    from models.metammf_gcn import MeanAggregation
-    from models.sage_rows import TowerSettings, sage_rows
+    from models.graph.sage_rows import TowerSettings, sage_rows
+    from models.graph.utils import MeanAggregation
 
     generator = torch.Generator().manual_seed(0)
     n, dim = 9, 3
@@ -336,7 +337,8 @@ def test_encode_items_matches_isolated_item_node(tiny_data: RecData, make_config
     assert len(train) < len(tiny_data.train)  # the item did have training interactions
     features = torch.from_numpy(tiny_data.item_features())
     torch.manual_seed(0)
-    model = MetaMMF_GCN(tiny_data.n_users, features, torch.from_numpy(train), make_config("metammf_gcn", **variant))
+    inputs = ModelInputs(tiny_data.n_users, features, tiny_data.modality_dims, torch.from_numpy(train))
+    model = MetaMMF_GCN(inputs, make_config("metammf_gcn", **variant))
     perturb(model)
     _set_row_to_mean_of_others(model.items.id_embedding.weight, new)
     model.eval()
@@ -381,7 +383,7 @@ def test_models_are_the_right_types(tiny_data: RecData, make_config) -> None:
 
 
 def test_unique_rows_equals_torch_unique() -> None:
-    from models.metammf_gcn import _unique_rows
+    from models.metammf.gcn import _unique_rows
 
     rows = torch.tensor([7, 0, 7, 3, 9, 0, 3, 3])
     expected = rows.unique(return_inverse=True)

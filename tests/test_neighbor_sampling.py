@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from models.metammf_gcn import MetaMMF_GCN
-from models.neighbor_sampling import NeighborSampler
+from models.graph.neighbor_sampling import NeighborSampler
+from models.metammf.gcn import MetaMMF_GCN
 from tests.training_support import random_ranker_recall
 from training.cli import build_parser
 from training.config import ConfigError, TrainConfig, load_run_config
 from training.data import RecData
 from training.synthetic import SyntheticConfig, generate_synthetic
-from training.trainer import train
+from training.trainer import model_inputs, train
 
 
 def _model(data: RecData, config, seed: int = 0) -> MetaMMF_GCN:
     torch.manual_seed(seed)
-    return MetaMMF_GCN(data.n_users, torch.from_numpy(data.item_features()), torch.from_numpy(data.train), config)
+    return MetaMMF_GCN(model_inputs(data), config)
 
 
 def _rows(model: MetaMMF_GCN, n: int = 60, seed: int = 0) -> torch.Tensor:

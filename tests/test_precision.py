@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.metammf_gcn import MeanAggregation, bipartite_edge_index
+from models.graph.utils import MeanAggregation, bipartite_edge_index
 from tests.training_support import random_ranker_recall
 from training.config import RunConfig, TrainConfig
 from training.data import RecData

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from models.artifacts import load_bundle
 from service.engine import Engine
 from service.keyed_vectors import KeyedVectors
-from service.loading import load_bundle
 from service.precomputed import PrecomputedTopK, row_scores
 from tests.service_support import Artifact, rec
 

@@ -163,8 +163,8 @@ def test_fusion_keeps_the_configured_torch_threads_when_another_thread_set_more(
     """A precomputed-list build sets more torch threads in the reload thread; a request thread that starts
     meanwhile takes that count as its own (the process default at its first parallel operation). The engine
     pins its own count before fusing an item or embedding a new user."""
+    from models.artifacts import load_bundle
     from service.engine import Engine
-    from service.loading import load_bundle
 
     engine = Engine(load_bundle(artifact.path), torch_threads=1)
     features = engine.feature_matrix([artifact.features(0)])

@@ -300,6 +300,27 @@ def test_invalid_values_name_the_field() -> None:
         load_run_config(None, ["model.tensor=tucker"])
 
 
+def test_each_model_has_its_own_settings(tmp_path: Path) -> None:
+    """A config file written for one model serves another picked on the command line (its settings that model
+    has apply, the others are left out), but a setting the chosen model lacks is an error where it is given."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  name: metammf_lightgcn\n  rank: 8\n  item_graph_k: 5\n  fused_dim: 16\n")
+    config = load_run_config(path, ["model.name=lightgcn"]).model
+    assert (config.name, config.embedding_dim) == ("lightgcn", 16 + 32)
+    assert "rank" not in type(config).model_fields
+    assert load_run_config(path, ["model.name=metammf_mf"]).model.rank == 8
+    with pytest.raises(ConfigError, match=r"model 'lightgcn' has no setting 'rank'"):
+        load_run_config(path, ["model.name=lightgcn", "model.rank=4"])
+    with pytest.raises(ConfigError, match=r"model 'metammf_lightgcn' has no setting 'lattice_knn_k'"):
+        load_run_config(path, ["model.lattice_knn_k=4"])
+    path.write_text("model:\n  name: metammf_mf\n  item_graph_k: 5\n")  # a file is checked against its model
+    with pytest.raises(ConfigError, match=r"model 'metammf_mf' has no setting 'item_graph_k'"):
+        load_run_config(path)
+    # Artifacts and experiment runs record the whole model config: it round-trips through its class.
+    dumped = RunConfig.model_validate(load_run_config(None, ["model.name=lattice"]).model_dump())
+    assert type(dumped.model).__name__ == "LATTICEConfig" and dumped.model.lattice_knn_k == 10
+
+
 @pytest.mark.parametrize("override", ["no_equals_sign", "=5", "train.lr.sub=1"])
 def test_malformed_overrides(override: str) -> None:
     overrides = ["train.lr=0.1", override] if override.startswith("train.lr.") else [override]

@@ -1,7 +1,7 @@
 """Re-check docs/dependency-audit.json (the offline advisory audit) against the lock files.
 
     python tools/advisory_check.py            # verdict per package, exit 1 on an unresolved hit
-    python tools/advisory_check.py --markdown # the same as the table in docs/RELIABILITY.md
+    python tools/advisory_check.py --markdown # the same as the table in docs/reliability.md
 
 The JSON holds, for every locked package, the advisory records that were read by hand from copies of
 the PyPA advisory database (id, aliases, dates, withdrawn, the ECOSYSTEM ranges and whether the locked
@@ -142,7 +142,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", action="store_true", help="print the table for docs/RELIABILITY.md")
+    parser.add_argument("--markdown", action="store_true", help="print the table for docs/reliability.md")
     args = parser.parse_args(argv)
     rows = evaluate(json.loads(AUDIT.read_text()))
     if args.markdown:

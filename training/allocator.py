@@ -4,7 +4,7 @@ A training step on the CPU allocates and frees tensors of tens of MB (GAT's and 
 135,100 x 64 floats on TikTok). glibc gives such blocks back to the kernel when they are freed, and the next
 step faults every page in again: a GAT step on TikTok took 129,000 page faults and 0.23 s of kernel time,
 more than its arithmetic. Three ``mallopt`` settings keep such blocks in the heap, so that the blocks freed by
-one step serve the next (docs/PERFORMANCE.md, "Page faults"; ``bench/allocator.py``): ``M_MMAP_THRESHOLD`` at
+one step serve the next (docs/performance.md, "Page faults"; ``bench/allocator.py``): ``M_MMAP_THRESHOLD`` at
 its maximum (32 MB: smaller blocks come from the heap, not from mmap, which unmaps them on free),
 ``M_TOP_PAD`` (the heap grows by the pad at a time, so a large block fits in its free top) and
 ``M_TRIM_THRESHOLD`` (up to twice the pad of free memory at the top is kept instead of returned).

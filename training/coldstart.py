@@ -13,19 +13,24 @@ CLCRec): each user with a held-out target is ranked against the held-out items *
 over the cold item set, the metrics of :mod:`training.evaluate`); when scoring test, the user's valid
 cold items are masked, as in the warm protocol. Early stopping monitors the same cold valid metrics.
 
-Scoring unseen items from content (:func:`cold_item_embeddings`), per model family:
+Scoring unseen items from content (:func:`cold_item_embeddings`, each model's ``embed_unseen_items``),
+per model family:
 
 * MetaMMF_MF / MetaMMF_GCN / MetaMMF_LightGCN and the static-fusion variants: ego ``[fusion(x_i) ; mean
-  item ID embedding]`` (what :class:`models.inference.InferenceEncoder` serves); graph backbones then run
+  item ID embedding]`` (what :class:`models.metammf.inference.InferenceEncoder` serves); graph backbones then run
   their layers for a node without neighbours (``isolated``), with the content neighbours' states and the
   item-item content graph's term where the config turns them on;
 * VBPR: ``[mean gamma_i ; E f_i ; mean beta_i + beta'^T f_i]``;
 * GraphSAGE / GAT: the projected features through the layers as an isolated node (GAT: self loop only);
-* MMGCN: per modality, the projected features with the mean item ID embedding as an isolated node.
+* MMGCN: per modality, the projected features with the mean item ID embedding as an isolated node;
+* GRCN: ``[normalised mean item ID embedding ; f^1 ; ... ; f^M]``, an isolated node's representation;
+* InvRL: ``[mean item ID embedding ; W (f * mask) + b]``;
+* LATTICE: LightGCN's part of a node without edges plus the item-graph term of a row of S built for the item
+  (its k nearest catalogue items per modality).
 
-User embeddings are the trained model's final ones. Pure ID models (LightGCN, NGCF) cannot score
-items they never saw and are rejected by :func:`check_cold_start_model` (called by the RunConfig
-validator). The popularity ranker lives in :mod:`training.popularity`.
+User embeddings are the trained model's final ones. Pure ID models (LightGCN, NGCF) cannot score items they
+never saw: their :class:`~models.registry.ModelSpec` says so and the run config refuses them under this protocol
+(:func:`check_cold_start_model`). The popularity ranker lives in :mod:`training.popularity`.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ import torch
 from torch import Tensor
 
 from models.base import RecModel
-from models.inference import SERVABLE, InferenceEncoder
+from models.metammf.inference import InferenceEncoder
+from models.registry import is_servable, unseen_items_problem
 from training.data import DataError, RecData
 from training.evaluate import EvalResult, full_rank_evaluate
 
@@ -48,23 +54,6 @@ if TYPE_CHECKING:
     from training.trainer import TrainResult
 
 PROTOCOLS = ("warm", "cold_items")
-CONTENT_MODELS = frozenset(
-    {
-        "metammf_gcn",
-        "metammf_lightgcn",
-        "metammf_mf",
-        "vbpr",
-        "graphsage",
-        "gat",
-        "mmgcn",
-        *(
-            f"{mode}_fusion_{backbone}"
-            for mode in ("early", "late", "hybrid")
-            for backbone in ("mf", "gcn", "lightgcn")
-        ),
-    }
-)
-PURE_ID_MODELS = frozenset({"lightgcn", "ngcf"})
 
 
 class ColdStartError(ValueError):
@@ -73,14 +62,9 @@ class ColdStartError(ValueError):
 
 def check_cold_start_model(name: str) -> None:
     """Raise :class:`ColdStartError` unless model ``name`` can score held-out items from content."""
-    if name in CONTENT_MODELS:
-        return
-    if name in PURE_ID_MODELS:
-        raise ColdStartError(
-            f"model {name!r} is a pure ID model (no item content): it cannot score items unseen in training, "
-            f"so it has no result under data.protocol=cold_items; use one of: {', '.join(sorted(CONTENT_MODELS))}"
-        )
-    raise ColdStartError(f"model {name!r} has no cold-item scorer in training.coldstart (data.protocol=cold_items)")
+    problem = unseen_items_problem(name)
+    if problem:
+        raise ColdStartError(f"{problem} (data.protocol=cold_items)")
 
 
 @dataclass(frozen=True)
@@ -173,63 +157,17 @@ def cold_item_split(data: RecData, ratio: float = 0.2, seed: int = 0) -> ColdIte
 # --------------------------------------------------------------------------------------------------
 
 
-def _standardize_like(model: RecModel, features: Tensor, warm_features: Tensor) -> Tensor:
-    """Held-out features standardised with the warm items' statistics (models.graph_utils.standardize_features)."""
-    if not model.config.normalize_features:
-        return features
-    warm = warm_features.float()
-    return (features - warm.mean(0)) / warm.std(0).clamp_min(1e-6)
-
-
 @torch.no_grad()
-def cold_item_embeddings(model: RecModel, features: Tensor, warm_features: Tensor) -> Tensor:
-    """Final embeddings (n_cold, d) of items unseen in training from their raw features (n_cold, d_x).
-
-    ``warm_features`` are the raw features the model was built from (their statistics standardise the
-    new items for the models that do not store them). See the module docstring for each family.
-    """
-    from models.gat import GAT
-    from models.graphsage import GraphSAGE
-    from models.metammf_gcn import MetaMMF_GCN
-    from models.metammf_mf import MetaMMF_MF
-    from models.mmgcn import MMGCN
-    from models.vbpr import VBPR
-
+def cold_item_embeddings(model: RecModel, features: Tensor) -> Tensor:
+    """Final embeddings (n_cold, d) of items unseen in training from their raw features (n_cold, d_x): a
+    servable model's through the service's own encoder (exactly what POST /items computes), any other
+    through its :meth:`~models.base.RecModel.embed_unseen_items`."""
     features = features.float()
     model.eval()
-    if type(model) in SERVABLE.values():
-        # The service's own encoder: exactly what POST /items computes for these features.
+    if is_servable(model.config.name):
         return InferenceEncoder.from_model(model).to(features.device).encode_items(features)[0]
-    if isinstance(model, MetaMMF_MF | MetaMMF_GCN):  # the static-fusion subclasses: the same path
-        return model.encode_new_items(features)
-    x = _standardize_like(model, features, warm_features)
-    if isinstance(model, VBPR):
-        n = x.shape[0]
-        gamma = model.item_gamma.weight.mean(0).expand(n, -1)
-        bias = model.item_bias.weight.mean(0).expand(n, -1) + model.content_bias(x)
-        return torch.cat([gamma, model.content(x), bias], dim=1)
-    if isinstance(model, GraphSAGE | GAT):  # GAT without edges: attention over the node's self loop
-        return model.propagate(model.item_projection(x), isolated=True)
-    if isinstance(model, MMGCN):
-        return _mmgcn_isolated(model, x)
-    check_cold_start_model(getattr(model.config, "name", type(model).__name__))
-    raise ColdStartError(f"no cold-item scorer for {type(model).__name__}")
-
-
-def _mmgcn_isolated(model: RecModel, x: Tensor) -> Tensor:
-    """MMGCN's layers for item nodes without neighbours (the aggregation term is 0, LeakyReLU(0) = 0)."""
-    leaky = torch.nn.functional.leaky_relu
-    mean_id = model.id_embedding[model.n_users :].mean(0, keepdim=True)
-    reps, start = [], 0
-    for n, graph in enumerate(model.graphs):
-        dim = getattr(model, f"features_{n}").shape[1]
-        feats, start = x[:, start : start + dim], start + dim
-        h = torch.nn.functional.normalize(graph.projection(feats) if graph.projection is not None else feats, dim=1)
-        for linear, combine in zip(graph.linear, graph.combine, strict=True):
-            h_hat = leaky(linear(h), graph.leaky_slope) + mean_id
-            h = leaky(combine(h.new_zeros(h.shape[0], combine.in_features)) + h_hat, graph.leaky_slope)
-        reps.append(h)
-    return sum(reps[1:], reps[0]) / len(reps)
+    check_cold_start_model(model.config.name)
+    return model.embed_unseen_items(features)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +220,6 @@ def cold_evaluator(split: ColdItemSplit, cfg: TrainConfig) -> Callable[[RecModel
     targets), so the chosen epoch serves both new and existing items.
     """
     features = torch.from_numpy(split.cold_item_features())
-    warm_features = torch.from_numpy(split.warm.item_features())
     n_users, n_warm = split.warm.n_users, split.warm.n_items
     ks, batch, device = cfg.ks, cfg.eval_batch_size, cfg.device
 
@@ -290,7 +227,7 @@ def cold_evaluator(split: ColdItemSplit, cfg: TrainConfig) -> Callable[[RecModel
         with torch.no_grad():
             model.eval()
             users, warm_items = (t.detach() for t in model.get_embedding())
-            items = cold_item_embeddings(model, features.to(users.device), warm_features.to(users.device))
+            items = cold_item_embeddings(model, features.to(users.device))
         cold = evaluate_cold_scores(lambda u: users[u] @ items.T, split, which, ks, batch, device)
         metrics = dict(cold.metrics)
         catalogue = torch.cat([warm_items, items])

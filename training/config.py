@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -9,8 +10,11 @@ import tomllib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.config import ModelConfig
+from models.config import DEFAULT_MODEL, MetaMMFGraphConfig, ModelConfig
+from models.registry import MODELS, AnyModelConfig, check_model_section, get_spec, unseen_items_problem
 from training.synthetic import SyntheticConfig
+
+log = logging.getLogger(__name__)
 
 
 class DataConfig(BaseModel):
@@ -128,16 +132,20 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: AnyModelConfig = Field(default_factory=MetaMMFGraphConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _known_model_and_settings(cls, model: Any) -> Any:
+        return check_model_section(model) if isinstance(model, dict) else model
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         check_neighbor_sampling(self.model, self.train)
-        if self.data.protocol == "cold_items":
-            from training.coldstart import check_cold_start_model  # imports no model code
-
-            check_cold_start_model(self.model.name)
+        problem = unseen_items_problem(self.model.name) if self.data.protocol == "cold_items" else None
+        if problem:
+            raise ValueError(f"{problem} (data.protocol=cold_items)")
         return self
 
 
@@ -177,11 +185,43 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The run config of file ``path`` with ``section.key=value`` overrides applied. An override that picks
+    another model than the file's (``model.name=...``, ``--model``) keeps the file's model settings that model
+    has and leaves the others out (logged), as the experiment suites do; a setting given as an override is
+    always checked."""
     data = read_config_file(path) if path else {}
+    file_model = dict(data.get("model") or {}) if isinstance(data.get("model"), dict) else {}
     for override in overrides or []:
         apply_override(data, override)
+    _leave_out_settings_of_another_model(data, file_model, overrides or [], path)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
         where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}:\n{exc}") from None
+        raise ConfigError(f"invalid configuration{where}:\n{_without_model_tags(str(exc))}") from None
+
+
+def _leave_out_settings_of_another_model(
+    data: dict[str, Any], file_model: dict[str, Any], overrides: list[str], path: str | Path | None
+) -> None:
+    model = data.get("model")
+    if not isinstance(model, dict):
+        return
+    name, file_name = model.get("name", DEFAULT_MODEL), file_model.get("name", DEFAULT_MODEL)
+    if name == file_name or name not in MODELS:
+        return
+    overridden = {o.partition("=")[0].strip().removeprefix("model.") for o in overrides if o.startswith("model.")}
+    fields = get_spec(name).config.model_fields
+    left_out = [key for key in file_model if key not in fields and key not in overridden]
+    for key in left_out:
+        model.pop(key, None)
+    if left_out:
+        log.info("%s: model %s has no setting %s: left out", path or "config", name, ", ".join(left_out))
+
+
+def _without_model_tags(message: str) -> str:
+    """Pydantic names a model setting ``model.<name>.<field>`` (the config class's tag): ``model.<field>`` is
+    what a user writes in a config file or a ``--set``."""
+    for name in MODELS:
+        message = message.replace(f"\nmodel.{name}.", "\nmodel.")
+    return message

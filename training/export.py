@@ -24,7 +24,7 @@ from models.artifacts import (
     PER_USER_VALID,
     write_artifacts,
 )
-from models.inference import InferenceEncoder, item_states
+from models.metammf.inference import InferenceEncoder, item_states
 from models.registry import is_servable, servable_names
 from training.config import RunConfig
 from training.data import RecData

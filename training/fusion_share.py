@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from models.fusion import MetaFusionNetwork
+from models.metammf.fusion import MetaFusionNetwork
 
 
 @dataclass(frozen=True)

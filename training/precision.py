@@ -5,12 +5,12 @@
   float32 accumulation): ``torch.set_float32_matmul_precision("high")`` for the run, evaluation included.
 * ``bf16``: the loss's forward pass under ``torch.autocast(dtype=torch.bfloat16)``: matrix products in
   bfloat16, parameters, optimiser state and evaluation in float32. On CPU MetaMMF_GCN's GraphSAGE tower then
-  runs in bfloat16 as a whole (``models/sage_rows.py``): on a CPU with bfloat16 instructions (an AMD EPYC
+  runs in bfloat16 as a whole (``models/graph/sage_rows.py``): on a CPU with bfloat16 instructions (an AMD EPYC
   with AVX512-BF16) its TikTok step was about 1.5x faster than fp32 at the same test Recall@20; on a CPU
   without them (AVX2 only) it was 10x slower than fp32 (71.9 against 7.4 s per 100 steps), so training there
   falls back to fp32 with a warning (``effective_precision``; ``models.hardware.bf16_instructions``).
 
-docs/PERFORMANCE.md measures the speed and the accuracy of each, on CPU and on a GPU.
+docs/performance.md measures the speed and the accuracy of each, on CPU and on a GPU.
 """
 
 from __future__ import annotations

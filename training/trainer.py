@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from models.base import RecModel
+from models.base import ModelInputs, RecModel
 from models.config import ModelConfig
 from models.hardware import usable_cpus
-from models.registry import ModelInputs
 from models.registry import build_model as build_registered
 from training.config import TrainConfig, check_neighbor_sampling
 from training.data import RecData

@@ -11,8 +11,8 @@ other augmented vector nearly the same length and the lists coarse. So the longe
 the lists, in an exact side list that every query scores (``MMF_IVF_EXACT_FRACTION`` of the items, and at
 least ``MMF_IVF_EXACT_MIN_ITEMS``, at most half the items), and B is the longest norm of the rest: far fewer
 lists need probing for the same recall. A side list costs a matrix-vector product per query, so it pays only
-while it saves many probes (docs/performance.md, "The longest vectors scored exactly" and "At least 10,000
-exact"). An item added later with a norm above B joins the side list.
+while it saves many probes (docs/performance.md, "Search time per ivf side-list setting"). An item added
+later with a norm above B joins the side list.
 """
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ class IndexSettings(BaseModel):
     def exact_items(self, n_items: int) -> int:
         """ivf: how many of the longest vectors of a build go to the exact side list: the fraction of the
         items, but at least the minimum count (at most half the items). A side list is scored for every query,
-        so it pays while it saves more probes than it costs (docs/performance.md, "At least 10,000 exact")."""
+        so it pays while it saves more probes than it costs
+        (docs/performance.md, "Search time per ivf side-list setting")."""
         floor = min(self.ivf_exact_min_items, n_items // 2)
         return max(round(self.ivf_exact_fraction * n_items), floor)
 

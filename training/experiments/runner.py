@@ -25,12 +25,10 @@ from __future__ import annotations
 import ast
 import fcntl
 import hashlib
-import inspect
 import json
 import logging
 import os
 import shutil
-import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -95,17 +93,9 @@ def code_modules(model: str | None = None) -> tuple[str, list[str]]:
     if model is not None:
         from models.registry import get_spec
 
-        target = get_spec(model).target
-        module, _, attr = target.partition(":")
-        registry_part = target
-        if module == "models.registry":  # a builder function there: its source and what it imports
-            import models.registry
-
-            source = textwrap.dedent(inspect.getsource(getattr(models.registry, attr)))
-            registry_part += "\n" + source
-            roots |= _project_imports(list(ast.walk(_parse(source))))
-        else:
-            roots.add(module)
+        spec = get_spec(model)
+        registry_part = f"{spec.target} {spec.config.__module__}.{spec.config.__qualname__}"
+        roots |= {spec.target.partition(":")[0], spec.config.__module__}
     seen: set[str] = set()
     todo = sorted(roots - NOT_CODE)
     while todo:

@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from models.config import GRAPH_ONLY_FIELDS, is_mf_backbone
-from models.registry import get_spec, model_names
+from models.registry import get_spec, model_names, parse_model_config
 from training.config import RunConfig
 from training.experiments import plots
 from training.experiments.runner import POPULARITY, MissingRunError, Runner, RunRecord, RunSpec
@@ -108,9 +107,9 @@ class Context:
         for dotted, value in changes.items():
             section, key = dotted.split(".", 1)
             dump[section][key] = value
-        if is_mf_backbone(dump["model"]["name"]):  # a base config's graph-only settings do not apply
-            for field in GRAPH_ONLY_FIELDS:
-                dump["model"][field] = 0
+        # The base config's model settings apply to every model that has them (the embedding width, the layer
+        # count, ...); each model takes its own.
+        dump["model"] = parse_model_config(dump["model"], ignore_other_settings=True).model_dump()
         return RunConfig.model_validate(dump)
 
     def group(self, row: str, changes: dict[str, Any], *, embeddings: bool = False) -> list[RunRecord]:
@@ -250,7 +249,7 @@ def coldstart(ctx: Context) -> list[Path]:
     return _model_table(ctx, "coldstart", models, "cold_items", what)
 
 
-# Every new-item setting of models/cold_items.py, as the paper has them (a row sets all of them, whatever
+# Every new-item setting of models/metammf/cold_items.py, as the paper has them (a row sets all of them, whatever
 # the base config says) ...
 _PAPER = {
     "model.untrained_items": "id",
@@ -278,7 +277,7 @@ NEW_ITEM_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def newitems(ctx: Context) -> list[Path]:
-    """Ways to represent and train new items (models.cold_items), one model (the base config's), under the
+    """Ways to represent and train new items (models.metammf.cold_items), one model (the base config's), under the
     cold-item protocol: each variant's held-out items ranked among themselves, among all items, and the
     warm items' ranking; the variant with the best validation selection score is compared with the others."""
     groups = {

@@ -1,6 +1,6 @@
 """Uniform, fanout-bounded L-hop neighbour sampling over a CSR, vectorised in torch.
 
-Used by :meth:`models.metammf_gcn.MetaMMF_GCN.calculate_sampled_loss` for mini-batch GraphSAGE training
+Used by :meth:`models.metammf.gcn.MetaMMF_GCN.calculate_sampled_loss` for mini-batch GraphSAGE training
 whose memory scales with the sampled subgraph rather than with the whole graph.
 
 Why not PyG's ``NeighborLoader`` / ``LinkNeighborLoader`` (or ``torch_geometric.sampler.NeighborSampler``):

@@ -1,11 +1,11 @@
 r"""Static multimodal fusion: the ablation of the MetaMMF paper's Table 3 (Early, Late and Hybrid
 fusion, each with the MF and with the GCN backbone), and the same three for the LightGCN backbone of
-:class:`~models.metammf_lightgcn.MetaMMF_LightGCN`.
+:class:`~models.metammf.lightgcn.MetaMMF_LightGCN`.
 
 Everything but the fusion function is MetaMMF's: the item ego representation is
 :math:`[e_i^m ; e_i^c]` (fused content plus an ID embedding), the MF variant scores
-:math:`e_u^\top e_i` (:class:`~models.metammf_mf.MetaMMF_MF`), the GCN variant propagates over the
-training graph with the same GraphSAGE tower (:class:`~models.metammf_gcn.MetaMMF_GCN`: ``SAGETower``
+:math:`e_u^\top e_i` (:class:`~models.metammf.mf.MetaMMF_MF`), the GCN variant propagates over the
+training graph with the same GraphSAGE tower (:class:`~models.metammf.gcn.MetaMMF_GCN`: ``SAGETower``
 with the fast ``MeanAggregation``), with the same loss, regularisation and feature standardisation.
 Only :math:`e_i^m` comes from a fusion network whose weights are shared by all items instead of
 being generated per item:
@@ -18,7 +18,7 @@ being generated per item:
 
 This is our reading of the paper's Table 3 (static counterparts that differ from MetaMMF only in the
 fusion function). The towers are MetaMMF's with the item-specific part removed: the same widths
-(:func:`models.fusion.tower_widths`, ``config.fusion_layers`` layers, e.g. 2276 -> 1024 -> 512 -> 256
+(:func:`models.metammf.fusion.tower_widths`, ``config.fusion_layers`` layers, e.g. 2276 -> 1024 -> 512 -> 256
 -> 32 for 4 layers; per-modality towers start from the modality's width), no bias, LeakyReLU
 (``config.leaky_slope``) between layers and none after the last, Xavier init with
 ``config.fusion_init_gain`` on the last layer. So MetaMMF with ``T = 0`` is exactly Early fusion.
@@ -32,12 +32,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from models.config import ModelConfig
-from models.fusion import tower_widths
-from models.metammf_gcn import MetaMMF_GCN
-from models.metammf_lightgcn import MetaMMF_LightGCN
-from models.metammf_mf import MetaMMF_MF
-from models.registry import ModelInputs
+from models.base import ModelInputs
+from models.config import MetaMMFConfig, MetaMMFGraphConfig
+from models.metammf.fusion import tower_widths
+from models.metammf.gcn import MetaMMF_GCN
+from models.metammf.lightgcn import MetaMMF_LightGCN
+from models.metammf.mf import MetaMMF_MF
 
 FusionMode = Literal["early", "late", "hybrid"]
 
@@ -119,10 +119,10 @@ class StaticFusionNetwork(nn.Module):
 
 class StaticItemEncoder(nn.Module):
     """Item ego representation [e_i^m ; e_i^c] with static fusion: the drop-in counterpart of
-    :class:`models.metammf_mf.MultimodalItemEncoder`."""
+    :class:`models.metammf.mf.MultimodalItemEncoder`."""
 
     def __init__(
-        self, config: ModelConfig, item_features: Tensor, modality_dims: dict[str, int], mode: FusionMode
+        self, config: MetaMMFConfig, item_features: Tensor, modality_dims: dict[str, int], mode: FusionMode
     ) -> None:
         super().__init__()
         n_items = item_features.shape[0]
@@ -145,68 +145,33 @@ class StaticItemEncoder(nn.Module):
         return torch.cat([self.fusion.fuse_standardized(self.item_inputs[items]), self.id_embedding(items)], dim=1)
 
 
-class StaticFusionMF(MetaMMF_MF):
-    """MF backbone with static fusion (``mode``: 'early', 'late' or 'hybrid')."""
+def fusion_mode(config: MetaMMFConfig) -> FusionMode:
+    """'early', 'late' or 'hybrid': the first word of the model's name (e.g. ``late_fusion_gcn``)."""
+    mode = config.name.split("_", 1)[0]
+    if mode not in ("early", "late", "hybrid"):
+        raise ValueError(f"model {config.name!r} is not a static-fusion variant (<mode>_fusion_<backbone>)")
+    return mode  # type: ignore[return-value]
 
-    def __init__(
-        self,
-        n_users: int,
-        item_features: Tensor,
-        modality_dims: dict[str, int],
-        config: ModelConfig,
-        reg_weight: float = 1e-4,
-        mode: FusionMode = "early",
-        train_pairs: Tensor | None = None,
-    ) -> None:
-        items = StaticItemEncoder(config, item_features, modality_dims, mode)
-        super().__init__(n_users, item_features, config, reg_weight, items=items, train_pairs=train_pairs)
-        self.fusion_mode = mode
+
+class StaticFusionMF(MetaMMF_MF):
+    """MF backbone with static fusion (the mode from ``config.name``: early, late or hybrid)."""
+
+    def __init__(self, inputs: ModelInputs, config: MetaMMFConfig, reg_weight: float = 1e-4) -> None:
+        self.fusion_mode = fusion_mode(config)
+        items = StaticItemEncoder(config, inputs.item_features, inputs.modality_dims, self.fusion_mode)
+        super().__init__(inputs, config, reg_weight, items=items)
 
 
 class StaticFusionGCN(MetaMMF_GCN):
-    """GraphSAGE backbone with static fusion (``mode``: 'early', 'late' or 'hybrid')."""
+    """GraphSAGE backbone with static fusion (the mode from ``config.name``: early, late or hybrid)."""
 
-    def __init__(
-        self,
-        n_users: int,
-        item_features: Tensor,
-        modality_dims: dict[str, int],
-        train_pairs: Tensor,
-        config: ModelConfig,
-        reg_weight: float = 1e-4,
-        mode: FusionMode = "early",
-    ) -> None:
-        items = StaticItemEncoder(config, item_features, modality_dims, mode)
-        super().__init__(n_users, item_features, train_pairs, config, reg_weight, items=items)
-        self.fusion_mode = mode
+    def __init__(self, inputs: ModelInputs, config: MetaMMFGraphConfig, reg_weight: float = 1e-4) -> None:
+        self.fusion_mode = fusion_mode(config)
+        items = StaticItemEncoder(config, inputs.item_features, inputs.modality_dims, self.fusion_mode)
+        super().__init__(inputs, config, reg_weight, items=items)
 
 
 class StaticFusionLightGCN(StaticFusionGCN, MetaMMF_LightGCN):
     """LightGCN backbone (with the item-item content graph of ``item_graph_k``) with static fusion: the
     constructor of :class:`StaticFusionGCN`, the tower and propagation of
-    :class:`~models.metammf_lightgcn.MetaMMF_LightGCN` (next in the method resolution order)."""
-
-
-def _mf(mode: FusionMode):
-    def build(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> StaticFusionMF:
-        return StaticFusionMF(
-            inputs.n_users, inputs.item_features, inputs.modality_dims, config, reg_weight, mode, inputs.train_pairs
-        )
-
-    return build
-
-
-def _graph(model: type[StaticFusionGCN], mode: FusionMode):
-    def build(inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> StaticFusionGCN:
-        return model(
-            inputs.n_users, inputs.item_features, inputs.modality_dims, inputs.train_pairs, config, reg_weight, mode
-        )
-
-    return build
-
-
-early_fusion_mf, late_fusion_mf, hybrid_fusion_mf = _mf("early"), _mf("late"), _mf("hybrid")
-early_fusion_gcn, late_fusion_gcn, hybrid_fusion_gcn = (_graph(StaticFusionGCN, m) for m in ("early", "late", "hybrid"))
-early_fusion_lightgcn, late_fusion_lightgcn, hybrid_fusion_lightgcn = (
-    _graph(StaticFusionLightGCN, m) for m in ("early", "late", "hybrid")
-)
+    :class:`~models.metammf.lightgcn.MetaMMF_LightGCN` (next in the method resolution order)."""

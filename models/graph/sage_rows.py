@@ -1,6 +1,6 @@
 r"""The training-step forward and backward of a GraphSAGE tower, for the batch's rows, written by hand.
 
-:meth:`models.metammf_gcn.SAGETower.final_rows` computes, for layers :math:`l = 0 .. L-1` with weights
+:meth:`models.metammf.gcn.SAGETower.final_rows` computes, for layers :math:`l = 0 .. L-1` with weights
 :math:`W_l` (neighbour mean, bias :math:`b_l`) and :math:`R_l` (own state),
 
 .. math::
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.csr import csr_matmul
+from models.graph.csr import csr_matmul
 
 
 class TowerSettings(NamedTuple):

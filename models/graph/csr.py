@@ -14,10 +14,11 @@ def csr_matmul(matrix: Tensor, x: Tensor) -> Tensor:
 
     On CPU the product is an ``embedding_bag``: row r of the result is the sum of x's rows at the column indices
     of matrix row r, weighted by its values, i.e. the CSR arrays are the bags (indices, offsets,
-    per-sample weights). Its kernel is about 3.4x faster on the TikTok graph than PyTorch's CSR "sum" product
-    (which zero-fills the output first), itself about 5x faster than the MKL path ``@`` takes. On CUDA ``@``
-    (cuSPARSE). Under bf16 autocast ``x`` arrives as bfloat16: with a float32 matrix (``MeanAggregation``)
-    the product runs in float32; ``SAGERows`` passes a bfloat16 matrix to compute it in bfloat16.
+    per-sample weights). On CPU that kernel is faster than PyTorch's CSR "sum" product, which zero-fills the
+    output first, and that one is faster than the MKL path ``@`` takes
+    (docs/performance.md, "The CSR sparse-dense product"). On CUDA ``@`` (cuSPARSE). Under bf16 autocast ``x``
+    arrives as bfloat16: with a float32 matrix (``MeanAggregation``) the product runs in float32; ``SAGERows``
+    passes a bfloat16 matrix to compute it in bfloat16.
     """
     x = x.to(matrix.dtype)
     if x.device.type != "cpu":

@@ -1,6 +1,6 @@
 r"""GAT (Veličković et al., ICLR 2018) on the user-item graph with multimodal item features.
 
-Node inputs as in :mod:`models.graphsage`: items :math:`h_i^0 = W_x x_i + b` (projected concatenated
+Node inputs as in :mod:`models.baselines.graphsage`: items :math:`h_i^0 = W_x x_i + b` (projected concatenated
 multimodal features), users a free embedding. Each layer is PyG's
 :class:`~torch_geometric.nn.GATConv`: attention over the node's neighbours and itself,
 
@@ -24,17 +24,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import GATConv
 
-from models.config import ModelConfig
-from models.graphsage import ProjectedFeatureGraph, no_edges
+from models.baselines.graphsage import ProjectedFeatureGraph, no_edges
+from models.config import GATConfig
 
 
 class GAT(ProjectedFeatureGraph):
     """GAT layers over users (free embeddings) and items (projected multimodal features); arguments: see
-    :class:`~models.graphsage.ProjectedFeatureGraph` (``config.embedding_dim``, ``gcn_layers``,
+    :class:`~models.baselines.graphsage.ProjectedFeatureGraph` (``config.embedding_dim``, ``gcn_layers``,
     ``gat_heads``, ``message_dropout``, ``normalize_features`` are used).
     """
 
-    def build_convs(self, dim: int, config: ModelConfig) -> nn.ModuleList:
+    def build_convs(self, dim: int, config: GATConfig) -> nn.ModuleList:
         return nn.ModuleList(
             GATConv(dim, dim, heads=config.gat_heads, concat=False, dropout=config.message_dropout)
             for _ in range(config.gcn_layers)

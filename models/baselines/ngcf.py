@@ -29,11 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import RecModel, bpr_loss, l2_penalty
-from models.config import ModelConfig
-from models.graph_utils import SymmetricPropagation
-from models.metammf_gcn import bipartite_edge_index
-from models.registry import ModelInputs
+from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.config import NGCFConfig
+from models.graph.utils import SymmetricPropagation, bipartite_edge_index
 
 LEAKY_SLOPE = 0.2
 
@@ -48,11 +46,9 @@ class NGCF(RecModel):
         reg_weight: L2 weight on the batch ego embeddings.
     """
 
-    def __init__(self, n_users: int, n_items: int, train_pairs: Tensor, config: ModelConfig, reg_weight: float):
-        super().__init__()
-        self.config = config
-        self.n_users, self.n_items = n_users, n_items
-        self.reg_weight = reg_weight
+    def __init__(self, inputs: ModelInputs, config: NGCFConfig, reg_weight: float = 1e-4) -> None:
+        super().__init__(inputs, config, reg_weight)
+        n_users, n_items, train_pairs = self.n_users, self.n_items, inputs.train_pairs
         dim = config.embedding_dim
         self.embedding = nn.Embedding(n_users + n_items, dim)
         self.w_gc = nn.ModuleList(nn.Linear(dim, dim) for _ in range(config.gcn_layers))  # W_1, b_1
@@ -62,10 +58,6 @@ class NGCF(RecModel):
         self.register_buffer("edge_index", edge_index, persistent=False)
         self._propagation: SymmetricPropagation | None = None
         self.reset_parameters()
-
-    @classmethod
-    def from_inputs(cls, inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> NGCF:
-        return cls(inputs.n_users, inputs.n_items, inputs.train_pairs, config, reg_weight)
 
     def reset_parameters(self) -> None:
         nn.init.xavier_uniform_(self.embedding.weight)

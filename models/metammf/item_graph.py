@@ -1,7 +1,7 @@
 r"""A frozen item-item graph from content, added to a graph backbone's item embeddings.
 
 Each item's :math:`k` nearest *trained* items by content (cosine of the standardised raw features, the keys
-of :mod:`models.cold_items`) are its neighbours, weighted by their similarity clamped at 0 and normalised
+of :mod:`models.metammf.cold_items`) are its neighbours, weighted by their similarity clamped at 0 and normalised
 per item (rows sum to 1):
 
 .. math::
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.cold_items import content_keys, nearest, trained_keys
-from models.csr import SparseMatmul, csr_pair
+from models.graph.csr import SparseMatmul, csr_pair
+from models.metammf.cold_items import content_keys, nearest, trained_keys
 
 
 def neighbor_weights(queries: Tensor, keys: Tensor, found: Tensor) -> Tensor:

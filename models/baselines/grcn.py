@@ -18,7 +18,7 @@ representation :math:`c^m_v = x_v + \sum_{w \in N(v)} \alpha^m_{vw} x_w` (:math:
 item contents) and the edge scores :math:`\alpha^m_{vw} = \mathrm{softmax}_{w \in N(v)}(x_v^\top x_w)`,
 in [0, 1]. As the inputs are unit vectors this is PyG's ``AGNNConv`` with :math:`\beta = 1` and no
 self loops (a test checks it); here the attention is computed once and reused as the edge scores, with
-sparse kernels instead of per-edge gathers (models/edge_ops.py: a training step 2.3x faster on the CPU).
+sparse kernels instead of per-edge gathers (models/graph/edge_ops.py: a training step 2.3x faster on the CPU).
 
 **Edge weights.** Each node carries a learned confidence per modality; the weight of the message
 :math:`w \to v` is the max over modalities of score times the sender's confidence, pruned at 0
@@ -60,17 +60,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import coalesce, dropout_edge, softmax
 
-from models.base import RecModel, bpr_loss, l2_penalty
-from models.config import ModelConfig
-from models.edge_ops import EdgePattern, edge_scores, weighted_sum
-from models.graph_utils import batch_rows, standardize_features
-from models.registry import ModelInputs
+from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.config import GRCNConfig
+from models.graph.edge_ops import EdgePattern, edge_scores, weighted_sum
+from models.graph.utils import FeatureStandardizer, batch_rows
 
 
 def attention(x: Tensor, pattern: EdgePattern) -> tuple[Tensor, Tensor]:
     r"""Inner-product attention over ``pattern``'s edges (source -> target):
     :math:`\alpha_{vw} = \mathrm{softmax}_{w}(x_v^\top x_w)` per target :math:`v`, and
-    :math:`\sum_w \alpha_{vw} x_w`, as sparse kernels (models/edge_ops.py).
+    :math:`\sum_w \alpha_{vw} x_w`, as sparse kernels (models/graph/edge_ops.py).
     Returns (aggregated (num_nodes, d), alpha (E,) in ``pattern.edge_index`` order)."""
     alpha = softmax(edge_scores(x, x, pattern), ptr=pattern.crow, num_nodes=pattern.num_nodes)
     return weighted_sum(alpha, x, pattern), alpha
@@ -105,9 +104,13 @@ class ContentGraph(nn.Module):
         self.mlp.reset_parameters()
         nn.init.xavier_normal_(self.preference)
 
+    def item_content(self, features: Tensor) -> Tensor:
+        """:math:`f_i = \\mathrm{normalize}(\\mathrm{LeakyReLU}(W x_i + b))`."""
+        return F.normalize(F.leaky_relu(self.mlp(features), self.leaky_slope), dim=1)
+
     def forward(self, features: Tensor, graphs: RefiningGraphs) -> tuple[Tensor, Tensor]:
         """Content representation of all nodes and the edge scores on ``graphs.both``'s edges."""
-        items = F.normalize(F.leaky_relu(self.mlp(features), self.leaky_slope), dim=1)
+        items = self.item_content(features)
         preference = F.normalize(self.preference, dim=1)
         for _ in range(self.routing):
             aggregated, _ = attention(torch.cat([preference, items]), graphs.to_users)
@@ -130,21 +133,12 @@ class GRCN(RecModel):
         reg_weight: L2 weight on the batch's ID embeddings and user preferences.
     """
 
-    def __init__(
-        self,
-        n_users: int,
-        item_features: Tensor,
-        modality_dims: dict[str, int],
-        train_pairs: Tensor,
-        config: ModelConfig,
-        reg_weight: float,
-    ) -> None:
-        super().__init__()
-        self.config = config
-        self.n_users, self.n_items = n_users, item_features.shape[0]
+    def __init__(self, inputs: ModelInputs, config: GRCNConfig, reg_weight: float = 1e-4) -> None:
+        super().__init__(inputs, config, reg_weight)
+        item_features, modality_dims, train_pairs = inputs.item_features, inputs.modality_dims, inputs.train_pairs
         self.n_nodes = self.n_users + self.n_items
-        self.reg_weight = reg_weight
-        features = standardize_features(item_features, config.normalize_features)
+        self.standardizer = FeatureStandardizer(item_features, config.normalize_features)
+        features = self.standardizer(item_features)
         start = 0
         for n, dim in enumerate(modality_dims.values()):
             self.register_buffer(f"features_{n}", features[:, start : start + dim].contiguous(), persistent=False)
@@ -154,16 +148,12 @@ class GRCN(RecModel):
         self.register_buffer("user_item", user_item, persistent=False)
         self.id_embedding = nn.Parameter(torch.empty(self.n_nodes, config.embedding_dim))
         self.content = nn.ModuleList(
-            ContentGraph(n_users, dim, config.fused_dim, config.grcn_routing, config.leaky_slope)
+            ContentGraph(self.n_users, dim, config.fused_dim, config.grcn_routing, config.leaky_slope)
             for dim in modality_dims.values()
         )
         self.confidence = nn.Parameter(torch.empty(self.n_nodes, len(modality_dims)))
         self._full_graphs: RefiningGraphs | None = None  # built on first use, on the buffers' device
         self.reset_parameters()
-
-    @classmethod
-    def from_inputs(cls, inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> GRCN:
-        return cls(inputs.n_users, inputs.item_features, inputs.modality_dims, inputs.train_pairs, config, reg_weight)
 
     def reset_parameters(self) -> None:
         nn.init.xavier_normal_(self.id_embedding)
@@ -215,6 +205,19 @@ class GRCN(RecModel):
     def get_embedding(self) -> tuple[Tensor, Tensor]:
         final = self.propagate()
         return final[: self.n_users], final[self.n_users :]
+
+    @torch.no_grad()
+    def embed_unseen_items(self, features: Tensor) -> Tensor:
+        """Nodes without edges: ``[normalize(mean item ID embedding) ; f^1 ; ... ; f^M]`` (no messages to add to
+        the ID part or to each modality's content ``f^m = normalize(LeakyReLU(W_m x^m + b_m))``)."""
+        x = self.standardizer(features)
+        mean_id = F.normalize(self.id_embedding[self.n_users :].mean(0), dim=0).expand(x.shape[0], -1)
+        content, start = [], 0
+        for n, layer in enumerate(self.content):
+            width = getattr(self, f"features_{n}").shape[1]
+            content.append(layer.item_content(x[:, start : start + width]))
+            start += width
+        return torch.cat([mean_id, *content], dim=1)
 
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         final = self.propagate()

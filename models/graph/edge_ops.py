@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch_geometric.index import index2ptr
 
-from models.csr import csr_matmul
+from models.graph.csr import csr_matmul
 
 
 class EdgePattern:

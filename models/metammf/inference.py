@@ -2,8 +2,8 @@
 
 * a new item: fuse its raw features with its own fusion network, use the mean ID embedding as e^c,
   then run the graph layers for a node with no neighbours yet; with ``content_neighbors`` = k, add the
-  mean per-layer states of its k nearest training items by content (:mod:`models.cold_items`); with
-  ``item_graph_k`` = k, add the item-item content graph's term (:mod:`models.item_graph`);
+  mean per-layer states of its k nearest training items by content (:mod:`models.metammf.cold_items`); with
+  ``item_graph_k`` = k, add the item-item content graph's term (:mod:`models.metammf.item_graph`);
 * a new user with some online interactions: start from the mean user embedding and aggregate the
   per-layer states of the items they interacted with through the trained graph layers (inductive).
 """
@@ -16,12 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from models.base import RecModel
-from models.cold_items import content_keys, nearest, with_neighbors
-from models.config import ModelConfig
-from models.item_graph import content_graph_rows
-from models.metammf_gcn import MetaMMF_GCN
-from models.metammf_lightgcn import MetaMMF_LightGCN
-from models.metammf_mf import MetaMMF_MF, build_fusion
+from models.config import MetaMMFConfig
+from models.metammf.cold_items import content_keys, nearest, with_neighbors
+from models.metammf.gcn import MetaMMF_GCN
+from models.metammf.item_graph import content_graph_rows
+from models.metammf.lightgcn import MetaMMF_LightGCN
+from models.metammf.mf import MetaMMF_MF, build_fusion
 
 # The servable models, by exact type: subclasses (the static-fusion baselines) have another fusion network.
 SERVABLE = {"metammf_gcn": MetaMMF_GCN, "metammf_lightgcn": MetaMMF_LightGCN, "metammf_mf": MetaMMF_MF}
@@ -34,7 +34,7 @@ class InferenceEncoder(nn.Module):
 
     NEIGHBOR_BUFFERS = ("neighbor_keys", "neighbor_states", "neighbor_scale")
 
-    def __init__(self, config: ModelConfig, in_dim: int, n_neighbor_keys: int = 0) -> None:
+    def __init__(self, config: MetaMMFConfig, in_dim: int, n_neighbor_keys: int = 0) -> None:
         super().__init__()
         self.config = config
         self.fusion = build_fusion(config, in_dim)
@@ -47,7 +47,7 @@ class InferenceEncoder(nn.Module):
         self.register_buffer("neighbor_scale", torch.ones(()))
 
     @classmethod
-    def from_state_dict(cls, config: ModelConfig, in_dim: int, state: Mapping[str, Tensor]) -> InferenceEncoder:
+    def from_state_dict(cls, config: MetaMMFConfig, in_dim: int, state: Mapping[str, Tensor]) -> InferenceEncoder:
         """An encoder holding ``state`` (``encoder.safetensors``); one written without content neighbours
         may lack their (empty) buffers."""
         keys = state.get("neighbor_keys")

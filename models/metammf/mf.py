@@ -3,7 +3,7 @@ r"""MetaMMF_MF: dynamic multimodal fusion with a matrix-factorisation backbone.
 .. math::
     e_i = [\, e_i^m ; e_i^c \,], \qquad \hat y_{ui} = e_u^\top e_i
 
-where :math:`e_i^m` is the output of the item's own fusion network (:mod:`models.fusion`) and
+where :math:`e_i^m` is the output of the item's own fusion network (:mod:`models.metammf.fusion`) and
 :math:`e_i^c` a free ID embedding.
 """
 
@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.base import RecModel, bpr_loss, l2_penalty
-from models.cold_items import content_rows, fused_part, replace_rows, untrained_mask, with_mean_id
-from models.config import ModelConfig
-from models.fusion import MetaFusionNetwork
+from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.config import MetaMMFConfig
+from models.metammf.cold_items import content_rows, fused_part, replace_rows, untrained_mask, with_mean_id
+from models.metammf.fusion import MetaFusionNetwork
 
 
-def build_fusion(config: ModelConfig, in_dim: int) -> MetaFusionNetwork:
+def build_fusion(config: MetaMMFConfig, in_dim: int) -> MetaFusionNetwork:
     return MetaFusionNetwork(
         in_dim,
         fused_dim=config.fused_dim,
@@ -41,7 +41,7 @@ def fusion_weights(fusion: MetaFusionNetwork) -> list[Tensor]:
 class MultimodalItemEncoder(nn.Module):
     """Item ego representation [e_i^m ; e_i^c]: fused content plus an ID embedding."""
 
-    def __init__(self, config: ModelConfig, item_features: Tensor) -> None:
+    def __init__(self, config: MetaMMFConfig, item_features: Tensor) -> None:
         super().__init__()
         n_items, in_dim = item_features.shape
         self.fusion = build_fusion(config, in_dim)
@@ -67,35 +67,24 @@ class MetaMMF_MF(RecModel):
     """MetaMMF with inner-product scoring.
 
     Args:
-        n_users: number of users.
-        item_features: (n_items, d_x) concatenated raw multimodal features.
+        inputs: the items' concatenated raw multimodal features and the training pairs (with
+            ``config.untrained_items='content'`` the items absent from them are scored from content alone,
+            :mod:`models.metammf.cold_items`).
         config: model hyper-parameters.
         reg_weight: L2 weight on the batch representations.
         items: the item ego encoder (default: :class:`MultimodalItemEncoder`, MetaMMF's fusion); the
-            static-fusion baselines (:mod:`models.static_fusion`) pass theirs, everything else is shared.
-        train_pairs: (n, 2) training pairs; with ``config.untrained_items='content'`` the items absent
-            from them are scored from content alone (:mod:`models.cold_items`).
+            static-fusion baselines (:mod:`models.baselines.static_fusion`) pass theirs, everything else is shared.
     """
 
     def __init__(
-        self,
-        n_users: int,
-        item_features: Tensor,
-        config: ModelConfig,
-        reg_weight: float = 1e-4,
-        *,
-        items: nn.Module | None = None,
-        train_pairs: Tensor | None = None,
-    ):
-        super().__init__()
-        self.config = config
-        self.n_users, self.n_items = n_users, item_features.shape[0]
-        self.reg_weight = reg_weight
-        self.user_embedding = nn.Embedding(n_users, config.embedding_dim)
-        self.items = items if items is not None else MultimodalItemEncoder(config, item_features)
+        self, inputs: ModelInputs, config: MetaMMFConfig, reg_weight: float = 1e-4, *, items: nn.Module | None = None
+    ) -> None:
+        super().__init__(inputs, config, reg_weight)
+        self.user_embedding = nn.Embedding(self.n_users, config.embedding_dim)
+        self.items = items if items is not None else MultimodalItemEncoder(config, inputs.item_features)
         untrained = None
-        if train_pairs is not None and config.untrained_items == "content":
-            untrained = untrained_mask(train_pairs, self.n_items)
+        if config.untrained_items == "content":
+            untrained = untrained_mask(inputs.train_pairs, self.n_items)
         self.register_buffer("untrained_items", untrained, persistent=False)
         self.reset_parameters()
 
@@ -104,13 +93,12 @@ class MetaMMF_MF(RecModel):
         self.items.reset_parameters()
 
     def new_item_embeddings(self, fused: Tensor) -> Tensor:
-        """Final embeddings of items known by their fused content e^m alone (:mod:`models.cold_items`)."""
+        """Final embeddings of items known by their fused content e^m alone (:mod:`models.metammf.cold_items`)."""
         return with_mean_id(fused, self.items.id_embedding)
 
     @torch.no_grad()
-    def encode_new_items(self, features: Tensor) -> Tensor:
-        """Final embeddings of items outside the model from their raw features."""
-        return self.new_item_embeddings(self.items.fusion(features))
+    def embed_unseen_items(self, features: Tensor) -> Tensor:
+        return self.new_item_embeddings(self.items.fusion(features.float()))
 
     def get_embedding(self) -> tuple[Tensor, Tensor]:
         ego = self.items()

@@ -21,7 +21,7 @@ latent graph keeps a skip connection to the initial one:
         + \lambda \textstyle\sum_m \alpha_m \tilde S^m_0, \qquad
     h_i^{(l)} = \textstyle\sum_j S_{ij} h_j^{(l-1)}, \quad h^{(0)} = e^{id}_{items}
 
-**Recommendation.** LightGCN (:class:`models.lightgcn.LightGCN`, PyG ``LGConv``) smooths the free user
+**Recommendation.** LightGCN (:class:`models.baselines.lightgcn.LightGCN`, PyG ``LGConv``) smooths the free user
 and item ID embeddings over the user-item graph; the item-graph output is added, L2-normalised:
 :math:`e_i = e_i^{LightGCN} + h_i^{(L)} / \lVert h_i^{(L)} \rVert`, :math:`\hat y_{ui} = e_u^\top e_i`.
 The item-graph layers are PyG ``LGConv(normalize=False)`` with the normalised similarities as edge
@@ -57,11 +57,10 @@ from torch import Tensor, nn
 from torch_geometric.nn import LGConv
 from torch_geometric.utils import to_torch_csr_tensor
 
-from models.base import bpr_loss, l2_penalty
-from models.config import ModelConfig
-from models.graph_utils import autocast_off, standardize_features
-from models.lightgcn import LightGCN
-from models.registry import ModelInputs
+from models.base import ModelInputs, bpr_loss, l2_penalty
+from models.baselines.lightgcn import LightGCN
+from models.config import LATTICEConfig
+from models.graph.utils import FeatureStandardizer, autocast_off
 
 KNN_CHUNK = 2048  # rows per block of the similarity matrix during the top-k search
 
@@ -100,6 +99,14 @@ def normalized_knn(neighbours: Tensor, similarity: Tensor) -> Tensor:
     return d.unsqueeze(1) * similarity * d[neighbours]
 
 
+@torch.no_grad()
+def nearest_by_cosine(queries: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(indices (b, k), cosine similarities clamped at 0 (b, k)) of each query's ``k`` most similar keys."""
+    sim = F.normalize(queries, dim=1) @ F.normalize(keys, dim=1).T
+    top = sim.topk(min(k, keys.shape[0]), dim=1)
+    return top.indices, top.values.clamp_min(0)
+
+
 def knn_edge_index(neighbours: Tensor) -> Tensor:
     """PyG ``edge_index`` (row 0 = source neighbour j, row 1 = target item i) of a (n, k) kNN graph."""
     n, k = neighbours.shape
@@ -111,29 +118,19 @@ class LATTICE(LightGCN):
     """LightGCN plus LATTICE's learned item-item graph.
 
     Args:
-        n_users: number of users.
-        item_features: (n_items, d_x) concatenated raw features.
-        modality_dims: modality name -> width, in the column order of ``item_features``.
-        train_pairs: (n, 2) training (user, item) pairs: the user-item graph.
+        inputs: the item features (modalities in ``modality_dims`` order) and the training (user, item) pairs.
         config: ``embedding_dim``, ``gcn_layers``, ``normalize_features``, ``lattice_knn_k``,
             ``lattice_lambda``, ``lattice_item_layers`` are used.
         reg_weight: L2 weight on the batch's final embeddings.
     """
 
-    def __init__(
-        self,
-        n_users: int,
-        item_features: Tensor,
-        modality_dims: dict[str, int],
-        train_pairs: Tensor,
-        config: ModelConfig,
-        reg_weight: float,
-    ) -> None:
-        n_items = item_features.shape[0]
-        super().__init__(n_users, n_items, train_pairs, config, reg_weight)
+    def __init__(self, inputs: ModelInputs, config: LATTICEConfig, reg_weight: float = 1e-4) -> None:
+        super().__init__(inputs, config, reg_weight)
+        item_features, modality_dims = inputs.item_features, inputs.modality_dims
         self.k = config.lattice_knn_k
         self.skip = config.lattice_lambda
-        features = standardize_features(item_features, config.normalize_features)
+        self.standardizer = FeatureStandardizer(item_features, config.normalize_features)
+        features = self.standardizer(item_features)
         self.modalities = list(modality_dims)
         start = 0
         for n, dim in enumerate(modality_dims.values()):
@@ -150,10 +147,6 @@ class LATTICE(LightGCN):
         self.modal_weight = nn.Parameter(torch.full((len(modality_dims),), 1.0 / len(modality_dims)))
         self.item_convs = nn.ModuleList(LGConv(normalize=False) for _ in range(config.lattice_item_layers))
         self.reset_parameters()
-
-    @classmethod
-    def from_inputs(cls, inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> LATTICE:
-        return cls(inputs.n_users, inputs.item_features, inputs.modality_dims, inputs.train_pairs, config, reg_weight)
 
     def reset_parameters(self) -> None:
         self._epoch_graph: Tensor | None = None  # S of this epoch, detached, as a CSR adj_t
@@ -185,10 +178,8 @@ class LATTICE(LightGCN):
             weights.append((self.skip * s).reshape(-1))
         return torch.cat(edges, dim=1), torch.cat(weights)
 
-    def train(self, mode: bool = True) -> LATTICE:
-        if mode:  # the trainer calls train() at the start of every epoch: rebuild S at its first step
-            self._epoch_graph = None
-        return super().train(mode)
+    def on_epoch_start(self) -> None:
+        self._epoch_graph = None  # S is rebuilt at the epoch's first step
 
     def current_item_graph(self) -> tuple[Tensor, Tensor | None]:
         """S for this step, as LGConv's ``(edge_index, edge_weight)``. Training: built (with gradients to
@@ -218,6 +209,44 @@ class LATTICE(LightGCN):
         final = self.propagate()
         items = final[self.n_users :] + F.normalize(self.item_graph_embedding(), dim=1)
         return final[: self.n_users], items
+
+    @torch.no_grad()
+    def embed_unseen_items(self, features: Tensor) -> Tensor:
+        """Items outside the catalogue, from their features: LightGCN's part of a node without edges (the mean
+        item ID embedding, averaged with K empty layers) plus the item-graph term of a row of S built for them
+        as for a catalogue item (their k nearest catalogue items per modality by the learned and by the initial
+        similarity, normalised with their own and the catalogue's degrees) over the catalogue's states."""
+        x = self.standardizer(features)
+        alpha = torch.softmax(self.modal_weight, dim=0)
+        learned, initial = [], []  # per modality: (catalogue rows (b, k), weights (b, k))
+        new_sums, catalogue_sums, start = 0.0, 0.0, 0
+        for n, projection in enumerate(self.projections):
+            catalogue = getattr(self, f"features_{n}")
+            query, start = x[:, start : start + catalogue.shape[1]], start + catalogue.shape[1]
+            z = projection(catalogue)
+            catalogue_sums = catalogue_sums + alpha[n] * cosine_to(z, knn_neighbours(z, self.k)).clamp_min(0).sum(1)
+            rows, sim = nearest_by_cosine(projection(query), z, self.k)
+            learned.append((rows, alpha[n] * sim))
+            new_sums = new_sums + alpha[n] * sim.sum(1)
+            rows, sim = nearest_by_cosine(query, catalogue, self.k)
+            initial_degree = inv_sqrt_degree(
+                cosine_to(catalogue, getattr(self, f"initial_neighbours_{n}")).clamp_min(0).sum(1)
+            )
+            weights = inv_sqrt_degree(sim.sum(1)).unsqueeze(1) * sim * initial_degree[rows]
+            initial.append((rows, alpha[n] * weights))
+        d_new, d_catalogue = inv_sqrt_degree(new_sums), inv_sqrt_degree(catalogue_sums)
+        # The catalogue's item-graph states one layer short of the last: the new rows take the last step.
+        states = self.embedding.weight[self.n_users :]
+        edge_index, edge_weight = self.item_graph()
+        for conv in self.item_convs[:-1]:
+            states = conv(states, edge_index, edge_weight)
+        h = sum(
+            ((1 - self.skip) * d_new.unsqueeze(1) * s * d_catalogue[rows]).unsqueeze(-1) * states[rows]
+            for rows, s in learned
+        )
+        h = h + sum((self.skip * w).unsqueeze(-1) * states[rows] for rows, w in initial)
+        lightgcn = self.embedding.weight[self.n_users :].mean(0) / (len(self.convs) + 1)
+        return lightgcn + F.normalize(h.sum(1), dim=1)
 
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         user_emb, item_emb = self.get_embedding()

@@ -25,10 +25,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.base import RecModel, bpr_loss, l2_penalty
-from models.config import ModelConfig
-from models.graph_utils import standardize_features
-from models.registry import ModelInputs
+from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.config import VBPRConfig
+from models.graph.utils import FeatureStandardizer
 
 
 class VBPR(RecModel):
@@ -42,25 +41,18 @@ class VBPR(RecModel):
         reg_weight: L2 weight on the batch's free factors.
     """
 
-    def __init__(self, n_users: int, item_features: Tensor, config: ModelConfig, reg_weight: float):
-        super().__init__()
-        self.config = config
-        self.n_users, self.n_items = n_users, item_features.shape[0]
-        self.reg_weight = reg_weight
-        self.register_buffer(
-            "features", standardize_features(item_features, config.normalize_features), persistent=False
-        )
-        self.user_gamma = nn.Embedding(n_users, config.id_dim)
-        self.user_theta = nn.Embedding(n_users, config.fused_dim)
+    def __init__(self, inputs: ModelInputs, config: VBPRConfig, reg_weight: float = 1e-4) -> None:
+        super().__init__(inputs, config, reg_weight)
+        item_features = inputs.item_features
+        self.standardizer = FeatureStandardizer(item_features, config.normalize_features)
+        self.register_buffer("features", self.standardizer(item_features), persistent=False)
+        self.user_gamma = nn.Embedding(self.n_users, config.id_dim)
+        self.user_theta = nn.Embedding(self.n_users, config.fused_dim)
         self.item_gamma = nn.Embedding(self.n_items, config.id_dim)
         self.item_bias = nn.Embedding(self.n_items, 1)
         self.content = nn.Linear(item_features.shape[1], config.fused_dim, bias=False)  # E
         self.content_bias = nn.Linear(item_features.shape[1], 1, bias=False)  # beta'
         self.reset_parameters()
-
-    @classmethod
-    def from_inputs(cls, inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> VBPR:
-        return cls(inputs.n_users, inputs.item_features, config, reg_weight)
 
     def reset_parameters(self) -> None:
         for embedding in (self.user_gamma, self.user_theta, self.item_gamma):
@@ -82,6 +74,15 @@ class VBPR(RecModel):
 
     def get_embedding(self) -> tuple[Tensor, Tensor]:
         return self.users(), self.items()
+
+    @torch.no_grad()
+    def embed_unseen_items(self, features: Tensor) -> Tensor:
+        """``[mean gamma_i ; E f_i ; mean beta_i + beta'^T f_i]``: the content factors with the mean ID parts."""
+        x = self.standardizer(features)
+        n = x.shape[0]
+        gamma = self.item_gamma.weight.mean(0).expand(n, -1)
+        bias = self.item_bias.weight.mean(0).expand(n, -1) + self.content_bias(x)
+        return torch.cat([gamma, self.content(x), bias], dim=1)
 
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         u = self.users(users)

@@ -23,39 +23,30 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch_geometric.nn import LGConv
 
-from models.base import RecModel, bpr_loss, l2_penalty
-from models.config import ModelConfig
-from models.graph_utils import autocast_off, symmetric_norm_adjacency
-from models.metammf_gcn import bipartite_edge_index
-from models.registry import ModelInputs
+from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.config import GraphConfig
+from models.graph.utils import autocast_off, bipartite_edge_index, symmetric_norm_adjacency
 
 
 class LightGCN(RecModel):
     """LightGCN over the training interactions.
 
     Args:
-        n_users, n_items: graph size.
-        train_pairs: (n, 2) training (user, item) pairs: the graph.
+        inputs: the graph size and the training (user, item) pairs: the graph.
         config: ``embedding_dim`` and ``gcn_layers`` are used.
         reg_weight: L2 weight on the batch ego embeddings.
     """
 
-    def __init__(self, n_users: int, n_items: int, train_pairs: Tensor, config: ModelConfig, reg_weight: float):
-        super().__init__()
-        self.config = config
-        self.n_users, self.n_items = n_users, n_items
-        self.reg_weight = reg_weight
+    def __init__(self, inputs: ModelInputs, config: GraphConfig, reg_weight: float = 1e-4):
+        super().__init__(inputs, config, reg_weight)
+        n_users, n_items = self.n_users, self.n_items
         self.embedding = nn.Embedding(n_users + n_items, config.embedding_dim)
         # Normalisation precomputed once: the layers get the normalised adjacency as PyG's ``adj_t``.
         self.convs = nn.ModuleList(LGConv(normalize=False) for _ in range(config.gcn_layers))
-        edge_index = bipartite_edge_index(train_pairs.long(), n_users, n_items)
+        edge_index = bipartite_edge_index(inputs.train_pairs.long(), n_users, n_items)
         self.register_buffer("edge_index", edge_index, persistent=False)
         self._adj: Tensor | None = None
         self.reset_parameters()
-
-    @classmethod
-    def from_inputs(cls, inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> LightGCN:
-        return cls(inputs.n_users, inputs.n_items, inputs.train_pairs, config, reg_weight)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.embedding.weight, std=0.1)

@@ -32,11 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import RecModel, bpr_loss, l2_penalty
-from models.config import ModelConfig
-from models.graph_utils import batch_rows, standardize_features
-from models.metammf_gcn import MeanAggregation, bipartite_edge_index
-from models.registry import ModelInputs
+from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.config import MMGCNConfig
+from models.graph.utils import FeatureStandardizer, MeanAggregation, batch_rows, bipartite_edge_index
 
 MAX_INPUT_WIDTH = 256  # the official code projects its 2048-d visual features to 256
 
@@ -87,38 +85,25 @@ class MMGCN(RecModel):
         reg_weight: L2 weight on the batch's ID embeddings and user preferences.
     """
 
-    def __init__(
-        self,
-        n_users: int,
-        item_features: Tensor,
-        modality_dims: dict[str, int],
-        train_pairs: Tensor,
-        config: ModelConfig,
-        reg_weight: float,
-    ) -> None:
-        super().__init__()
-        self.config = config
-        self.n_users, self.n_items = n_users, item_features.shape[0]
-        self.reg_weight = reg_weight
-        features = standardize_features(item_features, config.normalize_features)
+    def __init__(self, inputs: ModelInputs, config: MMGCNConfig, reg_weight: float = 1e-4) -> None:
+        super().__init__(inputs, config, reg_weight)
+        item_features, modality_dims, train_pairs = inputs.item_features, inputs.modality_dims, inputs.train_pairs
+        self.standardizer = FeatureStandardizer(item_features, config.normalize_features)
+        features = self.standardizer(item_features)
         start = 0
         for n, dim in enumerate(modality_dims.values()):
             self.register_buffer(f"features_{n}", features[:, start : start + dim].contiguous(), persistent=False)
             start += dim
         self.modalities = list(modality_dims)
-        self.id_embedding = nn.Parameter(torch.empty(n_users + self.n_items, config.embedding_dim))
+        self.id_embedding = nn.Parameter(torch.empty(self.n_users + self.n_items, config.embedding_dim))
         self.graphs = nn.ModuleList(
-            ModalityGraph(n_users, dim, config.embedding_dim, config.gcn_layers, config.leaky_slope)
+            ModalityGraph(self.n_users, dim, config.embedding_dim, config.gcn_layers, config.leaky_slope)
             for dim in modality_dims.values()
         )
         edge_index = bipartite_edge_index(train_pairs.long(), self.n_users, self.n_items)
         self.register_buffer("edge_index", edge_index, persistent=False)
         self._aggregation: MeanAggregation | None = None
         self.reset_parameters()
-
-    @classmethod
-    def from_inputs(cls, inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> MMGCN:
-        return cls(inputs.n_users, inputs.item_features, inputs.modality_dims, inputs.train_pairs, config, reg_weight)
 
     def reset_parameters(self) -> None:
         nn.init.xavier_normal_(self.id_embedding)
@@ -141,6 +126,23 @@ class MMGCN(RecModel):
     def get_embedding(self) -> tuple[Tensor, Tensor]:
         final = self.propagate()
         return final[: self.n_users], final[self.n_users :]
+
+    @torch.no_grad()
+    def embed_unseen_items(self, features: Tensor) -> Tensor:
+        """Per modality, the projected features with the mean item ID embedding through the layers of a node
+        without neighbours (the aggregation term is 0, LeakyReLU(0) = 0); the modalities averaged."""
+        x = self.standardizer(features)
+        mean_id = self.id_embedding[self.n_users :].mean(0, keepdim=True)
+        reps, start = [], 0
+        for n, graph in enumerate(self.graphs):
+            dim = getattr(self, f"features_{n}").shape[1]
+            feats, start = x[:, start : start + dim], start + dim
+            h = F.normalize(graph.projection(feats) if graph.projection is not None else feats, dim=1)
+            for linear, combine in zip(graph.linear, graph.combine, strict=True):
+                h_hat = F.leaky_relu(linear(h), graph.leaky_slope) + mean_id
+                h = F.leaky_relu(combine(h.new_zeros(h.shape[0], combine.in_features)) + h_hat, graph.leaky_slope)
+            reps.append(h)
+        return sum(reps[1:], reps[0]) / len(reps)
 
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         final = self.propagate()

@@ -58,10 +58,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import RecModel, bpr_loss, l2_penalty
-from models.config import ModelConfig
-from models.graph_utils import standardize_features
-from models.registry import ModelInputs
+from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.config import InvRLConfig
+from models.graph.utils import FeatureStandardizer
 
 GATE_SIGMA = 0.5  # std of the stochastic gate noise
 ENV_ROUNDS = 3  # environment-learning rounds (the official ``solve(ite=3)``)
@@ -103,24 +102,15 @@ class InvRL(RecModel):
         reg_weight: L2 weight on the batch's free embeddings.
     """
 
-    def __init__(
-        self,
-        n_users: int,
-        item_features: Tensor,
-        modality_dims: dict[str, int],
-        train_pairs: Tensor,
-        config: ModelConfig,
-        reg_weight: float,
-    ) -> None:
-        super().__init__()
-        self.config = config
-        self.n_users, self.n_items = n_users, item_features.shape[0]
-        self.reg_weight = reg_weight
+    def __init__(self, inputs: ModelInputs, config: InvRLConfig, reg_weight: float = 1e-4) -> None:
+        super().__init__(inputs, config, reg_weight)
+        item_features, modality_dims, train_pairs = inputs.item_features, inputs.modality_dims, inputs.train_pairs
         self.n_envs = config.invrl_envs
-        features = standardize_features(item_features, config.normalize_features)
-        features = torch.cat([F.normalize(x, dim=1) for x in features.split(list(modality_dims.values()), dim=1)], 1)
+        self.standardizer = FeatureStandardizer(item_features, config.normalize_features)
+        self.modality_widths = list(modality_dims.values())
+        features = self.content_inputs(item_features)
         self.register_buffer("features", features, persistent=False)
-        self.user = nn.Embedding(n_users, config.id_dim + config.fused_dim)  # [U^id ; U^f]
+        self.user = nn.Embedding(self.n_users, config.id_dim + config.fused_dim)  # [U^id ; U^f]
         self.item = nn.Embedding(self.n_items, config.id_dim)  # V
         self.projection = nn.Linear(features.shape[1], config.fused_dim)  # W, b
         self.gate = FeatureGate(features.shape[1])
@@ -130,14 +120,9 @@ class InvRL(RecModel):
         self.register_buffer("pair_keys", keys, persistent=False)
         generator = torch.Generator().manual_seed(SEED)
         self.register_buffer("environment", torch.randint(0, self.n_envs, (len(keys),), generator=generator))
-        self._n_train = len(pairs)  # triples per epoch of the trainer
-        self._samples_seen = 0
+        self._epochs_started = 0
         self._rounds_done = 0
         self.reset_parameters()
-
-    @classmethod
-    def from_inputs(cls, inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> InvRL:
-        return cls(inputs.n_users, inputs.item_features, inputs.modality_dims, inputs.train_pairs, config, reg_weight)
 
     def reset_parameters(self) -> None:
         for weight in (self.user.weight, self.item.weight, self.projection.weight):
@@ -158,8 +143,20 @@ class InvRL(RecModel):
         v = self.item.weight if items is None else self.item(items)
         return torch.cat([v, self.projection(f * mask)], dim=1)
 
+    def content_inputs(self, item_features: Tensor) -> Tensor:
+        """Raw features standardised, each modality's part L2-normalised: what the mask and W act on."""
+        x = self.standardizer(item_features)
+        return torch.cat([F.normalize(part, dim=1) for part in x.split(self.modality_widths, dim=1)], 1)
+
     def get_embedding(self) -> tuple[Tensor, Tensor]:
         return self.user.weight, self.items(None, self.gate())
+
+    @torch.no_grad()
+    def embed_unseen_items(self, features: Tensor) -> Tensor:
+        """``[mean V ; W (f * mask) + b]``: the masked content projection with the mean item ID embedding."""
+        f = self.content_inputs(features)
+        v = self.item.weight.mean(0).expand(f.shape[0], -1)
+        return torch.cat([v, self.projection(f * self.gate())], dim=1)
 
     # ----------------------------------------------------------------------------------------------
     # Environments and the invariance penalty
@@ -199,18 +196,14 @@ class InvRL(RecModel):
         return loss, (spread * (self.gate.mu + 0.5)).pow(2).sum()
 
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
-        self._schedule_environments(len(users))
         loss, penalty = self.invariance(users, pos_items, neg_items)
         reg = l2_penalty(self.user(users), self.item(pos_items), self.item(neg_items))
         penalties = self.config.invrl_irm_weight * penalty + self.config.invrl_mask_reg * self.gate.mu.pow(2).sum()
         return loss + penalties + self.reg_weight * reg
 
-    def _schedule_environments(self, batch: int) -> None:
+    def on_epoch_start(self) -> None:
         """Re-learn the environments at the start of every ``invrl_refresh_epochs``-th epoch, 3 times."""
-        if not (self.training and torch.is_grad_enabled()):
-            return
-        epochs_done = self._samples_seen // self._n_train
-        self._samples_seen += batch
+        epochs_done, self._epochs_started = self._epochs_started, self._epochs_started + 1
         if self._rounds_done < ENV_ROUNDS and epochs_done >= (self._rounds_done + 1) * self.config.invrl_refresh_epochs:
             self.learn_environments(seed=SEED + self._rounds_done)
             self._rounds_done += 1

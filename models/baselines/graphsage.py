@@ -16,7 +16,7 @@ hidden width ``config.embedding_dim``. One deviation: the last layer is neither 
 normalised, since the scores are inner products trained with BPR (a unit-norm output would bound
 them to [-1, 1]). Loss: BPR plus ``reg_weight`` x the L2 norm of the batch's ego states / batch size.
 The layers are PyG's ``SAGEConv`` modules; the neighbour mean is computed with the precomputed CSR
-of :class:`~models.metammf_gcn.MeanAggregation` (the same result as ``SAGEConv.forward``, faster).
+of :class:`~models.metammf.gcn.MeanAggregation` (the same result as ``SAGEConv.forward``, faster).
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
 
-from models.base import RecModel, bpr_loss, l2_penalty
-from models.config import ModelConfig
-from models.graph_utils import batch_rows, standardize_features
-from models.metammf_gcn import MeanAggregation, bipartite_edge_index
-from models.registry import ModelInputs
+from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.config import GraphSAGEConfig
+from models.graph.utils import FeatureStandardizer, MeanAggregation, batch_rows, bipartite_edge_index
 
 
 class ProjectedFeatureGraph(RecModel):
@@ -47,30 +45,21 @@ class ProjectedFeatureGraph(RecModel):
         reg_weight: L2 weight on the batch ego states.
     """
 
-    def __init__(
-        self, n_users: int, item_features: Tensor, train_pairs: Tensor, config: ModelConfig, reg_weight: float
-    ):
-        super().__init__()
-        self.config = config
-        self.n_users, self.n_items = n_users, item_features.shape[0]
-        self.reg_weight = reg_weight
+    def __init__(self, inputs: ModelInputs, config: GraphSAGEConfig, reg_weight: float = 1e-4) -> None:
+        super().__init__(inputs, config, reg_weight)
+        item_features, train_pairs = inputs.item_features, inputs.train_pairs
         dim = config.embedding_dim
-        self.register_buffer(
-            "features", standardize_features(item_features, config.normalize_features), persistent=False
-        )
-        self.user_embedding = nn.Embedding(n_users, dim)
+        self.standardizer = FeatureStandardizer(item_features, config.normalize_features)
+        self.register_buffer("features", self.standardizer(item_features), persistent=False)
+        self.user_embedding = nn.Embedding(self.n_users, dim)
         self.item_projection = nn.Linear(item_features.shape[1], dim)
         self.convs = self.build_convs(dim, config)
         edge_index = bipartite_edge_index(train_pairs.long(), self.n_users, self.n_items)
         self.register_buffer("edge_index", edge_index, persistent=False)
         self.reset_parameters()
 
-    @classmethod
-    def from_inputs(cls, inputs: ModelInputs, config: ModelConfig, reg_weight: float) -> ProjectedFeatureGraph:
-        return cls(inputs.n_users, inputs.item_features, inputs.train_pairs, config, reg_weight)
-
     @abstractmethod
-    def build_convs(self, dim: int, config: ModelConfig) -> nn.ModuleList:
+    def build_convs(self, dim: int, config: GraphSAGEConfig) -> nn.ModuleList:
         """The ``config.gcn_layers`` graph layers, ``dim`` wide."""
 
     @abstractmethod
@@ -104,6 +93,11 @@ class ProjectedFeatureGraph(RecModel):
         final = self.propagate(self.ego())
         return final[: self.n_users], final[self.n_users :]
 
+    @torch.no_grad()
+    def embed_unseen_items(self, features: Tensor) -> Tensor:
+        """The projected features through the layers as nodes without neighbours (GAT: a self loop only)."""
+        return self.propagate(self.item_projection(self.standardizer(features)), isolated=True)
+
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         ego = self.ego()
         final = self.propagate(ego)
@@ -124,13 +118,11 @@ class GraphSAGE(ProjectedFeatureGraph):
     :class:`ProjectedFeatureGraph`; ``config.embedding_dim``, ``gcn_layers``, ``normalize_features`` are used).
     """
 
-    def __init__(
-        self, n_users: int, item_features: Tensor, train_pairs: Tensor, config: ModelConfig, reg_weight: float
-    ):
+    def __init__(self, inputs: ModelInputs, config: GraphSAGEConfig, reg_weight: float = 1e-4) -> None:
         self._aggregation: MeanAggregation | None = None
-        super().__init__(n_users, item_features, train_pairs, config, reg_weight)
+        super().__init__(inputs, config, reg_weight)
 
-    def build_convs(self, dim: int, config: ModelConfig) -> nn.ModuleList:
+    def build_convs(self, dim: int, config: GraphSAGEConfig) -> nn.ModuleList:
         return nn.ModuleList(SAGEConv(dim, dim, aggr="mean") for _ in range(config.gcn_layers))
 
     def aggregation(self) -> MeanAggregation:

@@ -2,7 +2,7 @@ r"""MetaMMF_LightGCN: MetaMMF's item-specific fusion with LightGCN propagation a
 content graph.
 
 MetaMMF is model-agnostic (the paper's Section 4): the fused representation can feed any backbone. This one
-keeps :class:`~models.metammf_gcn.MetaMMF_GCN`'s item ego representation :math:`h_i^0 = [e_i^m ; e_i^c]`
+keeps :class:`~models.metammf.gcn.MetaMMF_GCN`'s item ego representation :math:`h_i^0 = [e_i^m ; e_i^c]`
 (the fusion network :math:`W_i = W + \mathcal{T} \times_3 s_i` applied to the item's raw features, and its
 ID embedding) and replaces the GraphSAGE layers with LightGCN's (He et al. 2020): no weights, no
 non-linearity, the symmetric normalisation
@@ -10,13 +10,13 @@ non-linearity, the symmetric normalisation
 .. math::
     h^{l+1} = D^{-1/2} A D^{-1/2} h^l, \qquad e = \frac{1}{L+1} \sum_{l=0}^{L} h^l,
 
-then adds, with ``item_graph_k`` > 0, the frozen item-item content graph of :mod:`models.item_graph`
+then adds, with ``item_graph_k`` > 0, the frozen item-item content graph of :mod:`models.metammf.item_graph`
 (FREEDOM's idea): :math:`e_i \mathrel{+}= \sum_j S_{ij} h_j^0`. Scores are :math:`\hat y_{ui} = e_u^\top e_i`;
 the loss is BPR plus ``reg_weight`` x the L2 norm of the batch's ego representations (``reg_target``).
 
 Everything else is MetaMMF_GCN's: items without training interactions and new items (``POST /items``) get the
 fused content with the mean ID embedding, their content neighbours' states (``content_neighbors``) and the
-item-graph term; edge dropout; the serving encoder (:mod:`models.inference`). A node without neighbours has
+item-graph term; edge dropout; the serving encoder (:mod:`models.metammf.inference`). A node without neighbours has
 no LightGCN messages: with ``isolated_nodes='self'`` its own state is carried through every layer.
 """
 
@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from models.config import ModelConfig
-from models.graph_utils import SymmetricPropagation
-from models.metammf_gcn import MetaMMF_GCN
+from models.config import MetaMMFGraphConfig
+from models.graph.utils import SymmetricPropagation
+from models.metammf.gcn import MetaMMF_GCN
 
 
 class LightTower(nn.Module):
-    """LightGCN layers behind the interface of :class:`~models.metammf_gcn.SAGETower` that the model and the
+    """LightGCN layers behind the interface of :class:`~models.metammf.gcn.SAGETower` that the model and the
     service's encoder use (``forward``, ``final_rows``, ``combine``, ``node_update``, ``isolated``).
 
     Args:
@@ -46,7 +46,7 @@ class LightTower(nn.Module):
         self.isolated_nodes = isolated_nodes
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> LightTower:
+    def from_config(cls, config: MetaMMFGraphConfig) -> LightTower:
         return cls(config.gcn_layers, config.isolated_nodes)
 
     def reset_parameters(self) -> None:
@@ -83,12 +83,12 @@ class LightTower(nn.Module):
 class MetaMMF_LightGCN(MetaMMF_GCN):
     """MetaMMF with LightGCN propagation (and, with ``item_graph_k``, a frozen item-item content graph).
 
-    Args: those of :class:`~models.metammf_gcn.MetaMMF_GCN`; the GraphSAGE settings (``sage_init``,
+    Args: those of :class:`~models.metammf.gcn.MetaMMF_GCN`; the GraphSAGE settings (``sage_init``,
     ``leaky_slope``, ``activate_last``, ``layer_combine``, ``layer_reg``) play no part.
     """
 
     @staticmethod
-    def tower(config: ModelConfig) -> LightTower:
+    def tower(config: MetaMMFGraphConfig) -> LightTower:
         return LightTower.from_config(config)
 
     def propagation(self, edge_index: Tensor) -> SymmetricPropagation:

@@ -17,10 +17,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
-from torch_geometric.utils import coalesce, degree
 
-from models.base import RecModel, bpr_loss, l2_penalty
-from models.cold_items import (
+from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.config import MetaMMFGraphConfig
+from models.graph.neighbor_sampling import NeighborSampler
+from models.graph.sage_rows import TowerSettings, sage_rows
+from models.graph.utils import MeanAggregation, batch_rows, bipartite_edge_index
+from models.metammf.cold_items import (
     ContentNeighbors,
     content_keys,
     content_rows,
@@ -31,20 +34,8 @@ from models.cold_items import (
     with_mean_id,
     with_neighbors,
 )
-from models.config import ModelConfig
-from models.csr import SparseMatmul, csr_pair
-from models.graph_utils import batch_rows
-from models.item_graph import ItemContentGraph
-from models.metammf_mf import MultimodalItemEncoder, fusion_weights
-from models.neighbor_sampling import NeighborSampler
-from models.sage_rows import TowerSettings, sage_rows
-
-
-def bipartite_edge_index(train_pairs: Tensor, n_users: int, n_items: int) -> Tensor:
-    """Undirected, de-duplicated edges over nodes [users | items] (item j is node n_users + j)."""
-    users, items = train_pairs[:, 0], train_pairs[:, 1] + n_users
-    edge_index = torch.stack([torch.cat([users, items]), torch.cat([items, users])])
-    return coalesce(edge_index, num_nodes=n_users + n_items)
+from models.metammf.item_graph import ItemContentGraph
+from models.metammf.mf import MultimodalItemEncoder, fusion_weights
 
 
 def _unique_rows(rows: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
@@ -53,29 +44,6 @@ def _unique_rows(rows: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
     present[rows] = True
     position = present.cumsum(0) - 1
     return present.nonzero().squeeze(1), position.index_select(0, rows)
-
-
-class MeanAggregation:
-    r"""Neighbour mean :math:`\frac{1}{|N(v)|}\sum_{w \in N(v)} h_w` as one sparse product with the
-    row-normalised adjacency; a node without neighbours gets zeros (as in PyG's mean aggregation).
-
-    Same result as :class:`SAGEConv`'s mean aggregation, about 4x faster per training step on CPU: the
-    normalised CSR matrix and its transpose (for the backward pass) are built once per graph instead of
-    sorted again on every backward pass.
-
-    Args:
-        edge_index: (2, E) edges ``source -> target`` over ``num_nodes`` nodes.
-        num_nodes: number of nodes.
-    """
-
-    def __init__(self, edge_index: Tensor, num_nodes: int) -> None:
-        target = edge_index[1]
-        weights = 1.0 / degree(target, num_nodes).clamp_min(1)[target]
-        self.matrix, self.transposed = csr_pair(edge_index, weights, num_nodes)
-        self.device = edge_index.device
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return SparseMatmul.apply(x, self.matrix, self.transposed)
 
 
 class SAGETower(nn.Module):
@@ -106,7 +74,7 @@ class SAGETower(nn.Module):
         self.activate_last = activate_last
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> SAGETower:
+    def from_config(cls, config: MetaMMFGraphConfig) -> SAGETower:
         """The tower a :class:`MetaMMF_GCN` with ``config`` uses (also rebuilt by the service)."""
         return cls(
             config.embedding_dim,
@@ -213,10 +181,8 @@ class MetaMMF_GCN(RecModel):
     """MetaMMF with GraphSAGE message passing over the training interactions.
 
     Args:
-        n_users: number of users.
-        item_features: (n_items, d_x) concatenated raw multimodal features.
-        train_pairs: (n, 2) training (user, item) index pairs: the graph (with
-            ``config.untrained_items='content'``, items absent from it are scored from content alone).
+        inputs: the items' concatenated raw multimodal features and the training (user, item) pairs: the
+            graph (with ``config.untrained_items='content'``, items absent from it are scored from content alone).
         config: model hyper-parameters (``gcn_layers``, ``layer_combine``, fusion settings).
         reg_weight: L2 weight on the batch ego representations.
         items: the item ego encoder (default: :class:`MultimodalItemEncoder`; see :class:`MetaMMF_MF`).
@@ -224,21 +190,17 @@ class MetaMMF_GCN(RecModel):
 
     def __init__(
         self,
-        n_users: int,
-        item_features: Tensor,
-        train_pairs: Tensor,
-        config: ModelConfig,
+        inputs: ModelInputs,
+        config: MetaMMFGraphConfig,
         reg_weight: float = 1e-4,
         *,
         items: nn.Module | None = None,
     ) -> None:
-        super().__init__()
-        self.config = config
-        self.n_users, self.n_items = n_users, item_features.shape[0]
-        self.reg_weight = reg_weight
+        super().__init__(inputs, config, reg_weight)
+        train_pairs = inputs.train_pairs
         dim = config.embedding_dim
-        self.user_embedding = nn.Embedding(n_users, dim)
-        self.items = items if items is not None else MultimodalItemEncoder(config, item_features)
+        self.user_embedding = nn.Embedding(self.n_users, dim)
+        self.items = items if items is not None else MultimodalItemEncoder(config, inputs.item_features)
         self.graph = self.tower(config)
         edge_index = bipartite_edge_index(train_pairs.long(), self.n_users, self.n_items)
         self.register_buffer("edge_index", edge_index, persistent=False)
@@ -259,8 +221,8 @@ class MetaMMF_GCN(RecModel):
         self.reset_parameters()
 
     @staticmethod
-    def tower(config: ModelConfig) -> SAGETower:
-        """The graph layers (also rebuilt by the service, :mod:`models.inference`)."""
+    def tower(config: MetaMMFGraphConfig) -> SAGETower:
+        """The graph layers (also rebuilt by the service, :mod:`models.metammf.inference`)."""
         return SAGETower.from_config(config)
 
     def reset_parameters(self) -> None:
@@ -307,7 +269,7 @@ class MetaMMF_GCN(RecModel):
     def new_item_states(
         self, fused: Tensor, neighbors: Tensor | None = None, item_states: Tensor | None = None
     ) -> list[Tensor]:
-        """Per-layer states of items known by their content alone (:mod:`models.cold_items`): their fused
+        """Per-layer states of items known by their content alone (:mod:`models.metammf.cold_items`): their fused
         content e^m with the mean ID embedding and no graph neighbours, plus, with ``neighbors`` (b, k item
         rows), the mean of those items' ``item_states`` (n_states, n_items, d)."""
         states = self.graph.isolated(with_mean_id(fused, self.items.id_embedding))
@@ -322,7 +284,7 @@ class MetaMMF_GCN(RecModel):
         return self.graph.combine(self.new_item_states(fused, neighbors, item_states))
 
     @torch.no_grad()
-    def encode_new_items(self, features: Tensor) -> Tensor:
+    def embed_unseen_items(self, features: Tensor) -> Tensor:
         """Final embeddings of items outside the model from their raw features (evaluation mode)."""
         inputs = self.items.fusion.standardize(features.float())
         fused = self.items.fusion.fuse_standardized(inputs)

@@ -1,6 +1,6 @@
 """Loading an artifact directory for serving, with errors that name the broken file.
 
-:class:`models.artifacts.Bundle` verifies the manifest checksums, but a file that is broken *and* listed
+:class:`models.artifacts.reader.Bundle` verifies the manifest checksums, but a file that is broken *and* listed
 with matching checksums (truncated before the manifest was written, or the manifest edited to match) fails
 inside safetensors, numpy, FAISS or torch with an error about the directory at best. ``load_bundle`` then
 opens every file the service reads on its own to find the culprit, so the error reads
@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.artifacts import (
+from models.artifacts.reader import Bundle
+from models.artifacts.schema import (
     CATALOG,
     CONFIG,
     EMBEDDING_KEYS,
@@ -22,7 +23,6 @@ from models.artifacts import (
     INTERACTIONS,
     METRICS,
     ArtifactError,
-    Bundle,
 )
 
 JSON_FILES = (CATALOG, CONFIG, METRICS)
@@ -118,9 +118,9 @@ def diagnose(path: Path) -> str | None:
         return f"{path / 'catalog.json'}: {exc}"
     config = parsed[CONFIG]
     try:
-        from models.config import ModelConfig
+        from models.registry import parse_model_config
 
-        model_config = ModelConfig.model_validate(config["model"])
+        model_config = parse_model_config(config["model"], ignore_other_settings=True)
     except Exception as exc:
         return f"{path / 'config.json'}: no valid model section ({_first_line(exc)})"
 
@@ -161,7 +161,7 @@ def diagnose(path: Path) -> str | None:
     try:
         import torch
 
-        from models.inference import InferenceEncoder
+        from models.metammf.inference import InferenceEncoder
 
         state = {k: torch.from_numpy(np.array(v)) for k, v in tensors[ENCODER].items()}
         InferenceEncoder.from_state_dict(model_config, sum(m["dim"] for m in catalog["modalities"]), state)
