@@ -123,7 +123,8 @@ class Settings(BaseSettings):
         ge=1,
         le=256,
         description="torch intra-op threads of every thread fusing new items or embedding new users: requests "
-        "carry one item or user, and with more threads on a busy machine OpenMP waits made a fusion's p99 3-9x worse",
+        "carry one item or user, and on a busy machine more threads make a fusion's p99 several times worse "
+        '(OpenMP waits; docs/performance.md, "The `/recommend` fast path and one torch thread")',
     )
     precomputed_k: int = Field(
         100,
