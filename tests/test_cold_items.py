@@ -12,6 +12,7 @@ from models.base import bpr_loss, l2_penalty
 from models.metammf.gcn import SAGETower
 from models.metammf.inference import InferenceEncoder
 from service.engine import Engine
+from tests.training_support import without_training_interactions
 from training.cli import load_data
 from training.coldstart import cold_item_embeddings, cold_item_split, train_protocol
 from training.config import RunConfig
@@ -22,12 +23,6 @@ from training.trainer import build_model
 CONTENT = {"untrained_items": "content", "isolated_nodes": "self"}
 
 
-def without_items(data: RecData, items: np.ndarray) -> RecData:
-    """``data`` with every training interaction of ``items`` removed (they stay in the catalogue)."""
-    train = data.train[~np.isin(data.train[:, 1], items)]
-    return RecData(data.name, data.n_users, data.n_items, train, data.valid, data.test, data.features)
-
-
 @pytest.mark.parametrize(
     ("name", "neighbors", "residual"),
     [("metammf_gcn", 0, True), ("metammf_gcn", 4, True), ("metammf_gcn", 4, False), ("metammf_mf", 0, True)],
@@ -36,7 +31,7 @@ def test_untrained_items_get_exactly_what_a_new_item_gets(
     tiny_data: RecData, make_config, name: str, neighbors: int, residual: bool
 ) -> None:
     untrained = np.arange(6)
-    data = without_items(tiny_data, untrained)
+    data = without_training_interactions(tiny_data, untrained)
     torch.manual_seed(0)
     graph = {"content_neighbors": neighbors, "content_residual": residual, **CONTENT}
     config = make_config(name, **(graph if name != "metammf_mf" else {"untrained_items": "content"}))
@@ -144,7 +139,7 @@ def test_offline_cold_score_is_what_the_service_computes(tmp_path) -> None:
 
 def test_content_neighbors_are_the_nearest_trained_items_by_feature_cosine(tiny_data: RecData, make_config) -> None:
     untrained = np.arange(10)
-    data = without_items(tiny_data, untrained)
+    data = without_training_interactions(tiny_data, untrained)
     model = build_model(data, make_config("metammf_gcn", content_neighbors=5, **CONTENT), 1e-4)
     table = model.neighbors.table.numpy()
     assert table.shape == (data.n_items, 5)

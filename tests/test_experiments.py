@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from models.registry import MODELS
+from tests.training_support import without_training_interactions
 from training.coldstart import (
     ColdStartError,
     check_cold_start_model,
@@ -128,9 +129,7 @@ def test_cold_protocol_trains_on_warm_items_and_ranks_held_out_ones() -> None:
 def test_unseen_item_embeddings_equal_isolated_nodes(tiny_data: RecData, make_config, name: str) -> None:
     """For models without item IDs, a held-out item is exactly an item without edges in the graph."""
     isolated = np.arange(5)
-    train = tiny_data.train[~np.isin(tiny_data.train[:, 1], isolated)]
-    data = RecData(tiny_data.name, tiny_data.n_users, tiny_data.n_items, train, tiny_data.valid, tiny_data.test,
-                   tiny_data.features)  # fmt: skip
+    data = without_training_interactions(tiny_data, isolated)
     torch.manual_seed(0)
     model = build_model(data, make_config(name), 1e-4).eval()
     features = torch.from_numpy(data.item_features())
@@ -154,9 +153,7 @@ def test_unseen_items_are_items_without_edges_and_with_the_mean_id(tiny_data: Re
     """An unseen item is scored as a catalogue item without training interactions whose ID parameters are the
     mean of the trained items' (set so here: the mean over all items stays the same)."""
     isolated = np.arange(5)
-    train = tiny_data.train[~np.isin(tiny_data.train[:, 1], isolated)]
-    data = RecData(tiny_data.name, tiny_data.n_users, tiny_data.n_items, train, tiny_data.valid, tiny_data.test,
-                   tiny_data.features)  # fmt: skip
+    data = without_training_interactions(tiny_data, isolated)
     torch.manual_seed(0)
     model = build_model(data, make_config(name), 1e-4).eval()
     with torch.no_grad():

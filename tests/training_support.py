@@ -47,3 +47,9 @@ def perturb(model: RecModel, seed: int = 1) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def without_training_interactions(data: RecData, items: np.ndarray) -> RecData:
+    """``data`` with every training interaction of ``items`` removed (they stay in the catalogue)."""
+    train = data.train[~np.isin(data.train[:, 1], items)]
+    return RecData(data.name, data.n_users, data.n_items, train, data.valid, data.test, data.features)

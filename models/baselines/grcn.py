@@ -63,7 +63,7 @@ from torch_geometric.utils import coalesce, dropout_edge, softmax
 from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
 from models.config import GRCNConfig
 from models.graph.edge_ops import EdgePattern, edge_scores, weighted_sum
-from models.graph.utils import FeatureStandardizer, batch_rows
+from models.graph.utils import FeatureStandardizer, batch_rows, register_modalities
 
 
 def attention(x: Tensor, pattern: EdgePattern) -> tuple[Tensor, Tensor]:
@@ -138,11 +138,7 @@ class GRCN(RecModel):
         item_features, modality_dims, train_pairs = inputs.item_features, inputs.modality_dims, inputs.train_pairs
         self.n_nodes = self.n_users + self.n_items
         self.standardizer = FeatureStandardizer(item_features, config.normalize_features)
-        features = self.standardizer(item_features)
-        start = 0
-        for n, dim in enumerate(modality_dims.values()):
-            self.register_buffer(f"features_{n}", features[:, start : start + dim].contiguous(), persistent=False)
-            start += dim
+        register_modalities(self, self.standardizer(item_features), list(modality_dims.values()))
         pairs = train_pairs.long()
         user_item = coalesce(torch.stack([pairs[:, 0], self.n_users + pairs[:, 1]]), num_nodes=self.n_nodes)
         self.register_buffer("user_item", user_item, persistent=False)

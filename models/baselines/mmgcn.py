@@ -34,7 +34,13 @@ from torch import Tensor, nn
 
 from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
 from models.config import MMGCNConfig
-from models.graph.utils import FeatureStandardizer, MeanAggregation, batch_rows, bipartite_edge_index
+from models.graph.utils import (
+    FeatureStandardizer,
+    MeanAggregation,
+    batch_rows,
+    bipartite_edge_index,
+    register_modalities,
+)
 
 MAX_INPUT_WIDTH = 256  # the official code projects its 2048-d visual features to 256
 
@@ -89,11 +95,7 @@ class MMGCN(RecModel):
         super().__init__(inputs, config, reg_weight)
         item_features, modality_dims, train_pairs = inputs.item_features, inputs.modality_dims, inputs.train_pairs
         self.standardizer = FeatureStandardizer(item_features, config.normalize_features)
-        features = self.standardizer(item_features)
-        start = 0
-        for n, dim in enumerate(modality_dims.values()):
-            self.register_buffer(f"features_{n}", features[:, start : start + dim].contiguous(), persistent=False)
-            start += dim
+        register_modalities(self, self.standardizer(item_features), list(modality_dims.values()))
         self.modalities = list(modality_dims)
         self.id_embedding = nn.Parameter(torch.empty(self.n_users + self.n_items, config.embedding_dim))
         self.graphs = nn.ModuleList(

@@ -37,7 +37,7 @@ from models.config import MetaMMFConfig, MetaMMFGraphConfig
 from models.metammf.fusion import tower_widths
 from models.metammf.gcn import MetaMMF_GCN
 from models.metammf.lightgcn import MetaMMF_LightGCN
-from models.metammf.mf import MetaMMF_MF
+from models.metammf.mf import MetaMMF_MF, MultimodalItemEncoder
 
 FusionMode = Literal["early", "late", "hybrid"]
 
@@ -117,32 +117,15 @@ class StaticFusionNetwork(nn.Module):
         return late if early is None else (early + late) / 2
 
 
-class StaticItemEncoder(nn.Module):
-    """Item ego representation [e_i^m ; e_i^c] with static fusion: the drop-in counterpart of
-    :class:`models.metammf.mf.MultimodalItemEncoder`."""
-
-    def __init__(
-        self, config: MetaMMFConfig, item_features: Tensor, modality_dims: dict[str, int], mode: FusionMode
-    ) -> None:
-        super().__init__()
-        n_items = item_features.shape[0]
-        self.fusion = StaticFusionNetwork(
-            modality_dims, config.fused_dim, config.fusion_layers, mode, config.leaky_slope, config.fusion_init_gain
-        )
-        self.id_embedding = nn.Embedding(n_items, config.id_dim)
-        if config.normalize_features:
-            self.fusion.fit_normalization(item_features.float())
-        self.register_buffer("item_inputs", self.fusion.standardize(item_features.float()), persistent=False)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        self.fusion.reset_parameters()
-        nn.init.normal_(self.id_embedding.weight, std=0.1)
-
-    def forward(self, items: Tensor | None = None) -> Tensor:
-        if items is None:
-            return torch.cat([self.fusion.fuse_standardized(self.item_inputs), self.id_embedding.weight], dim=1)
-        return torch.cat([self.fusion.fuse_standardized(self.item_inputs[items]), self.id_embedding(items)], dim=1)
+def static_item_encoder(
+    config: MetaMMFConfig, item_features: Tensor, modality_dims: dict[str, int], mode: FusionMode
+) -> MultimodalItemEncoder:
+    """Item ego representation [e_i^m ; e_i^c] with static fusion: MetaMMF's item encoder around a
+    :class:`StaticFusionNetwork`."""
+    fusion = StaticFusionNetwork(
+        modality_dims, config.fused_dim, config.fusion_layers, mode, config.leaky_slope, config.fusion_init_gain
+    )
+    return MultimodalItemEncoder(config, item_features, fusion)
 
 
 def fusion_mode(config: MetaMMFConfig) -> FusionMode:
@@ -158,7 +141,7 @@ class StaticFusionMF(MetaMMF_MF):
 
     def __init__(self, inputs: ModelInputs, config: MetaMMFConfig, reg_weight: float = 1e-4) -> None:
         self.fusion_mode = fusion_mode(config)
-        items = StaticItemEncoder(config, inputs.item_features, inputs.modality_dims, self.fusion_mode)
+        items = static_item_encoder(config, inputs.item_features, inputs.modality_dims, self.fusion_mode)
         super().__init__(inputs, config, reg_weight, items=items)
 
 
@@ -167,7 +150,7 @@ class StaticFusionGCN(MetaMMF_GCN):
 
     def __init__(self, inputs: ModelInputs, config: MetaMMFGraphConfig, reg_weight: float = 1e-4) -> None:
         self.fusion_mode = fusion_mode(config)
-        items = StaticItemEncoder(config, inputs.item_features, inputs.modality_dims, self.fusion_mode)
+        items = static_item_encoder(config, inputs.item_features, inputs.modality_dims, self.fusion_mode)
         super().__init__(inputs, config, reg_weight, items=items)
 
 

@@ -19,6 +19,12 @@ def standardize_features(item_features: Tensor, normalize: bool = True) -> Tenso
     return (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
 
 
+def register_modalities(module: nn.Module, features: Tensor, widths: list[int]) -> None:
+    """Buffers ``features_0``, ``features_1``, ...: each modality's columns of ``features`` (not saved)."""
+    for n, part in enumerate(features.split(widths, dim=1)):
+        module.register_buffer(f"features_{n}", part.contiguous(), persistent=False)
+
+
 class FeatureStandardizer(nn.Module):
     """:func:`standardize_features` with the training items' statistics kept, so that items outside the
     training data (``embed_unseen_items``) are standardised the same way. The statistics follow from the

@@ -39,12 +39,13 @@ def fusion_weights(fusion: MetaFusionNetwork) -> list[Tensor]:
 
 
 class MultimodalItemEncoder(nn.Module):
-    """Item ego representation [e_i^m ; e_i^c]: fused content plus an ID embedding."""
+    """Item ego representation [e_i^m ; e_i^c]: fused content plus an ID embedding. The fusion network is
+    MetaMMF's (:func:`build_fusion`) unless another is given (the static-fusion baselines')."""
 
-    def __init__(self, config: MetaMMFConfig, item_features: Tensor) -> None:
+    def __init__(self, config: MetaMMFConfig, item_features: Tensor, fusion: nn.Module | None = None) -> None:
         super().__init__()
         n_items, in_dim = item_features.shape
-        self.fusion = build_fusion(config, in_dim)
+        self.fusion = fusion if fusion is not None else build_fusion(config, in_dim)
         self.id_embedding = nn.Embedding(n_items, config.id_dim)
         if config.normalize_features:
             self.fusion.fit_normalization(item_features.float())
