@@ -102,19 +102,24 @@ class InferenceEncoder(nn.Module):
         ego = torch.cat([fused, mean_id], dim=1)
         states = [ego] if self.graph is None else self.graph.isolated(ego)
         queries = content_keys(inputs)
-        if self.neighbor_keys.shape[0] and self.config.content_neighbors:
-            found = nearest(queries, self.neighbor_keys, self.config.content_neighbors)
+        # Content neighbours and the item graph rank the same keys: one search (best first) serves both.
+        neighbors, graph_k = (
+            (self.config.content_neighbors, self.config.item_graph_k) if self.neighbor_keys.shape[0] else (0, 0)
+        )
+        found = nearest(queries, self.neighbor_keys, max(neighbors, graph_k)) if neighbors or graph_k else None
+        if neighbors:
             states = with_neighbors(
-                states, self.neighbor_states, found, self.neighbor_scale, self.config.content_residual
+                states, self.neighbor_states, found[:, :neighbors], self.neighbor_scale, self.config.content_residual
             )
         final = states[0] if self.graph is None else self.graph.combine(states)
-        if self.neighbor_keys.shape[0] and self.config.item_graph_k:
+        if graph_k:
             extra = content_graph_rows(
                 queries,
                 self.neighbor_keys,
                 self.neighbor_states[0],
-                self.config.item_graph_k,
+                graph_k,
                 self.config.item_graph_normalize,
+                found=found,
             )
             final = final + extra.to(final.dtype)
         if bool(overflow.any()):

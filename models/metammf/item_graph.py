@@ -32,11 +32,13 @@ def neighbor_weights(queries: Tensor, keys: Tensor, found: Tensor) -> Tensor:
     return similarity / similarity.sum(1, keepdim=True).clamp_min(1e-12)
 
 
-def content_graph_rows(queries: Tensor, keys: Tensor, ego: Tensor, k: int, normalize: bool = False) -> Tensor:
+def content_graph_rows(
+    queries: Tensor, keys: Tensor, ego: Tensor, k: int, normalize: bool = False, found: Tensor | None = None
+) -> Tensor:
     """:math:`\\sum_j S_{ij} h_j^0` (b, d) for items outside the graph with unit content ``queries`` (b, d_x),
     given the trained items' ``keys`` and ego representations ``ego`` (in key order); unit rows with
-    ``normalize``."""
-    found = nearest(queries, keys, k)
+    ``normalize``. ``found``: each query's nearest keys, best first, if already searched (the first k used)."""
+    found = nearest(queries, keys, k) if found is None else found[:, :k]
     weights = neighbor_weights(queries, keys, found)
     rows = (weights.unsqueeze(-1) * ego[found].float()).sum(1)
     return F.normalize(rows, dim=1) if normalize else rows
