@@ -23,12 +23,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch_geometric.nn import LGConv
 
-from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.base import ModelInputs
+from models.baselines.node_embeddings import PropagatedNodeEmbeddings
 from models.config import GraphConfig
 from models.graph.utils import autocast_off, bipartite_edge_index, symmetric_norm_adjacency
 
 
-class LightGCN(RecModel):
+class LightGCN(PropagatedNodeEmbeddings):
     """LightGCN over the training interactions.
 
     Args:
@@ -66,14 +67,3 @@ class LightGCN(RecModel):
                 h = conv(h, adj)
                 total = total + h
         return total / (len(self.convs) + 1)
-
-    def get_embedding(self) -> tuple[Tensor, Tensor]:
-        final = self.propagate()
-        return final[: self.n_users], final[self.n_users :]
-
-    def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
-        final = self.propagate()
-        rows = (users, self.n_users + pos_items, self.n_users + neg_items)
-        u, pos, neg = (final[r] for r in rows)
-        ego = (self.embedding(r) for r in rows)
-        return bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + self.reg_weight * l2_penalty(*ego)

@@ -29,14 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.base import ModelInputs
+from models.baselines.node_embeddings import PropagatedNodeEmbeddings
 from models.config import NGCFConfig
 from models.graph.utils import SymmetricPropagation, bipartite_edge_index
 
 LEAKY_SLOPE = 0.2
 
 
-class NGCF(RecModel):
+class NGCF(PropagatedNodeEmbeddings):
     """NGCF over the training interactions.
 
     Args:
@@ -81,14 +82,3 @@ class NGCF(RecModel):
             h = self.dropout(h)
             layers.append(F.normalize(h, dim=1))
         return torch.cat(layers, dim=1)
-
-    def get_embedding(self) -> tuple[Tensor, Tensor]:
-        final = self.propagate()
-        return final[: self.n_users], final[self.n_users :]
-
-    def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
-        final = self.propagate()
-        rows = (users, self.n_users + pos_items, self.n_users + neg_items)
-        u, pos, neg = (final[r] for r in rows)
-        ego = (self.embedding(r) for r in rows)
-        return bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + self.reg_weight * l2_penalty(*ego)
