@@ -101,11 +101,14 @@ def test_lattice_item_graph_and_embeddings_follow_the_paper(tiny_data: RecData, 
     torch.testing.assert_close(item_emb, expected_items, atol=1e-5, rtol=1e-5)
 
 
-def test_lattice_embeds_unseen_items_with_a_row_of_its_item_graph(tiny_data: RecData, make_config) -> None:
+@pytest.mark.parametrize("item_layers", [1, 2])
+def test_lattice_embeds_unseen_items_with_a_row_of_its_item_graph(
+    tiny_data: RecData, make_config, item_layers: int
+) -> None:
     """An item outside the catalogue gets the row of S a catalogue item would have (its k nearest catalogue items
     per modality, learned and initial graphs, normalised with its own and the catalogue's degrees), and
     LightGCN's part of a node without edges; dense reference as above."""
-    config = make_config("lattice")
+    config = make_config("lattice", lattice_item_layers=item_layers)
     model = _perturbed(build_model(tiny_data, config, 1e-4))
     k, lam, n_users = config.lattice_knn_k, config.lattice_lambda, tiny_data.n_users
     raw = torch.randn(3, sum(tiny_data.modality_dims.values())) * 2 + 0.5  # three items nobody has seen
@@ -130,7 +133,13 @@ def test_lattice_embeds_unseen_items_with_a_row_of_its_item_graph(tiny_data: Rec
         normalised = degree(initial)[:, None] * initial * degree(_dense_knn(catalogue[m], k))[None, :]
         row = row + lam * alpha[m] * normalised
     ids = model.embedding.weight[n_users:]
-    expected = ids.mean(0) / (config.gcn_layers + 1) + F.normalize(row @ ids, dim=1)
+    catalogue_graph = (1 - lam) * _sym_norm(learned_catalogue) + lam * sum(
+        alpha[m] * _sym_norm(_dense_knn(catalogue[m], k)) for m in range(2)
+    )
+    states = ids
+    for _ in range(item_layers - 1):  # the catalogue's states before the last layer
+        states = catalogue_graph @ states
+    expected = ids.mean(0) / (config.gcn_layers + 1) + F.normalize(row @ states, dim=1)
     with torch.no_grad():
         torch.testing.assert_close(model.embed_unseen_items(raw), expected, atol=1e-5, rtol=1e-5)
 

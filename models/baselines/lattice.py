@@ -237,9 +237,10 @@ class LATTICE(LightGCN):
         d_new, d_catalogue = inv_sqrt_degree(new_sums), inv_sqrt_degree(catalogue_sums)
         # The catalogue's item-graph states one layer short of the last: the new rows take the last step.
         states = self.embedding.weight[self.n_users :]
-        edge_index, edge_weight = self.item_graph()
-        for conv in self.item_convs[:-1]:
-            states = conv(states, edge_index, edge_weight)
+        if len(self.item_convs) > 1:  # the catalogue's graph is needed only for the layers before the last
+            edge_index, edge_weight = self.item_graph()
+            for conv in self.item_convs[:-1]:
+                states = conv(states, edge_index, edge_weight)
         h = sum(
             ((1 - self.skip) * d_new.unsqueeze(1) * s * d_catalogue[rows]).unsqueeze(-1) * states[rows]
             for rows, s in learned
