@@ -4,7 +4,8 @@ Checked: every online item stored in Redis is in the index exactly once, at its 
 row, else the row Redis allocated for it); no deleted item is in the index; index ids are unique, and rows
 allocated in Redis too; the index size is training items - deleted training items + live online items; the
 indexed vector of an online item is the one stored (when fused by the same artifact) and finite; the FAISS
-index agrees with its own row bookkeeping (vectors held, live and deleted slots).
+index agrees with its own row bookkeeping (vectors held, live and deleted slots); with precomputed lists, the
+online items' own index holds exactly the online items.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def check_consistency(engine: Engine, state: RedisState, max_listed: int = 20) -
         if item is not None:
             stored[item_id] = item
 
-    problems += engine.index_problems()
+    problems += engine.index_problems() + engine.online_index_problems()
     ids = engine.index_ids()
     counts = Counter(ids.tolist())
     problems += [f"row {r} is in the index {n} times" for r, n in counts.items() if n > 1]

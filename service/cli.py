@@ -170,7 +170,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     client = redis_client(url)
     try:
         state = RedisState(client, settings.namespace, origin="check")
-        engine = Engine(bundle, settings.index, torch_threads=settings.torch_threads)
+        threads = settings.torch_threads
+        engine = Engine(bundle, settings.index, torch_threads=threads, batch_torch_threads=settings.batch_thread_count)
         try:
             load_state(engine, state)
             report = check_consistency(engine, state)

@@ -40,6 +40,7 @@ class Engine:
         index_settings: the item index (default: exact).
         precomputed_k: length of each training user's precomputed list; 0: none.
         torch_threads: for fusing items and embedding new users; None: as the calling thread has it.
+        batch_torch_threads: for fusing a batch of items (service/fusion.py); None: ``torch_threads``.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class Engine:
         index_settings: IndexSettings | None = None,
         precomputed_k: int = 0,
         torch_threads: int | None = None,
+        batch_torch_threads: int | None = None,
     ) -> None:
         self.bundle = bundle
         self.artifact_id = bundle.artifact_id
@@ -66,7 +68,7 @@ class Engine:
         self.online = OnlineItems(bundle.item_embeddings, bundle.item_states)
         self.popularity = Popularity(bundle.item_popularity.tolist())
         self.seen = SeenItems(bundle.interactions, len(bundle.user_ids))
-        self.fusion = Fusion(bundle.encoder, bundle.modalities, torch_threads)
+        self.fusion = Fusion(bundle.encoder, bundle.modalities, torch_threads, batch_torch_threads)
         self.precomputed = self._precomputed(precomputed_k, settings.build_thread_count)
 
     def _precomputed(self, k: int, threads: int) -> PrecomputedAnswers | None:
@@ -76,7 +78,7 @@ class Engine:
             return None
         lists = PrecomputedTopK(bundle.user_embeddings, bundle.item_embeddings, self.seen.training_ptr,
                                 self.seen.training_items, k, threads=threads)  # fmt: skip
-        return PrecomputedAnswers(lists, bundle.user_embeddings, self.online.vectors, len(bundle.item_ids))
+        return PrecomputedAnswers(lists, bundle.user_embeddings, self.index.empty_like, len(bundle.item_ids))
 
     # -- catalogue ------------------------------------------------------------------------------------
     @property
@@ -112,16 +114,31 @@ class Engine:
     ) -> None:
         """Add or replace an item, written online at unix time ``added_at`` (default: now); a training item
         of this artifact keeps its training row whatever ``row`` says (RowConflict for another's)."""
-        row = self.catalog.row_for(item_id, row)
+        self.upsert_many([(item_id, row, embedding, states, added_at)])
+
+    def upsert_many(self, items: list[tuple[str, int, np.ndarray, np.ndarray, float | None]]) -> None:
+        """:meth:`upsert` of items with distinct ids, each given as (item_id, row, embedding, states, added_at),
+        with one addition to each index; nothing is applied if one of them has a conflicting row (RowConflict)."""
+        now = time.time()
+        rows = [self.catalog.row_for(item[0], item[1]) for item in items]
+        if len(set(rows)) != len(rows):  # two ids on one row (state the consistency check reports): in order
+            for item in items:
+                self.upsert_many([item])
+            return
+        vectors = np.stack([np.asarray(item[2], dtype=np.float32) for item in items])
         with self._lock:
-            old = self.catalog.item_rows.get(item_id)
-            if old is not None:
-                self.index.remove(old)
-            self.index.add(row, embedding)
-            self.catalog.place(item_id, row)
-            self.online.put(item_id, row, embedding, states, time.time() if added_at is None else added_at)
-            self._item_changed(row)
-            self.popularity.add_row(row)
+            for (item_id, _, embedding, states, added_at), row in zip(items, rows, strict=True):
+                old = self.catalog.item_rows.get(item_id)
+                if old is not None and old != row:
+                    self.index.remove(old)
+                    self._item_removed(old)
+                self.catalog.place(item_id, row)
+                self.online.put(item_id, row, embedding, states, now if added_at is None else added_at)
+                self.popularity.add_row(row)
+            row_array = np.array(rows, dtype=np.int64)
+            self.index.add_many(row_array, vectors)
+            if self.precomputed is not None:
+                self.precomputed.items_written(row_array, vectors)
 
     def delete(self, item_id: str) -> bool:
         with self._lock:
@@ -130,13 +147,13 @@ class Engine:
                 return False
             self.index.remove(row)
             self.online.drop(item_id, row)
-            self._item_changed(row)
+            self._item_removed(row)
             # popularity is kept: an item added again gets its counts back, as a restarted replica would
             return True
 
-    def _item_changed(self, row: int) -> None:
+    def _item_removed(self, row: int) -> None:
         if self.precomputed is not None:
-            self.precomputed.item_changed(row)
+            self.precomputed.item_removed(row)
 
     def record_interaction(self, user_id: str, item_id: str) -> None:
         with self._lock:
@@ -158,6 +175,20 @@ class Engine:
         """Disagreements inside the index (FAISS against its row bookkeeping)."""
         with self._lock:
             return self.index.problems()
+
+    def online_index_problems(self) -> list[str]:
+        """Disagreements between the online items and what the precomputed answers search them in."""
+        if self.precomputed is None:
+            return []
+        with self._lock:
+            problems = [f"online items' search: {p}" for p in self.precomputed.online_problems()]
+            held, online = set(self.precomputed.online_rows().tolist()), set(self.online.embeddings)
+            if held != online:
+                problems.append(
+                    f"online items' search: {len(held - online)} rows that are not online items, "
+                    f"{len(online - held)} online items missing"
+                )
+            return problems
 
     def seen_rows(self, user_id: str) -> set[int]:
         return self.seen.rows(user_id, self.catalog.user_rows.get(user_id))
@@ -212,8 +243,8 @@ class Engine:
         return None, self.popular(k, exclude=seen)
 
     def _from_precomputed(self, user_row: int, k: int, exclude: set[int]) -> tuple[list[str], list[float]] | None:
-        """The exact top k from the user's precomputed list and a scan of the online items, or None when the
-        index must answer. Same order as the index: score, row."""
+        """The top k from the user's precomputed list and a search of the online items' own index, or None when
+        the index must answer. Same order as the index: score, row."""
         if self.precomputed is None:
             return None
         with self._lock:

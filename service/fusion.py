@@ -30,12 +30,23 @@ class Fusion:
         encoder: the artifact's item and user encoder.
         modalities: name -> feature dimension, in the order the features were concatenated in training.
         torch_threads: intra-op threads of the calling thread while encoding; None: as the thread has it.
+        batch_torch_threads: the same for a batch of at least ``BATCH_MIN_ITEMS`` items (bulk products, which
+            more threads speed up); None: ``torch_threads``.
     """
 
-    def __init__(self, encoder, modalities: dict[str, int], torch_threads: int | None = None) -> None:
+    BATCH_MIN_ITEMS = 32
+
+    def __init__(
+        self,
+        encoder,
+        modalities: dict[str, int],
+        torch_threads: int | None = None,
+        batch_torch_threads: int | None = None,
+    ) -> None:
         self.encoder = encoder
         self.modalities = modalities
         self.torch_threads = torch_threads
+        self.batch_torch_threads = batch_torch_threads
 
     def feature_matrix(self, features: list[dict[str, list[float]]]) -> np.ndarray:
         """Check modality names and dims and concatenate in training order; raises InputError."""
@@ -61,7 +72,7 @@ class Fusion:
 
     def fuse(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(b, d_x) raw features -> embeddings (b, d), states (b, n_states, d); raises InputError on overflow."""
-        self._use_threads()
+        self._use_threads(len(matrix))
         with torch.no_grad():
             final, states = self.encoder.encode_items(torch.from_numpy(matrix))
         final, states = final.numpy(), states.permute(1, 0, 2).numpy()
@@ -75,6 +86,9 @@ class Fusion:
         with torch.no_grad():
             return self.encoder.encode_user(torch.from_numpy(item_states)).numpy()
 
-    def _use_threads(self) -> None:
-        if self.torch_threads is not None:
-            use_torch_threads(self.torch_threads)
+    def _use_threads(self, items: int = 1) -> None:
+        threads = self.torch_threads
+        if items >= self.BATCH_MIN_ITEMS and self.batch_torch_threads is not None:
+            threads = self.batch_torch_threads
+        if threads is not None:
+            use_torch_threads(threads)

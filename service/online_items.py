@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.keyed_vectors import KeyedVectors
-
 
 class OnlineItems:
-    """Online items by row. ``vectors`` holds the same embeddings as one array, for an exact scan of them all.
+    """Online items by row.
 
     Args:
         item_embeddings: (n, d) the artifact's item embeddings, by row.
@@ -23,21 +21,18 @@ class OnlineItems:
         self.embeddings: dict[int, np.ndarray] = {}
         self.states: dict[int, np.ndarray] = {}  # row -> (n_states, d)
         self.added: dict[int, float] = {}  # row -> unix time its item was written (fresh slots)
-        self.vectors = KeyedVectors(item_embeddings.shape[1])
 
     def put(self, item_id: str, row: int, embedding: np.ndarray, states: np.ndarray, added_at: float) -> None:
         self.ids.add(item_id)
         self.embeddings[row] = embedding.astype(np.float32)
         self.states[row] = states.astype(np.float32)
         self.added[row] = added_at
-        self.vectors.put(row, self.embeddings[row])
 
     def drop(self, item_id: str, row: int) -> None:
         self.ids.discard(item_id)
         self.embeddings.pop(row, None)
         self.states.pop(row, None)
         self.added.pop(row, None)
-        self.vectors.remove(row)
 
     def written_since(self, since: float, exclude: set[int]) -> np.ndarray:
         """Rows of the items written at or after ``since``, none of ``exclude``."""

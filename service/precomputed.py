@@ -1,16 +1,18 @@
 """Exact top-K lists of every training user, computed once per artifact when the engine is built.
 
 A recommendation for a training user is then the first k entries of its list that are still valid (not
-seen online, not deleted, not replaced since the artifact), merged with an exact scan of the items that came
-online after it: O(k) work instead of an index search, and exact, where the approximate index is calibrated to
-a recall below 1 (MMF_ANN_TARGET_RECALL). The engine falls back to the index when the list runs out (a user
-with many online interactions, many deleted items) or when too many items came online for a scan to be cheap.
+seen online, not deleted, not replaced since the artifact), merged with a search of the items that came online
+after it (their own index, service/precomputed_answers.py): O(k) work instead of a search of the whole catalogue,
+and exact for the artifact's items, where the approximate index is calibrated to a recall below 1
+(MMF_ANN_TARGET_RECALL). The engine falls back to the index when the list runs out (a user with many online
+interactions, many deleted items).
 
 Lists are ordered by score, then row (the index's order), and hold exactly the best K by that order: when
 the K-th and the (K+1)-th score tie, the tied group is cut off (the list gets shorter), so that an item
 outside a list never ranks before an item inside it. A matrix product does not give identical rows identical
 scores (BLAS kernels treat a block's last rows differently), so it only picks candidates; their scores come
-from :func:`row_scores`, the same for the same vector wherever it is stored, and the online scan uses it too.
+from :func:`row_scores`, the same for the same vector wherever it is stored, and the online items' answers use it
+too.
 """
 
 from __future__ import annotations
@@ -23,14 +25,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from service.index.scores import row_scores
+
 USER_BLOCK = 256  # users scored per matrix product: (256, items) float32 scores at a time
 MARGIN = 16  # candidates per user beyond k, so that the rounding of the product cannot hide one
-
-
-def row_scores(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """``vectors @ query`` computed alike for every row (einsum's loop, not BLAS), so equal vectors score
-    exactly equal and ties are broken by row on every replica, however the vectors are laid out."""
-    return np.einsum("...ij,...j->...i", vectors, query)
 
 
 @contextlib.contextmanager

@@ -1,58 +1,112 @@
-"""A training user's exact top k from its precomputed list (service/precomputed.py) merged with an exact scan of
-the items written online, in the index's order (score, then row); None where the index must answer."""
+"""A training user's top k from its precomputed list (service/precomputed.py) merged with the best of the items
+written online, in the index's order (score, then row); None where the index must answer."""
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Callable, Set
 
 import numpy as np
 
+from service.index.base import SlottedIndex
+from service.index.scores import row_scores
 from service.keyed_vectors import KeyedVectors
-from service.precomputed import PrecomputedTopK, row_scores
+from service.precomputed import PrecomputedTopK
 
 
 class PrecomputedAnswers:
     """Answers from the precomputed lists, which hold until a training row changes or an item comes online.
 
+    The items written online (new rows, and training rows written again) are scanned exactly while they are
+    few (up to ``ONLINE_SCAN_MAX``); past that they move into an index of their own, of the served kind
+    (``new_online_index``: :meth:`SlottedIndex.empty_like` of the item index), searched as the served index is:
+    exactly for flat, approximately for hnsw and ivf, with the same search width. A request then costs one list
+    walk and one search of the online items, however many items the artifact has.
+
     Args:
         lists: the training users' precomputed lists.
         user_embeddings: (n_users, d) the training users' query vectors.
-        online_vectors: the embeddings of the items written online, by row (kept current by their owner).
+        new_online_index: makes the empty index the online items move into.
         n_training_items: the artifact's items; rows below it are training rows.
     """
 
-    # Above this many online items their exact scan costs about what an index search does, so the index
-    # answers (docs/performance.md, "Precomputed exact top-k lists").
-    ONLINE_SCAN_MAX = 10_000
+    # Up to this many online items a scan of them all costs less than a search of their index (docs/performance.md,
+    # "Items streaming in").
+    ONLINE_SCAN_MAX = 8_000
 
     def __init__(
         self,
         lists: PrecomputedTopK,
         user_embeddings: np.ndarray,
-        online_vectors: KeyedVectors,
+        new_online_index: Callable[[], SlottedIndex],
         n_training_items: int,
     ) -> None:
         self.lists = lists
         self._users = user_embeddings
-        self._online = online_vectors
+        self._new_online_index = new_online_index
+        self._scanned: KeyedVectors | None = KeyedVectors(user_embeddings.shape[1])
+        self.online_index: SlottedIndex | None = None
         self._n_training_items = n_training_items
         # Training rows deleted or replaced since the artifact: their listed scores no longer hold.
         self.changed_training_rows: set[int] = set()
 
-    def item_changed(self, row: int) -> None:
-        """After an upsert or delete of ``row``."""
+    @property
+    def online_count(self) -> int:
+        return self.online_index.ntotal if self.online_index is not None else len(self._scanned)
+
+    def items_written(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        """After an upsert of distinct ``rows`` with ``vectors``."""
+        if self.online_index is None and len(self._scanned) + len(rows) > self.ONLINE_SCAN_MAX:
+            self.online_index = self._new_online_index()
+            scanned_rows, scanned_vectors = self._scanned.arrays()
+            self.online_index.add_many(scanned_rows.copy(), scanned_vectors.copy())
+            self._scanned = None
+        if self.online_index is not None:
+            self.online_index.add_many(rows, vectors)
+        else:
+            for row, vector in zip(rows.tolist(), vectors, strict=True):
+                self._scanned.put(row, vector)
+        self.changed_training_rows.update(r for r in rows.tolist() if r < self._n_training_items)
+
+    def item_removed(self, row: int) -> None:
+        """After a delete of ``row``."""
+        if self.online_index is not None:
+            self.online_index.remove(row)
+        else:
+            self._scanned.remove(row)
         if row < self._n_training_items:
             self.changed_training_rows.add(row)
 
+    def online_rows(self) -> np.ndarray:
+        """Rows of the online items as held for the answers."""
+        return self.online_index.rows() if self.online_index is not None else self._scanned.arrays()[0].copy()
+
+    def online_problems(self) -> list[str]:
+        """Disagreements inside what holds the online items."""
+        if self.online_index is not None:
+            return self.online_index.problems()
+        return [] if self._scanned.consistent() else ["the online scan's position map disagrees with its keys"]
+
+    def _best_online(self, query: np.ndarray, k: int, exclude: Set[int]) -> tuple[list[int], list[float]]:
+        """The best k online items (rows, scores) by score then row, none of ``exclude``, scored as the lists are
+        (row_scores: equal vectors tie across the two). An approximate index search that finds fewer than k is
+        not done again exactly: the list holds the rest."""
+        if self.online_index is not None:
+            found = self.online_index.search(query, k, exclude, complete=False)
+            return [r for r, _ in found], [s for _, s in found]
+        rows, vectors = self._scanned.arrays()
+        # (the user's seen rows are mostly training rows: only the online ones concern the scan)
+        seen_online = {r for r in exclude if r in self._scanned}
+        return best_online(rows, row_scores(vectors, query), k, seen_online)
+
     def answer(self, user_row: int, k: int, exclude: Set[int]) -> tuple[list[int], list[float]] | None:
-        """The exact top k (rows, scores) of the user, none of ``exclude``, or None when the list runs out
-        before k valid entries or the online items are too many to scan."""
-        if k <= 0 or len(self._online) > self.ONLINE_SCAN_MAX:
+        """The top k (rows, scores) of the user, none of ``exclude``, or None when the list runs out before k
+        valid entries."""
+        if k <= 0:
             return None
         rows, scores, complete = self.lists.best(user_row)
         picked_rows, picked_scores = [], []
         for r, score in zip(rows.tolist(), scores.tolist(), strict=True):
-            # deleted or replaced since the artifact (the online scan has the new vector), or seen online
+            # deleted or replaced since the artifact (the online index has the new vector), or seen online
             if r in self.changed_training_rows or r in exclude:
                 continue
             picked_rows.append(r)
@@ -61,20 +115,14 @@ class PrecomputedAnswers:
                 break
         if len(picked_rows) < k and not complete:
             return None
-        online_rows, vectors = self._online.arrays()
-        if len(online_rows):
-            query = self._users[user_row]
-            # (the user's seen rows are mostly training rows: only the online ones concern the scan)
-            seen_online = {r for r in exclude if r in self._online}
-            best_rows, best_scores = best_online(online_rows, row_scores(vectors, query), k, seen_online)
-            picked_rows, picked_scores = merge_best(picked_rows, picked_scores, best_rows, best_scores, k)
+        if self.online_count:
+            online_rows, online_scores = self._best_online(self._users[user_row], k, exclude)
+            picked_rows, picked_scores = merge_best(picked_rows, picked_scores, online_rows, online_scores, k)
         return picked_rows, picked_scores
 
     def suffices(self, user_row: int, k: int, online_interactions: int) -> bool:
         """Whether :meth:`answer` answers for sure: each of the user's online interactions and each changed
-        training row removes at most one entry from the list, and the online items are few enough to scan."""
-        if len(self._online) > self.ONLINE_SCAN_MAX:
-            return False
+        training row removes at most one entry from the list."""
         rows, _, complete = self.lists.best(user_row)
         return complete or k + online_interactions + len(self.changed_training_rows) <= len(rows)
 
@@ -83,7 +131,8 @@ class PrecomputedAnswers:
             "k": self.lists.k,
             "seconds": round(self.lists.seconds, 3),
             "changed_training_items": len(self.changed_training_rows),
-            "online_items": len(self._online),
+            "online_items": self.online_count,
+            "online_search": "scan" if self.online_index is None else self.online_index.kind,
         }
 
 

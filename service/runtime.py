@@ -128,7 +128,9 @@ class Runtime:
     def build(self, bundle: Bundle) -> tuple[Engine, str]:
         """A new engine for ``bundle`` holding everything in Redis (online items re-fused if they were
         fused by another artifact); raises IncompatibleState if stored items do not fit it."""
-        engine = Engine(bundle, self.settings.index, self.precomputed_k(bundle), self.settings.torch_threads)
+        settings = self.settings
+        engine = Engine(bundle, settings.index, self.precomputed_k(bundle), settings.torch_threads,
+                        settings.batch_thread_count)  # fmt: skip
         position = load_state(engine, self.state)
         return engine, position
 

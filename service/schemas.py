@@ -120,7 +120,10 @@ class PrecomputedInfo(BaseModel):
     changed_training_items: int = Field(
         description="training items deleted or replaced since the artifact (skipped in the lists)"
     )
-    online_items: int = Field(description="items scored exactly next to the lists (added or replaced online)")
+    online_items: int = Field(description="items added or replaced online, searched next to the lists")
+    online_search: str = Field(
+        description='how they are searched: "scan" (exactly, while they are few) or the kind of their own index'
+    )
 
 
 class Info(BaseModel):

@@ -126,13 +126,22 @@ class Settings(BaseSettings):
         "carry one item or user, and on a busy machine more threads make a fusion's p99 several times worse "
         '(OpenMP waits; docs/performance.md, "The `/recommend` fast path and one torch thread")',
     )
+    batch_torch_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="torch intra-op threads while fusing a batch of 32 items or more (POST /items:batch, online items "
+        "fused again after a reload): its products with the trained items' content keys are bulk work that more "
+        "threads speed up; 0 = the CPUs this process may use",
+    )
     precomputed_k: int = Field(
         100,
         ge=0,
         le=10_000,
         description="exact top-k lists of this length for every training user, computed at start-up and after a "
         "reload (users x items inner products, on MMF_INDEX_BUILD_THREADS threads): /recommend answers from them "
-        "plus a scan of the items added online, and searches the index only when a list runs out; 0 = off",
+        "plus a search of the items added online (an index of their own), and searches the whole index only when a "
+        "list runs out; 0 = off",
     )
     precomputed_max_pairs: int = Field(
         20_000_000_000,
@@ -191,6 +200,14 @@ class Settings(BaseSettings):
         if nested or flat:
             values["index"] = {**nested, **flat}
         return values
+
+    @property
+    def batch_thread_count(self) -> int:
+        """Threads fusing a batch: ``batch_torch_threads``, 0 = the CPUs this process may use (affinity, cgroup
+        quota)."""
+        from models.hardware import usable_cpus
+
+        return self.batch_torch_threads or usable_cpus()
 
     @classmethod
     def settings_customise_sources(

@@ -67,8 +67,8 @@ def load_state(engine: Engine, state: RedisState, chunk: int = 512) -> str:
             f"the modalities {engine.modalities} of artifact {engine.artifact_id}"
         )
     for start in range(0, len(items), chunk):
-        for item in fused_for(engine, items[start : start + chunk]):
-            engine.upsert(item.item_id, item.row, item.embedding, item.states, item.updated)
+        fused = fused_for(engine, items[start : start + chunk])
+        engine.upsert_many([(it.item_id, it.row, it.embedding, it.states, it.updated) for it in fused])
     for item_id in state.deleted_items():
         engine.delete(item_id)
     # Deleted online items too, for their interactions; a training item keeps its training row.

@@ -58,8 +58,9 @@ def write_items(items: list[schemas.ItemIn], runtime: Runtime) -> list[schemas.I
             # has run.
             now = time.time()
             rows = state.put_items(stored, origin=engine.origin, now=now)
-            for s, row in zip(stored, rows, strict=True):
-                engine.upsert(s.item_id, row, s.embedding, s.states, now)
+            engine.upsert_many(
+                [(s.item_id, row, s.embedding, s.states, now) for s, row in zip(stored, rows, strict=True)]
+            )
         return [schemas.ItemWritten(item_id=i, created=c) for i, c in zip(ids, created, strict=True)]
 
 

@@ -186,6 +186,36 @@ def test_fusion_keeps_the_configured_torch_threads_when_another_thread_set_more(
         torch.set_num_threads(before)
 
 
+def test_a_batch_is_fused_on_the_batch_threads(artifact: Artifact) -> None:
+    """MMF_BATCH_TORCH_THREADS: a batch of at least Fusion.BATCH_MIN_ITEMS items is fused on its count of threads,
+    a smaller one on MMF_TORCH_THREADS'; 0 means the CPUs the process may use."""
+    from models.artifacts import load_bundle
+    from models.hardware import usable_cpus
+    from service.engine import Engine
+    from service.fusion import Fusion
+    from service.settings import load_settings
+
+    engine = Engine(load_bundle(artifact.path), torch_threads=1, batch_torch_threads=3)
+    one = engine.feature_matrix([artifact.features(0)])
+    batch = engine.feature_matrix(
+        [artifact.features(r % len(artifact.item_ids)) for r in range(Fusion.BATCH_MIN_ITEMS)]
+    )
+
+    def threads_after(work) -> int:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(lambda: (work(), torch.get_num_threads())[1]).result()
+
+    before = torch.get_num_threads()
+    try:
+        assert threads_after(lambda: engine.fuse(batch)) == 3
+        assert threads_after(lambda: engine.fuse(one)) == 1
+        np.testing.assert_allclose(engine.fuse(batch)[0][:1], engine.fuse(one)[0], rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(before)
+    assert load_settings(batch_torch_threads=0).batch_thread_count == usable_cpus()
+    assert load_settings(batch_torch_threads=2).batch_thread_count == 2
+
+
 def test_unknown_user_gets_popular_items(client: TestClient, artifact: Artifact) -> None:
     body = rec(client, "never-seen-user", 15)
     assert body["strategy"] == "popular"

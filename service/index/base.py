@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 
 from service.index.parameters import SearchParameterCache
+from service.index.scores import row_scores
 from service.index.settings import IndexSettings
 from service.index.slots import Slots
 from service.index.threads import omp_threads, use_omp_threads
@@ -42,7 +43,22 @@ class SlottedIndex(ABC):
             self._append(np.arange(n, dtype=np.int64), vectors)
         self.build_seconds = time.perf_counter() - start
 
+    def empty_like(self) -> SlottedIndex:
+        """An empty index of this kind that searches as this one does (its parameters and calibrated width; for
+        ivf its lists and norm bound): for the items written online, searched apart from the artifact's."""
+        other = object.__new__(type(self))
+        other.dim, other.settings, other.params = self.dim, self.settings, dict(self.params)
+        other.slots = Slots(0)
+        other._parameters = SearchParameterCache()
+        other.build_seconds = 0.0
+        other._start_empty_like(self)
+        return other
+
     # -- what a kind provides ------------------------------------------------------------------------------
+    def _start_empty_like(self, source: SlottedIndex) -> None:
+        """The kind's own state for :meth:`empty_like`: an empty FAISS index searching as ``source``'s."""
+        self._faiss = self._build(np.zeros((0, self.dim), dtype=np.float32))
+
     def _initial_params(self, n_items: int) -> dict:
         """The kind's parameters for ``n_items`` (effective values), before any calibration."""
         return {}
@@ -65,11 +81,14 @@ class SlottedIndex(ABC):
 
     def _candidates(self, q: np.ndarray, want: int, filtered: bool, exact: bool) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``want`` best (rows, scores) of live, non-excluded slots (approximate unless ``exact``),
-        in no particular order. Arrays, not pairs: the caller orders and filters them with numpy."""
+        in no particular order. Arrays, not pairs: the caller orders and filters them with numpy. Every kind
+        scores its answers with :func:`row_scores`, as the precomputed lists do, so that equal vectors tie
+        exactly whichever path answers."""
         params = self._search_parameters(filtered, exact, want)
-        scores, slots = self._searched(exact).search(q, want, params=params)
-        found = slots[0] >= 0
-        return self.slots.rows[slots[0][found]], scores[0][found]
+        _, slots = self._searched(exact).search(q, want, params=params)
+        slots = slots[0][slots[0] >= 0]
+        vectors = self._faiss.reconstruct_batch(slots) if len(slots) else np.zeros((0, self.dim), np.float32)
+        return self.slots.rows[slots], row_scores(vectors, q[0])
 
     def _vectors_in_faiss(self) -> int:
         """How many vectors FAISS should hold."""
@@ -107,9 +126,14 @@ class SlottedIndex(ABC):
 
     def add(self, row: int, vector: np.ndarray) -> None:
         """Add ``row`` (replacing its vector if it is there)."""
-        self.remove(row)
+        self.add_many(np.array([row], dtype=np.int64), np.asarray(vector, dtype=np.float32).reshape(1, -1))
+
+    def add_many(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        """Add distinct ``rows`` (replacing the vectors of those already there) in one FAISS call."""
+        for row in rows.tolist():
+            self.remove(row)
         use_omp_threads(self.settings.search_threads)
-        self._append(np.array([row], dtype=np.int64), np.asarray(vector, dtype=np.float32).reshape(1, -1))
+        self._append(np.asarray(rows, dtype=np.int64), np.ascontiguousarray(vectors, dtype=np.float32))
 
     def remove(self, row: int) -> bool:
         slot = self.slots.by_row.pop(row, None)
@@ -135,8 +159,13 @@ class SlottedIndex(ABC):
             out.append(f"FAISS holds {self._faiss.ntotal} vectors, expected {expected}")
         return out + self._own_problems() + self.slots.problems()
 
-    def search(self, query: np.ndarray, k: int, exclude: Iterable[int] = ()) -> list[tuple[int, float]]:
-        """Top-k (row, inner product) among live rows not in ``exclude``, by score then row.
+    def search(
+        self, query: np.ndarray, k: int, exclude: Iterable[int] = (), complete: bool = True
+    ) -> list[tuple[int, float]]:
+        """Top-k (row, inner product) among live rows not in ``exclude``, by score then row. An approximate
+        search that finds fewer than k is done again exactly, unless ``complete`` is False: then the answer
+        may be short (what the part of the index searched holds; the online items' index, whose answer only
+        competes with a precomputed list).
 
         Asks FAISS for k+1 and widens while the (k+1)-th ties with the k-th, so that a tie straddling the
         k-th place is resolved by row."""
@@ -163,7 +192,7 @@ class SlottedIndex(ABC):
                 rows, scores = rows[keep], scores[keep]
             else:
                 rows, scores = self._candidates(q, want, filtered, exact)
-            if len(rows) < want and not exact:
+            if len(rows) < want and not exact and complete:
                 exact = True  # the approximate search ran dry: the exact one finds every item
                 if overfetch:
                     overfetch, filtered = False, True

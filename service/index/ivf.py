@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 
 from service.index.base import SlottedIndex
+from service.index.scores import row_scores
 from service.index.settings import IndexSettings
 from service.keyed_vectors import KeyedVectors
 
@@ -34,6 +35,16 @@ class IvfIndex(SlottedIndex):
         self._side = KeyedVectors(np.shape(vectors)[1])
         self._listed = 0  # vectors ever added to the lists (the side list's are not)
         super().__init__(settings, vectors)
+
+    def _start_empty_like(self, source: SlottedIndex) -> None:
+        """The same lists (a copy of ``source``'s trained quantizer) and norm bound, none of its vectors."""
+        assert isinstance(source, IvfIndex)
+        self._side, self._listed, self._bound2 = KeyedVectors(self.dim), 0, source._bound2
+        quantizer = faiss.clone_index(source._faiss.quantizer)
+        # (FAISS's Python constructor keeps a reference to the quantizer for the index's lifetime)
+        self._faiss = faiss.IndexIVFFlat(quantizer, self.dim + 1, self.params["nlist"], faiss.METRIC_L2)
+        self._faiss.set_direct_map_type(faiss.DirectMap.Hashtable)
+        self._query_aug = np.zeros((1, self.dim + 1), dtype=np.float32)
 
     def _initial_params(self, n_items: int) -> dict:
         exact_items = self.settings.exact_items(n_items)
@@ -77,15 +88,20 @@ class IvfIndex(SlottedIndex):
         self._query_aug[0, : self.dim] = q[0]
         _, slots = self._faiss.search(self._query_aug, want, params=self._search_parameters(filtered, exact, want))
         slots = slots[0][slots[0] >= 0]
-        scores = self._faiss.reconstruct_batch(slots)[:, : self.dim] @ q[0] if len(slots) else np.zeros(0, np.float32)
+        # Scored as the precomputed lists are (row_scores): equal vectors tie exactly, wherever they are stored.
+        listed = np.zeros((0, self.dim), np.float32)
+        if len(slots):
+            listed = self._faiss.reconstruct_batch(slots)[:, : self.dim]
+        scores = row_scores(listed, q[0])
         if len(self._side):  # longer than the bound: scored exactly, always
             side_slots, matrix = self._side.arrays()
             side_scores = matrix @ q[0]  # all of them, then filtered: no copy of the matrix per query
             # Only side vectors scoring at least the lists' want-th best can be among the best want of both
-            # (a comparison over the side list is far cheaper than a partition of all of it).
+            # (a comparison over the side list is far cheaper than a partition of all of it). BLAS rounds equal
+            # vectors apart: the few just below the floor are kept, and the kept ones scored again alike.
             floor = scores.min() if len(scores) >= want else -np.inf
-            better = np.flatnonzero(side_scores >= floor)
-            side_slots, side_scores = side_slots[better], side_scores[better]
+            better = np.flatnonzero(side_scores >= floor - 1e-4 * max(1.0, abs(floor)))
+            side_slots, side_scores = side_slots[better], row_scores(matrix[better], q[0])
             if filtered:
                 keep = self.slots.selected(side_slots)
                 side_slots, side_scores = side_slots[keep], side_scores[keep]
