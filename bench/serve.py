@@ -24,6 +24,14 @@ port against Redis (``--redis-url``, a fresh namespace, deleted afterwards) and 
    precomputed lists (``MMF_PRECOMPUTED_K``, on by default) each answer scans them exactly, so this row shows
    what they cost. The summary gives both throughput ratios.
 
+5. **Churn** (``--churn N``, repeatable, e.g. ``--churn 10000 --churn 100000``): items streaming in. New items
+   (features from the synthetic generator, like the catalogue's) are posted through ``POST /items:batch``
+   (``--batch`` per request, two connections, bodies encoded beforehand) until N are online; the throughput
+   counts items per second. Then 1% of them change, half replaced with new features and half deleted, and the
+   no-op, ``/recommend`` at peak and at half peak, and recall@20 against exact search over the artifact's and
+   the online items (their embeddings computed here with the artifact's encoder, as the service fuses them)
+   are measured again. The third table gives one row per N.
+
 Artifacts are built once and cached under ``bench/.cache``. Up to ``--train-items`` (100k) items the
 artifact is trained (one epoch: latency does not depend on model quality; recall does, see docs/performance.md); a
 larger catalogue extends the trained one: ``--items - --train-items`` more synthetic items (the training
@@ -36,6 +44,7 @@ like to this service. Prints two Markdown tables.
     python bench/serve.py --items 100000 --duration 10
     python bench/serve.py --items 100000 --items 1000000 --index flat --index hnsw --index ivf
     python bench/serve.py --items 10000 --index flat --appendfsync everysec --appendfsync always
+    python bench/serve.py --items 1000000 --index ivf --churn 10000 --churn 100000
 
 With ``--appendfsync`` the service runs with its embedded Redis (``MMF_REDIS_APPENDFSYNC``) instead of
 ``--redis-url``: the write rows then show what each durability policy costs, side by side.
@@ -234,9 +243,20 @@ def exact_top(artifact: Path, users: list[int], k: int) -> list[set[str]]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def feature_parts(modalities: dict[str, int], seed: int) -> tuple[str, str]:
+    """A ``features`` JSON object split around its first value: ``head + value + tail``, so that every posted
+    item gets features of its own (equal features would give equal embeddings, whose ties a search must widen
+    past: not what items streaming in look like)."""
+    rng = np.random.default_rng(seed)
+    features = {m: np.round(rng.normal(size=d), 4).tolist() for m, d in modalities.items()}
+    first = next(iter(features))
+    features[first][0] = "FIRST"
+    head, tail = json.dumps(features).split('"FIRST"')
+    return head, tail
+
+
 def lua_scripts(tmp: Path, n_users: int, modalities: dict[str, int], api_key: str) -> dict[str, Path]:
-    rng = np.random.default_rng(0)
-    features = json.dumps({m: np.round(rng.normal(size=d), 4).tolist() for m, d in modalities.items()})
+    head, tail = feature_parts(modalities, 0)
     recommend = tmp / "recommend.lua"
     recommend.write_text(
         f"math.randomseed(os.time())\n"
@@ -245,7 +265,7 @@ def lua_scripts(tmp: Path, n_users: int, modalities: dict[str, int], api_key: st
         "end\n"
     )
     post = tmp / "post.lua"
-    escaped = features.replace('"', '\\"')  # the JSON object as the inside of a Lua string literal
+    head, tail = (part.replace('"', '\\"') for part in (head, tail))  # the inside of Lua string literals
     post.write_text(
         "local counter = 0\n"
         "-- unique per wrk thread and run (the warm-up run must not post the same ids)\n"
@@ -256,7 +276,7 @@ def lua_scripts(tmp: Path, n_users: int, modalities: dict[str, int], api_key: st
         "request = function()\n"
         "  counter = counter + 1\n"
         f'  local body = "{{\\"item_id\\": \\"bench-" .. prefix .. "-" .. counter .. "\\", '
-        f'\\"features\\": {escaped}}}"\n'
+        f'\\"features\\": {head}" .. string.format("%.4f", 4 * math.random() - 2) .. "{tail}}}"\n'
         '  return wrk.format(nil, "/items", nil, body)\n'
         "end\n"
     )
@@ -360,6 +380,152 @@ def http_post(path: str, body: bytes, api_key: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Churn: items streaming in
+# ---------------------------------------------------------------------------------------------------------
+
+
+class OnlineMirror:
+    """What the service should hold online, computed here: each posted item's features and embedding (the
+    artifact's encoder, as the service fuses them), so that recall is measured against exact search over the
+    artifact's and the online items."""
+
+    def __init__(self, artifact: Path, n_users: int, train_items: int, batch: int) -> None:
+        from models.artifacts import Bundle
+
+        self.bundle = Bundle(artifact)
+        self.modalities = self.bundle.modalities
+        base = min(len(self.bundle.item_ids), train_items)
+        self._features = synthetic_item_features(synthetic_config(base, n_users), 10**9, seed=2, chunk=batch)
+        self.embeddings: dict[str, np.ndarray] = {}
+        self._serial = 0
+
+    def next_batch(self, ids: list[str] | None = None, size: int = 0) -> tuple[list[str], bytes]:
+        """A ``POST /items:batch`` body: new items (``size`` of them) or new features for ``ids``."""
+        import torch
+
+        features = next(self._features)
+        if ids is None:
+            ids = [f"churn-{self._serial + i}" for i in range(size)]
+            self._serial += size
+        features = np.round(features[: len(ids)], 4)  # what the JSON carries, as float32 in the service
+        with torch.no_grad():
+            final, _ = self.bundle.encoder.encode_items(torch.from_numpy(features.astype(np.float32)))
+        items = []
+        for item_id, row, emb in zip(ids, features, final.numpy(), strict=True):
+            self.embeddings[item_id] = emb
+            parts, start = {}, 0
+            for name, dim in self.modalities.items():
+                parts[name] = row[start : start + dim].tolist()
+                start += dim
+            items.append({"item_id": item_id, "features": parts})
+        return ids, json.dumps({"items": items}).encode()
+
+    def exact_top(self, artifact: Path, users: list[int], k: int) -> list[set[str]]:
+        """Exact top-k item ids of training users over the artifact's and the online items."""
+        online_ids = list(self.embeddings)
+        items = np.concatenate([self.bundle.item_embeddings, np.stack([self.embeddings[i] for i in online_ids])])
+        top = exact_top_rows(items, self.bundle.user_embeddings, seen_rows(artifact), users, k)
+        n_base, item_ids = len(self.bundle.item_ids), self.bundle.item_ids
+        return [{item_ids[r] if r < n_base else online_ids[r - n_base] for r in rows} for rows in top]
+
+
+def post_batches(base: str, bodies: list[bytes], api_key: str, connections: int = 2) -> tuple[float, list[float]]:
+    """Post the prepared ``POST /items:batch`` bodies over ``connections`` keep-alive connections;
+    (seconds in all, each request's seconds)."""
+    import threading
+    import time
+
+    latencies: list[float] = []
+    pending = list(reversed(bodies))
+    lock = threading.Lock()
+    headers = {"Content-Type": "application/json", "X-API-Key": api_key}
+
+    def worker() -> None:
+        with httpx.Client(base_url=base, timeout=300) as http:
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    body = pending.pop()
+                start = time.perf_counter()
+                http.post("/items:batch", content=body, headers=headers).raise_for_status()
+                latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, latencies
+
+
+def measure_recall(base: str, catalog: dict, users: list[int], truth: list[set[str]]) -> float:
+    hits = []
+    with httpx.Client(base_url=base, timeout=30) as http:
+        for u, expected in zip(users, truth, strict=True):
+            answer = http.get(f"/recommend/{catalog['users'][u]}", params={"k": 20}).json()
+            hits.append(len(expected & {i["item_id"] for i in answer["items"]}) / 20)
+    return float(np.mean(hits))
+
+
+def churn_rows(
+    base: str, artifact: Path, catalog: dict, api_key: str, scripts: dict, users: list[int], args: argparse.Namespace
+) -> tuple[list[dict], list[dict]]:
+    """The churn scenario (module docstring, 5.): rows for the first table and one summary per ``--churn``."""
+    mirror = OnlineMirror(artifact, len(catalog["users"]), args.train_items, args.batch)
+    rng = np.random.default_rng(3)
+    users_by_request = rng.integers(0, len(catalog["users"]), 100_000)
+    request_paths = [http_get(f"/recommend/{catalog['users'][u]}?k=20") for u in users_by_request]
+    rows, summaries, online = [], [], 0
+    for target in sorted(args.churn):
+        bodies, fresh = [], []
+        while online < target:
+            ids, body = mirror.next_batch(size=min(args.batch, target - online))
+            bodies.append(body)
+            fresh += ids
+            online += len(ids)
+        seconds, latencies = post_batches(base, bodies, api_key)
+        lat = np.array(latencies) * 1e3
+        name = f"POST /items:batch ({args.batch} items each) up to {target:,} online items: items/s"
+        posted = {"endpoint": name, "rps": len(fresh) / seconds, "p50_ms": float(np.percentile(lat, 50)),
+                  "p99_ms": float(np.percentile(lat, 99)), "requests": len(bodies), "errors": 0}  # fmt: skip
+        rows.append(posted)
+        print(f"  {name}: {posted}", file=sys.stderr)
+        # 1% of the online items change: half get new features, half are deleted.
+        live = list(mirror.embeddings)
+        changed = rng.choice(len(live), max(2, len(live) // 100), replace=False)
+        replaced, deleted = [live[i] for i in changed[::2]], [live[i] for i in changed[1::2]]
+        for start in range(0, len(replaced), args.batch):
+            _, body = mirror.next_batch(ids=replaced[start : start + args.batch])
+            post_batches(base, [body], api_key, connections=1)
+        with httpx.Client(base_url=base, timeout=30, headers={"X-API-Key": api_key}) as http:
+            for item_id in deleted:
+                http.delete(f"/items/{item_id}").raise_for_status()
+                del mirror.embeddings[item_id]
+        online = len(mirror.embeddings)
+        recall = measure_recall(base, catalog, users, mirror.exact_top(artifact, users, 20))
+        label = f"with {online:,} online items ({len(replaced)} replaced, {len(deleted)} deleted)"
+        noop = run_wrk(f"{base}/healthz", None, args.duration, args.connections, args.threads)
+        rec = run_wrk(base, scripts["recommend"], args.duration, args.connections, args.threads)
+        rate = rec["rps"] / 2
+        half = open_loop(
+            base, lambda i: request_paths[i % len(request_paths)], rate, args.duration, args.open_connections
+        )
+        for endpoint, result in (
+            (f"GET /healthz (no-op) {label}", noop),
+            (f"GET /recommend/{{user}}?k=20 {label}", rec),
+            (f"GET /recommend/{{user}}?k=20 at half peak ({rate:.0f}/s, open loop) {label}", half),
+        ):
+            rows.append({"endpoint": endpoint, **result})
+            print(f"  {endpoint}: {result}", file=sys.stderr)
+        summaries.append({"online": online, "post_items_s": posted["rps"], "post_p99": posted["p99_ms"],
+                          "ratio": rec["rps"] / noop["rps"], "half_p99": half["p99_ms"], "recall": recall})  # fmt: skip
+        print(f"  churn {target:,}: recall@20 {recall:.4f}", file=sys.stderr)
+    return rows, summaries
+
+
+# ---------------------------------------------------------------------------------------------------------
 # One service
 # ---------------------------------------------------------------------------------------------------------
 
@@ -431,9 +597,10 @@ def bench_service(
             rows.append({"items": n_items, "index": kind, "redis": redis_label, "endpoint": "POST /items", **result})
             print(f"  POST /items: {result}", file=sys.stderr)
             rate = rows[-1]["rps"] / 2
-            features = json.dumps({m: np.round(rng.normal(size=d), 4).tolist() for m, d in modalities.items()})
+            head, tail = feature_parts(modalities, 1)
 
             def post(i: int) -> bytes:
+                features = f"{head}{(i % 40_000) / 10_000 - 2:.4f}{tail}"
                 return http_post("/items", f'{{"item_id": "half-{i}", "features": {features}}}'.encode(), api_key)
 
             result = open_loop(base, post, rate, args.duration, args.open_connections)
@@ -446,11 +613,14 @@ def bench_service(
             name = "GET /recommend/{user}?k=20 after the writes" + (f" ({online:,} online items)" if online else "")
             rows.append({"items": n_items, "index": kind, "redis": redis_label, "endpoint": name, **result})
             print(f"  {name}: {result}", file=sys.stderr)
-        healthz, rec, half, post, post_half, rec_after = rows
-        summary.update(
-            ratio=rec["rps"] / healthz["rps"], half_p99=half["p99_ms"], post_p99=post["p99_ms"],
-            post_half_p99=post_half["p99_ms"], ratio_after=rec_after["rps"] / healthz["rps"],
-        )  # fmt: skip
+            healthz, rec, half, post, post_half, rec_after = rows
+            summary.update(
+                ratio=rec["rps"] / healthz["rps"], half_p99=half["p99_ms"], post_p99=post["p99_ms"],
+                post_half_p99=post_half["p99_ms"], ratio_after=rec_after["rps"] / healthz["rps"],
+            )  # fmt: skip
+            if args.churn:
+                churned, summary["churn"] = churn_rows(base, artifact, catalog, api_key, scripts, users, args)
+                rows += [{"items": n_items, "index": kind, "redis": redis_label, **r} for r in churned]
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -487,6 +657,12 @@ def main() -> int:
         "runs side by side)",
     )  # fmt: skip
     parser.add_argument("--state-parent", help="directory for the embedded Redis' files (default: the temp dir)")
+    parser.add_argument(
+        "--churn", type=int, action="append",
+        help="then post items through POST /items:batch until this many are online, change 1%% of them and "
+        "measure again (repeatable, increasing: e.g. --churn 10000 --churn 100000)",
+    )  # fmt: skip
+    parser.add_argument("--batch", type=int, default=500, help="items per POST /items:batch of the churn scenario")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("error: wrk not found (apt-get install wrk)", file=sys.stderr)
@@ -520,6 +696,16 @@ def main() -> int:
         cells = [f"{s['items']:,}", s["index"], s["redis"], params, f"{s['build_s']:.1f}", lists, f"{s['recall']:.3f}",
                  f"{s['ratio']:.0%} ({s['ratio_after']:.0%})", f"{s['half_p99']:.2f}", post]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
+    if any("churn" in s for s in summaries):
+        print("\n| items | index | online items | POST /items:batch items/s (p99 ms per batch) | /recommend ÷ no-op "
+              "throughput | /recommend p99 ms at half peak | recall@20 |")  # fmt: skip
+        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+        for s in summaries:
+            for c in s.get("churn", []):
+                posted = f"{c['post_items_s']:,.0f} ({c['post_p99']:.0f})"
+                cells = [f"{s['items']:,}", s["index"], f"{c['online']:,}", posted, f"{c['ratio']:.0%}",
+                         f"{c['half_p99']:.2f}", f"{c['recall']:.3f}"]  # fmt: skip
+                print("| " + " | ".join(cells) + " |")
     return 1 if any(r["errors"] for r in rows) else 0
 
 

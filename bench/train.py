@@ -366,7 +366,7 @@ def main() -> None:
     p.add_argument("--target", type=float, default=0.068)
     p.add_argument("--quality-seconds", type=float, default=600.0, help="give up on the target after this")
     p.add_argument(
-        "--contention", action="store_true",
+        "--contention", "--contended", action="store_true",
         help="instead of the table above: each row timed alone and beside a CPU-bound job this script starts, with "
         "OpenMP waiting passively (what the entry points ask for on a busy machine), with libgomp's default and "
         "spinning, on the threads a training run picks and on 1",

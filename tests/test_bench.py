@@ -167,3 +167,43 @@ def test_train_bench_contention_rows(tmp_path: Path) -> None:
     assert {p for p, _ in policies} == {"passive", "default (spin, then sleep)", "active (spin)"}, out.stdout
     assert "1" in threads, out.stdout
     assert all(float(r[5]) > 0 and float(r[6]) > 0 and r[7].endswith("x") for r in rows), out.stdout
+
+
+def test_serve_bench_churn_reference_agrees_with_an_exact_service(artifact, redis_url: str, ns: str) -> None:
+    """The churn scenario's pieces (bench/serve.py): items posted in batches, some replaced and deleted, and the
+    bench's own exact reference over the artifact's and the online items; a flat index with precomputed lists
+    answers exactly, so recall against that reference must be 1."""
+    import httpx
+
+    from bench import serve
+    from bench.support import free_port, wait_ready
+
+    port, key = free_port(), "bench-test-key"
+    env = {**os.environ, "MMF_API_KEY": key, "MMF_REDIS_URL": redis_url, "MMF_NAMESPACE": ns, "MMF_INDEX": "flat",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    cmd = [sys.executable, "-m", "service", "run", "--artifacts", str(artifact.path), "--port", str(port),
+           "--log-level", "warning"]  # fmt: skip
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(server, base, HANG_GUARD_S)
+        mirror = serve.OnlineMirror(artifact.path, len(artifact.user_ids), train_items=100_000, batch=40)
+        assert mirror.modalities == artifact.modalities
+        bodies = [mirror.next_batch(size=40)[1] for _ in range(3)]
+        seconds, latencies = serve.post_batches(base, bodies, key)
+        assert seconds > 0 and len(latencies) == 3
+        replaced, deleted = list(mirror.embeddings)[:5], list(mirror.embeddings)[5:10]
+        serve.post_batches(base, [mirror.next_batch(ids=replaced)[1]], key, connections=1)
+        with httpx.Client(base_url=base, headers={"X-API-Key": key}) as http:
+            for item_id in deleted:
+                http.delete(f"/items/{item_id}").raise_for_status()
+                del mirror.embeddings[item_id]
+            assert http.get("/info").json()["precomputed"]["online_items"] == 115
+        catalog = {"users": artifact.user_ids}
+        users = list(range(0, len(artifact.user_ids), 7))
+        truth = mirror.exact_top(artifact.path, users, 20)
+        assert any(any(i.startswith("churn-") for i in top) for top in truth)  # online items do compete
+        assert serve.measure_recall(base, catalog, users, truth) == 1.0
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
