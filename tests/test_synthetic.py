@@ -205,3 +205,34 @@ def test_default_size_builds():
     total = len(_all_pairs(d))
     assert 60_000 < total < 78_000
     assert set(d.test[:, 0].tolist()) <= set(d.train[:, 0].tolist())
+
+
+def test_hit_rate_by_group_counts_test_interactions_in_the_top_k() -> None:
+    """Three users, four held-out items in two groups; user 0's validation item is masked before ranking."""
+    from types import SimpleNamespace
+
+    from training.cold_groups import hit_rate_by_group
+
+    scores = np.array([[9.0, 1.0, 2.0, 3.0], [0.0, 5.0, 4.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    split = SimpleNamespace(valid=np.array([[0, 0]]), test=np.array([[0, 1], [0, 3], [1, 2], [2, 0], [2, 3]]))
+    # Ranks once user 0's item 0 is masked: user 0 item 1 3rd, item 3 1st; user 1 item 2 2nd; user 2 item 0 4th,
+    # item 3 1st. Group 0 (items 0, 1): 2 interactions, none in a top 2; group 1 (items 2, 3): 3, all in it.
+    groups = np.array([0, 0, 1, 1])
+    assert hit_rate_by_group(scores.copy(), split, groups, 2, k=2) == [0.0, 1.0]
+    assert hit_rate_by_group(scores.copy(), split, groups, 3, k=4)[:2] == [1.0, 1.0]
+    assert np.isnan(hit_rate_by_group(scores.copy(), split, groups, 3, k=4)[2])  # a group without interactions
+
+
+def test_cold_groups_command_prints_a_row_per_model(capsys) -> None:
+    from training.cli import main
+
+    argv = ["cold-groups", "--config", "configs/synthetic.yaml", "--set", "data.synthetic.n_users=300",
+            "--set", "data.synthetic.n_items=200", "--set", "train.epochs=2", "--set", "model.content_neighbors=5",
+            "--seeds", "1", "--models", "metammf_lightgcn,late_fusion_lightgcn"]  # fmt: skip
+    assert main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| model | visual only | acoustic only | split across all | product of visual and acoustic |"
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["metammf_lightgcn", "late_fusion_lightgcn"]
+    assert main([*argv[:-2], "--models", "nope"]) == 2
+    assert main(["cold-groups", "--set", "data.path=somewhere", "--models", "metammf_lightgcn"]) == 2
+    assert "needs the built-in synthetic data" in capsys.readouterr().err
