@@ -21,8 +21,9 @@ port against Redis (``--redis-url``, a fresh namespace, deleted afterwards) and 
    using httpx, so that the client costs little CPU next to the server on a small machine. (wrk's p99 at peak
    is mostly queueing: --connections requests wait behind each other.)
 4. **/recommend again after the writes**, with wrk: the items the POST runs added are now online; with
-   precomputed lists (``MMF_PRECOMPUTED_K``, on by default) each answer scans them exactly, so this row shows
-   what they cost. The summary gives both throughput ratios.
+   precomputed lists (``MMF_PRECOMPUTED_K``, on by default) each answer merges its list with the best of them
+   (an exact scan while they are few, their own index past that), so this row shows what they cost. The
+   summary gives both throughput ratios.
 
 5. **Churn** (``--churn N``, repeatable, e.g. ``--churn 10000 --churn 100000``): items streaming in. New items
    (features from the synthetic generator, like the catalogue's) are posted through ``POST /items:batch``
@@ -607,7 +608,7 @@ def bench_service(
             name = f"POST /items at half peak ({rate:.0f}/s, open loop)"
             rows.append({"items": n_items, "index": kind, "redis": redis_label, "endpoint": name, **result})
             print(f"  {name}: {result}", file=sys.stderr)
-            # Again with the items the writes added: precomputed lists scan them exactly next to each list.
+            # Again with the items the writes added: each list is merged with the best of them.
             online = (httpx.get(f"{base}/info", timeout=10).json()["precomputed"] or {}).get("online_items")
             result = run_wrk(base, scripts["recommend"], args.duration, args.connections, args.threads)
             name = "GET /recommend/{user}?k=20 after the writes" + (f" ({online:,} online items)" if online else "")
