@@ -462,6 +462,7 @@ def post_batches(base: str, bodies: list[bytes], api_key: str, connections: int 
 
 
 def measure_recall(base: str, catalog: dict, users: list[int], truth: list[set[str]]) -> float:
+    """Mean |served top 20 ∩ ``truth``| / 20 over training users (rows of ``catalog['users']``)."""
     hits = []
     with httpx.Client(base_url=base, timeout=30) as http:
         for u, expected in zip(users, truth, strict=True):
@@ -569,12 +570,7 @@ def bench_service(
 
         users = np.random.default_rng(1).choice(n_users, min(args.recall_users, n_users), replace=False).tolist()
         truth = exact_top(artifact, users, 20)
-        hits = []
-        with httpx.Client(base_url=base, timeout=30) as http:
-            for u, expected in zip(users, truth, strict=True):
-                answer = http.get(f"/recommend/{catalog['users'][u]}", params={"k": 20}).json()
-                hits.append(len(expected & {i["item_id"] for i in answer["items"]}) / 20)
-        summary["recall"] = float(np.mean(hits))
+        summary["recall"] = measure_recall(base, catalog, users, truth)
         print(f"  build {summary['build_s']:.1f}s, recall@20 {summary['recall']:.4f}", file=sys.stderr)
 
         with tempfile.TemporaryDirectory() as tmp:

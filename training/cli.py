@@ -163,10 +163,6 @@ def cmd_cold_groups(args: argparse.Namespace) -> int:
         print(f"error: --models: unknown model(s) {unknown}; known: {', '.join(model_names())}", file=sys.stderr)
         return 2
     base = load_run_config(args.config, args.set or [])
-    if base.data.path is not None:
-        print("error: cold-groups needs the built-in synthetic data (its fusion groups are known): no data.path",
-              file=sys.stderr)  # fmt: skip
-        return 2
     rates: dict[str, list[list[float]]] = {}
     for model in models:
         for seed in range(args.seeds):
