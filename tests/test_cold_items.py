@@ -173,27 +173,54 @@ def test_encoder_without_neighbor_buffers_loads(tiny_data: RecData, make_config)
     )
 
 
-def test_calibration_picks_the_new_item_scale_best_on_validation(tiny_data: RecData, make_config) -> None:
+def test_calibration_takes_the_largest_new_item_scale_within_one_standard_error(
+    tiny_data: RecData, make_config
+) -> None:
+    """Per-user validation values as a function of the multiplier: the rule walks up from the best one while the
+    paired difference stays within one standard error, and reads the ``all`` ranking where the evaluator has one."""
     from training.config import TrainConfig
     from training.evaluate import EvalResult
     from training.trainer import calibrate_new_items
 
     model = build_model(tiny_data, make_config("metammf_gcn", content_neighbors=3, **CONTENT), 1e-4)
     learned = model.neighbors.scale.item()
+    noise = np.random.default_rng(0).standard_normal(400)
 
-    def evaluate(best: float):
+    def evaluate(curve, ranking: str | None = "all"):
         def run(m, which: str) -> EvalResult:
             assert which == "valid"  # never the test split
-            ratio = m.neighbors.scale.item() / learned
-            return EvalResult({"recall@20": 0.0, "all_recall@20": -abs(ratio - best)}, np.zeros(0, dtype=np.int64))
+            per_user = {"recall@20": curve(m.neighbors.scale.item() / learned) + 0.01 * noise}
+            result = EvalResult({"recall@20": float(per_user["recall@20"].mean())}, np.arange(400), per_user)
+            if ranking is None:
+                return result
+            return EvalResult({"recall@20": 0.0}, np.zeros(0, dtype=np.int64), {}, {ranking: result})
 
         return run
 
-    assert calibrate_new_items(model, evaluate(5.5), TrainConfig()) == pytest.approx(2**2.5)  # the nearest step
+    # A sharp peak at 2^2.5: every larger step is far below it.
+    peak = evaluate(lambda r: 1.0 - abs(np.log2(r) - 2.5))
+    assert calibrate_new_items(model, peak, TrainConfig()) == pytest.approx(2**2.5)
     assert model.neighbors.scale.item() == pytest.approx(2**2.5 * learned)
-    # No difference on validation: the learned scale is kept.
+    # A plateau from 1 to 4 (the best at 1 by a hair, the rest within noise), then a fall: the plateau's end.
     model.neighbors.scale.data.fill_(learned)
-    assert calibrate_new_items(model, lambda m, w: EvalResult({"recall@20": 0.1}, np.zeros(0)), TrainConfig()) == 1.0
+
+    def plateau(r: float) -> np.ndarray:
+        step = round(2 * np.log2(r))  # 0 at the learned scale, 1 per factor sqrt(2)
+        if step < 0 or step > 4:
+            return np.full(400, 0.3 if step < 0 else 0.0)
+        values = np.full(400, 0.5)
+        if step > 0:  # 2 step + 1 users lose a hit, 2 step others gain one: level within the noise
+            values[: 2 * step + 1] = 0.0
+            values[200 : 200 + 2 * step] = 1.0
+        return values
+
+    assert calibrate_new_items(model, evaluate(plateau), TrainConfig()) == 4.0
+    # The warm protocol's evaluator (no separate rankings) is read directly.
+    model.neighbors.scale.data.fill_(learned)
+    assert calibrate_new_items(model, evaluate(plateau, ranking=None), TrainConfig()) == 4.0
+    # No difference on validation at all (no new item takes part): the learned scale is kept.
+    model.neighbors.scale.data.fill_(learned)
+    assert calibrate_new_items(model, evaluate(lambda r: 0.1), TrainConfig()) == 1.0
     assert model.neighbors.scale.item() == pytest.approx(learned)
     plain = build_model(tiny_data, make_config("metammf_gcn"), 1e-4)
-    assert calibrate_new_items(plain, evaluate(2.0), TrainConfig()) is None
+    assert calibrate_new_items(plain, peak, TrainConfig()) is None

@@ -214,7 +214,8 @@ def cold_evaluator(split: ColdItemSplit, cfg: TrainConfig) -> Callable[[RecModel
     themselves; ``full_<metric>`` ranks them among all items (warm and held-out compete, as in the
     service's ``/recommend``); ``warm_<metric>`` is the warm protocol's ranking of the warm items for the
     data's warm valid/test interactions; ``all_<metric>`` ranks every warm and held-out target in one ranking
-    over all items (what calibrates new items' scale, :func:`training.trainer.calibrate_new_items`).
+    over all items (what calibrates new items' scale, :func:`training.trainer.calibrate_new_items`). Each of
+    the three rankings' own result, with per-user values, is in ``rankings`` under its prefix.
     ``selection`` is the model-selection rule early stopping uses:
     the mean of the held-out and the warm ``cfg.monitor`` (the warm one alone when a split has no warm
     targets), so the chosen epoch serves both new and existing items.
@@ -236,12 +237,14 @@ def cold_evaluator(split: ColdItemSplit, cfg: TrainConfig) -> Callable[[RecModel
             lambda u: users[u] @ catalogue.T, targets, exclude, n_users, len(catalogue), ks, batch, device
         )
         metrics.update({f"full_{k}": v for k, v in full.metrics.items()})
+        rankings = {"full": full}
         warm_targets = split.warm.valid if which == "valid" else split.warm.test
         every = np.concatenate([warm_targets, targets]) if len(warm_targets) else targets
         both = full_rank_evaluate(
             lambda u: users[u] @ catalogue.T, every, exclude, n_users, len(catalogue), ks, batch, device
         )
         metrics.update({f"all_{k}": v for k, v in both.metrics.items()})
+        rankings["all"] = both
         metrics["selection"] = metrics[cfg.monitor]
         if len(warm_targets):
             exclude = [split.warm.train] if which == "valid" else [split.warm.train, split.warm.valid]
@@ -249,8 +252,9 @@ def cold_evaluator(split: ColdItemSplit, cfg: TrainConfig) -> Callable[[RecModel
                 lambda u: users[u] @ warm_items.T, warm_targets, exclude, n_users, n_warm, ks, batch, device
             )
             metrics.update({f"warm_{k}": v for k, v in warm.metrics.items()})
+            rankings["warm"] = warm
             metrics["selection"] = (metrics[cfg.monitor] + warm.metrics[cfg.monitor]) / 2
-        return EvalResult(metrics, cold.users, cold.per_user)
+        return EvalResult(metrics, cold.users, cold.per_user, rankings)
 
     return evaluate
 

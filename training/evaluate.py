@@ -52,12 +52,15 @@ class EvalResult:
 
     ``metrics`` maps ``"<name>@<K>"`` (name in ``recall``, ``ndcg``, ``precision``, ``hit``) to the
     aggregate value; ``users`` holds the evaluated users (sorted, int64) and ``per_user`` the
-    per-user values aligned with ``users`` (for ``hit@K`` the user's number of hits).
+    per-user values aligned with ``users`` (for ``hit@K`` the user's number of hits). An evaluator that
+    reports several rankings under prefixed metrics (``all_recall@20``, ...) keeps each prefix's own result,
+    with its per-user values, in ``rankings`` (e.g. ``rankings["all"]``).
     """
 
     metrics: dict[str, float]
     users: np.ndarray
     per_user: dict[str, np.ndarray] = field(default_factory=dict)
+    rankings: dict[str, EvalResult] = field(default_factory=dict)
 
     def save_per_user(self, path: str | os.PathLike[str]) -> None:
         """Write ``users`` and every per-user array to an ``.npz`` file (no pickling needed).

@@ -253,28 +253,52 @@ def _train(
 NEW_ITEM_SCALES = tuple(2 ** (step / 2) for step in range(-4, 11))
 
 
+def within_one_standard_error(candidate: np.ndarray, best: np.ndarray) -> bool:
+    """Whether per-user values ``candidate`` are not worse than ``best`` (the same users) by more than one
+    standard error of their paired difference."""
+    if len(best) < 2:
+        return bool(candidate.mean() >= best.mean()) if len(best) else True
+    difference = candidate - best
+    return bool(difference.mean() >= -difference.std(ddof=1) / np.sqrt(len(difference)))
+
+
 @torch.no_grad()
 def calibrate_new_items(model: RecModel, evaluate: SplitEvaluator, cfg: TrainConfig) -> float | None:
     """Fit how strongly new items compete with trained ones: the multiplier of the learned scale of their
-    content neighbours' states (``model.content_neighbors``) among ``NEW_ITEM_SCALES`` whose validation
-    ``cfg.monitor`` is best over every validation interaction in one ranking of all items (``all_<monitor>``
-    where the evaluator gives it, the cold-item protocol; else ``<monitor>``: there items without training
-    interactions compete). Ties keep the multiplier nearest 1. Within new items the order does not change
-    (a positive scale); what changes is how many of them reach a user's top k. Returns the multiplier, or
-    None for a model without that scale."""
+    content neighbours' states (``model.content_neighbors``) among ``NEW_ITEM_SCALES``, by the validation
+    ``cfg.monitor`` over every validation interaction in one ranking of all items (the ``all`` ranking where
+    the evaluator reports it, the cold-item protocol; else the plain one: there items without training
+    interactions compete).
+
+    The rule is the one-standard-error rule: the largest multiplier that is, like every multiplier between
+    it and the best one, within one standard error (of the per-user paired difference) of the best. Over the
+    plateau where trading a few trained items' slots for new items' leaves the validation metric unchanged
+    within its noise, new items get the most exposure, and the choice does not follow the noise (taking the
+    best alone picked 1 to 2 on TikTok's plateau, seed by seed: docs/results.md, "New items under the served
+    default"). Within new items the order does not change (a positive scale); what changes is how many of them
+    reach a user's top k. Returns the multiplier, or None for a model without that scale."""
     neighbors = getattr(model, "neighbors", None)
     if neighbors is None:
         return None
     learned = neighbors.scale.detach().clone()
 
-    def score(multiplier: float) -> float:
+    def per_user(multiplier: float) -> np.ndarray:
         neighbors.scale.copy_(learned * multiplier)
-        metrics = evaluate(model, "valid").metrics
-        return metrics.get(f"all_{cfg.monitor}", metrics[cfg.monitor])
+        result = evaluate(model, "valid")
+        return result.rankings.get("all", result).per_user[cfg.monitor]
 
-    scores = {m: score(m) for m in NEW_ITEM_SCALES}
-    best = max(NEW_ITEM_SCALES, key=lambda m: (scores[m], -abs(m - 1.0)))
-    neighbors.scale.copy_(learned * best)
-    log.info("new items' scale: learned %.3f x %.2f (validation %s %s)", learned.item(), best,
-             cfg.monitor, ", ".join(f"{m:.3g}: {s:.4f}" for m, s in scores.items()))  # fmt: skip
-    return best
+    values = {m: per_user(m) for m in NEW_ITEM_SCALES}
+    means = {m: float(v.mean()) if len(v) else 0.0 for m, v in values.items()}
+    best = max(NEW_ITEM_SCALES, key=lambda m: (means[m], -abs(m - 1.0)))
+    chosen = best
+    # A curve that does not move at all says nothing about new items (none take part in validation): the
+    # learned scale stays, rather than the largest multiplier.
+    if any(not np.array_equal(v, values[best]) for v in values.values()):
+        for m in (m for m in NEW_ITEM_SCALES if m > best):
+            if not within_one_standard_error(values[m], values[best]):
+                break
+            chosen = m
+    neighbors.scale.copy_(learned * chosen)
+    log.info("new items' scale: learned %.3f x %.2f (best %.2f; validation %s %s)", learned.item(), chosen, best,
+             cfg.monitor, ", ".join(f"{m:.3g}: {s:.4f}" for m, s in means.items()))  # fmt: skip
+    return chosen
