@@ -215,6 +215,8 @@ def test_calibration_takes_the_largest_new_item_scale_within_one_standard_error(
         return values
 
     assert calibrate_new_items(model, evaluate(plateau), TrainConfig()) == 4.0
+    model.neighbors.scale.data.fill_(learned)
+    assert calibrate_new_items(model, evaluate(plateau), TrainConfig(new_item_scale_rule="best")) == 1.0
     # The warm protocol's evaluator (no separate rankings) is read directly.
     model.neighbors.scale.data.fill_(learned)
     assert calibrate_new_items(model, evaluate(plateau, ranking=None), TrainConfig()) == 4.0

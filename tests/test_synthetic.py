@@ -260,7 +260,7 @@ def test_cold_groups_learnability_ranks_predicted_factors_with_the_true_users(ca
     assert main(argv) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [r[0].strip() for r in rows[1:]] == [
-        "true latent factor (ceiling)", "ridge regression", "MetaMMF fusion network, d_s 5, rank 16",
+        "true latent factor", "ridge regression", "MetaMMF fusion network, d_s 5, rank 16",
         "MetaMMF fusion network, d_s 16, rank 32", "MLP (2 x 256, ReLU)"]  # fmt: skip
-    ceiling = [float(cell.split("±")[0]) for cell in rows[1][1:]]
-    assert min(ceiling) > 0.5
+    true_factor = [float(cell.split("±")[0]) for cell in rows[1][1:]]
+    assert min(true_factor) > 0.5

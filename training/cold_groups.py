@@ -107,7 +107,7 @@ def cold_group_scores(cfg: RunConfig, k: int = 20) -> GroupScores:
 # Learnability: content -> the true latent factor, no recommender
 # --------------------------------------------------------------------------------------------------
 
-TRUE_FACTOR = "true latent factor (ceiling)"
+TRUE_FACTOR = "true latent factor"
 
 
 def content_learners(in_dim: int, out_dim: int) -> dict[str, nn.Module | None]:

@@ -60,6 +60,12 @@ class TrainConfig(BaseModel):
     patience: int = Field(10, ge=1, description="evaluations without improvement before stopping")
     eval_every: int = Field(1, ge=1, description="validate every N epochs")
     monitor: str = Field("recall@20", description="validation metric for early stopping")
+    new_item_scale_rule: Literal["one_se", "best"] = Field(
+        "one_se",
+        description="how the new items' scale multiplier is picked on validation (models with content neighbours): "
+        "'one_se' the largest multiplier within one standard error of the best (new items get the most exposure "
+        "the validation metric cannot tell from the best), 'best' the best one",
+    )
     ks: list[int] = Field(default_factory=lambda: [10, 20])
     seed: int = 2024
     device: str = "cpu"

@@ -270,7 +270,8 @@ def calibrate_new_items(model: RecModel, evaluate: SplitEvaluator, cfg: TrainCon
     the evaluator reports it, the cold-item protocol; else the plain one: there items without training
     interactions compete).
 
-    The rule is the one-standard-error rule: the largest multiplier that is, like every multiplier between
+    ``cfg.new_item_scale_rule`` 'best' takes the best multiplier (ties: the one nearest 1). 'one_se' (the
+    default) takes the one-standard-error rule: the largest multiplier that is, like every multiplier between
     it and the best one, within one standard error (of the per-user paired difference) of the best. Over the
     plateau where trading a few trained items' slots for new items' leaves the validation metric unchanged
     within its noise, new items get the most exposure, and the choice does not follow the noise (taking the
@@ -293,7 +294,7 @@ def calibrate_new_items(model: RecModel, evaluate: SplitEvaluator, cfg: TrainCon
     chosen = best
     # A curve that does not move at all says nothing about new items (none take part in validation): the
     # learned scale stays, rather than the largest multiplier.
-    if any(not np.array_equal(v, values[best]) for v in values.values()):
+    if cfg.new_item_scale_rule == "one_se" and any(not np.array_equal(v, values[best]) for v in values.values()):
         for m in (m for m in NEW_ITEM_SCALES if m > best):
             if not within_one_standard_error(values[m], values[best]):
                 break
