@@ -264,3 +264,5 @@ def test_cold_groups_learnability_ranks_predicted_factors_with_the_true_users(ca
         "MetaMMF fusion network, d_s 16, rank 32", "MLP (2 x 256, ReLU)"]  # fmt: skip
     true_factor = [float(cell.split("±")[0]) for cell in rows[1][1:]]
     assert min(true_factor) > 0.5
+    assert main(["cold-groups", "--set", "data.path=somewhere", "--learnability"]) == 2
+    assert "needs the built-in synthetic data" in capsys.readouterr().err

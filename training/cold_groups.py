@@ -51,6 +51,12 @@ def hit_rate_by_group(
     return [float(np.mean(rank[groups == g] < k)) if np.any(groups == g) else float("nan") for g in range(n_groups)]
 
 
+def require_synthetic(cfg: RunConfig) -> None:
+    """The fusion groups are known for the built-in synthetic data only."""
+    if cfg.data.path is not None:
+        raise ValueError("cold-groups needs the built-in synthetic data (its fusion groups are known)")
+
+
 @dataclass(frozen=True)
 class GroupScores:
     """One trained model's view of the fusion groups: ``hit_rates`` of its held-out items (see
@@ -85,8 +91,7 @@ def embedding_probe(embeddings: np.ndarray, latent: np.ndarray, item_group: np.n
 def cold_group_scores(cfg: RunConfig, k: int = 20) -> GroupScores:
     """Train ``cfg`` (built-in synthetic data, the cold-item protocol); its hit rate at ``k`` per fusion group
     and the probe of its trained (warm) item embeddings."""
-    if cfg.data.path is not None:
-        raise ValueError("cold-groups needs the built-in synthetic data (its fusion groups are known)")
+    require_synthetic(cfg)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"protocol": "cold_items"})})
     data, truth = generate_synthetic_with_truth(cfg.data.synthetic)
     split = split_for(cfg, data)
@@ -153,8 +158,7 @@ def content_learnability(cfg: RunConfig, seed: int, k: int = 20) -> dict[str, li
     (``cfg``'s cold-item split of the built-in synthetic data) when each learner, fit on the warm items' content
     and *true* latent factors, predicts the held-out items' factors and the generator's true user vectors rank
     them; the first row ranks the true factors themselves. ``seed`` seeds the learners' initialisation."""
-    if cfg.data.path is not None:
-        raise ValueError("cold-groups needs the built-in synthetic data (its fusion groups are known)")
+    require_synthetic(cfg)
     data, truth = generate_synthetic_with_truth(cfg.data.synthetic)
     split = split_for(cfg, data)
     features = np.concatenate([data.features[m] for m in data.features], axis=1)
