@@ -276,8 +276,9 @@ def calibrate_new_items(model: RecModel, evaluate: SplitEvaluator, cfg: TrainCon
     plateau where trading a few trained items' slots for new items' leaves the validation metric unchanged
     within its noise, new items get the most exposure, and the choice does not follow the noise (taking the
     best alone picked 1 to 2 on TikTok's plateau, seed by seed: docs/results.md, "New items under the served
-    default"). Within new items the order does not change (a positive scale); what changes is how many of them
-    reach a user's top k. Returns the multiplier, or None for a model without that scale."""
+    default"). What changes is mostly how many new items reach a user's top k: the scale is positive, so their
+    order among themselves changes only through terms it does not scale (the item graph's row). Returns the
+    multiplier, or None for a model without that scale."""
     neighbors = getattr(model, "neighbors", None)
     if neighbors is None:
         return None
