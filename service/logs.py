@@ -117,6 +117,9 @@ def logging_config(level: str = "info") -> dict:
     root logger on stderr, every handler redacting."""
     numeric = logging.getLevelName(level.upper())
     root_level = numeric if isinstance(numeric, int) and numeric < logging.INFO else logging.INFO
+    # faiss-cpu's loader reports at INFO every per-CPU module it does not ship before it loads its build with
+    # run-time SIMD dispatch: error-looking lines on every start, kept for debug logging.
+    loader_level = root_level if root_level < logging.INFO else logging.WARNING
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -142,6 +145,7 @@ def logging_config(level: str = "info") -> dict:
             "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
             "uvicorn.error": {"level": "INFO"},
             "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+            "faiss.loader": {"level": loader_level},
         },
         "root": {"handlers": ["service"], "level": root_level},
     }

@@ -533,3 +533,15 @@ def test_export_interactions_drops_repeats_and_stale_pairs(
     assert pairs == expected
     # 2 users x (changed, reposted, deleted, training[1], training[2]) stale; one repeat
     assert "wrote 6 online interactions" in done.stdout and "1 repeated pairs, 10 with an item" in done.stdout
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_faiss_loader_lines_are_left_out_of_the_service_log_unless_debugging(level: str) -> None:
+    """faiss-cpu's loader logs, at INFO, each per-CPU module it lacks before loading its dispatching build; the
+    service's logging keeps those lines for debug only (a fresh interpreter: faiss logs once, at import)."""
+    code = f"from service.logs import configure_logging; configure_logging({level!r}); import faiss"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S, check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert ("faiss.loader" in done.stderr) == (level == "debug")
