@@ -131,17 +131,10 @@ def embedding_scorers(users: torch.Tensor, warm_items: torch.Tensor, cold_items:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def standardized(split: ColdItemSplit) -> tuple[np.ndarray, np.ndarray]:
-    warm = split.warm.item_features().astype(np.float64)
-    cold = split.cold_item_features().astype(np.float64)
-    mean, std = warm.mean(0), np.maximum(warm.std(0), 1e-6)
-    return (warm - mean) / std, (cold - mean) / std
-
-
 def ridge_items(split: ColdItemSplit, users: torch.Tensor, warm_items: torch.Tensor) -> torch.Tensor:
     """Held-out item embeddings predicted from features by ridge regression on the warm items; the L2
     weight is the one whose predictions rank the held-out *validation* interactions best."""
-    x_warm, x_cold = standardized(split)
+    x_warm, x_cold = split.standardized_features()
     y = warm_items.double().numpy()
     gram, cross = x_warm.T @ x_warm, x_warm.T @ y
     best, best_recall = None, -1.0
@@ -155,7 +148,7 @@ def ridge_items(split: ColdItemSplit, users: torch.Tensor, warm_items: torch.Ten
 
 
 def cosine_scorers(split: ColdItemSplit):
-    x_warm, x_cold = standardized(split)
+    x_warm, x_cold = split.standardized_features()
     unit = np.concatenate([x_warm, x_cold])
     unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
     profiles = np.zeros((split.warm.n_users, unit.shape[1]))

@@ -161,10 +161,7 @@ def content_learnability(cfg: RunConfig, seed: int, k: int = 20) -> dict[str, li
     require_synthetic(cfg)
     data, truth = generate_synthetic_with_truth(cfg.data.synthetic)
     split = split_for(cfg, data)
-    features = np.concatenate([data.features[m] for m in data.features], axis=1)
-    mean, std = features[split.warm_items].mean(0), features[split.warm_items].std(0) + 1e-6
-    warm_x = torch.from_numpy((features[split.warm_items] - mean) / std)
-    cold_x = torch.from_numpy((features[split.cold_items] - mean) / std)
+    warm_x, cold_x = (torch.from_numpy(x).float() for x in split.standardized_features())
     warm_z = torch.from_numpy(truth["latent"][split.warm_items])
     users = truth["user_latent"]
     groups, n_groups = truth["group"][split.cold_items], cfg.data.synthetic.n_groups

@@ -92,6 +92,14 @@ class ColdItemSplit:
         """Concatenated raw features of the held-out items, modalities in the warm data's order."""
         return np.concatenate([self.cold_features[m] for m in self.warm.features], axis=1).astype(np.float32)
 
+    def standardized_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """(warm, held-out) concatenated features, float64, standardised with the warm items' statistics: the
+        inputs of the content baselines fit on the warm items."""
+        warm = self.warm.item_features().astype(np.float64)
+        cold = self.cold_item_features().astype(np.float64)
+        mean, std = warm.mean(0), np.maximum(warm.std(0), 1e-6)
+        return (warm - mean) / std, (cold - mean) / std
+
 
 def cold_item_split(data: RecData, ratio: float = 0.2, seed: int = 0) -> ColdItemSplit:
     """Hold out ``round(ratio * n_items)`` items (seeded) from training; see the module docstring."""
