@@ -78,7 +78,8 @@ class Engine:
             return None
         lists = PrecomputedTopK(bundle.user_embeddings, bundle.item_embeddings, self.seen.training_ptr,
                                 self.seen.training_items, k, threads=threads)  # fmt: skip
-        return PrecomputedAnswers(lists, bundle.user_embeddings, self.index.empty_like, len(bundle.item_ids))
+        probes = self.index.probe_lists(bundle.user_embeddings)
+        return PrecomputedAnswers(lists, bundle.user_embeddings, self.index.empty_like, len(bundle.item_ids), probes)
 
     # -- catalogue ------------------------------------------------------------------------------------
     @property

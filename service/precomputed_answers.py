@@ -20,13 +20,17 @@ class PrecomputedAnswers:
     few (up to ``ONLINE_SCAN_MAX``); past that they move into an index of their own, of the served kind
     (``new_online_index``: :meth:`SlottedIndex.empty_like` of the item index), searched as the served index is:
     exactly for flat, approximately for hnsw and ivf, with the same search width. A request then costs one list
-    walk and one search of the online items, however many items the artifact has.
+    walk and one search of the online items, however many items the artifact has. For ivf the lists each
+    training user's search scans are chosen once (``user_probes``), not at every request: a search then only
+    scans them.
 
     Args:
         lists: the training users' precomputed lists.
         user_embeddings: (n_users, d) the training users' query vectors.
         new_online_index: makes the empty index the online items move into.
         n_training_items: the artifact's items; rows below it are training rows.
+        user_probes: (n_users, width) the training users' :meth:`SlottedIndex.probe_lists` of the item index
+            (whose lists the online index shares), or None.
     """
 
     # Up to this many online items a scan of them all costs less than a search of their index (docs/performance.md,
@@ -39,9 +43,11 @@ class PrecomputedAnswers:
         user_embeddings: np.ndarray,
         new_online_index: Callable[[], SlottedIndex],
         n_training_items: int,
+        user_probes: np.ndarray | None = None,
     ) -> None:
         self.lists = lists
         self._users = user_embeddings
+        self._user_probes = user_probes
         self._new_online_index = new_online_index
         self._scanned: KeyedVectors | None = KeyedVectors(user_embeddings.shape[1])
         self.online_index: SlottedIndex | None = None
@@ -86,12 +92,17 @@ class PrecomputedAnswers:
             return self.online_index.problems()
         return [] if self._scanned.consistent() else ["the online scan's position map disagrees with its keys"]
 
-    def _best_online(self, query: np.ndarray, k: int, exclude: Set[int]) -> tuple[list[int], list[float]]:
-        """The best k online items (rows, scores) by score then row, none of ``exclude``, scored as the lists are
-        (row_scores: equal vectors tie across the two). An approximate index search that finds fewer than k is
+    def _best_online(
+        self, user_row: int, k: int, exclude: Set[int], floor: float = -np.inf
+    ) -> tuple[list[int], list[float]]:
+        """The user's best k online items (rows, scores) by score then row, none of ``exclude``, scored as the
+        lists are (row_scores: equal vectors tie across the two); the index may leave out those scoring below
+        ``floor``, the k-th score of the user's list. An approximate index search that finds fewer than k is
         not done again exactly: the list holds the rest."""
+        query = self._users[user_row]
         if self.online_index is not None:
-            found = self.online_index.search(query, k, exclude, complete=False)
+            probes = self._user_probes[user_row] if self._user_probes is not None else None
+            found = self.online_index.search(query, k, exclude, complete=False, probes=probes, floor=floor)
             return [r for r, _ in found], [s for _, s in found]
         rows, vectors = self._scanned.arrays()
         # (the user's seen rows are mostly training rows: only the online ones concern the scan)
@@ -116,7 +127,8 @@ class PrecomputedAnswers:
         if len(picked_rows) < k and not complete:
             return None
         if self.online_count:
-            online_rows, online_scores = self._best_online(self._users[user_row], k, exclude)
+            floor = picked_scores[-1] if len(picked_rows) == k else -np.inf
+            online_rows, online_scores = self._best_online(user_row, k, exclude, floor)
             picked_rows, picked_scores = merge_best(picked_rows, picked_scores, online_rows, online_scores, k)
         return picked_rows, picked_scores
 

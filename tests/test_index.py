@@ -318,6 +318,51 @@ def test_ivf_side_list_answers_stay_exact_with_exclusions_and_ties() -> None:
     assert [r for r, _ in index.search(e0, 1)] == [7]
 
 
+def test_ivf_searches_over_lists_chosen_beforehand_answer_as_a_search_choosing_them() -> None:
+    """``probe_lists`` gives, per query, the lists an approximate ivf search scans (FAISS's quantizer, one query
+    at a time), and a search handed them answers exactly what the search choosing them answers: on the index
+    itself and on an empty_like copy holding other items, with exclusions (over-fetch and bitmap paths), dead
+    slots, side-list vectors and ties; with a floor, the same answers down to it. Flat and hnsw have no lists."""
+    rng = np.random.default_rng(11)
+    items, queries = clustered(3000, 16, seed=4)
+    items *= rng.lognormal(0.0, 0.5, size=(3000, 1)).astype(np.float32)
+    config = IndexSettings(kind="ivf", ivf_nlist=40, ivf_nprobe=3, target_recall=0.0, build_threads=1,
+                           ivf_exact_min_items=60)  # fmt: skip
+    index = build_index(config, items)
+    probes = index.probe_lists(queries)
+    assert probes.shape == (len(queries), 3)
+    aug = np.hstack([queries, np.zeros((len(queries), 1), np.float32)])
+    for q in range(0, len(queries), 7):  # the lists a single-query search picks, nearest first
+        assert probes[q].tolist() == index._faiss.quantizer.search(aug[q : q + 1], 3)[1][0].tolist()
+    online = index.empty_like()
+    extra = items[rng.choice(3000, 800, replace=False)] * rng.uniform(0.5, 1.5, (800, 1)).astype(np.float32)
+    extra[100:110] = extra[5]  # ties
+    online.add_many(np.arange(10_000, 10_800), extra)
+    for row in range(10_200, 10_300):  # dead slots: the bitmap path
+        online.remove(row)
+    for searched in (index, online):
+        rows = searched.rows()
+        for n in range(0, len(queries), 3):
+            q = queries[n]
+            for exclude in (set(), set(rows[n : n + 3].tolist()), set(rows[::7].tolist())):
+                for k in (1, 20):
+                    found = searched.search(q, k, exclude, complete=False)
+                    assert searched.search(q, k, exclude, complete=False, probes=probes[n]) == found
+                    # a floor (the caller's k-th score) may drop what scores below it, nothing else
+                    floor = found[len(found) // 2][1]
+                    above = searched.search(q, k, exclude, complete=False, probes=probes[n], floor=floor)
+                    assert [a for a in above if a[1] >= floor] == [a for a in found if a[1] >= floor]
+    # the lists handed over are the ones scanned: another query's lists give other answers
+    assert any(
+        online.search(q, 20, complete=False, probes=probes[n - 1]) != online.search(q, 20, complete=False)
+        for n, q in enumerate(queries[1:40], start=1)
+    )
+    # a row of another width (lists chosen for another nprobe) is not used
+    assert online.search(queries[0], 20, probes=probes[0][:2]) == online.search(queries[0], 20)
+    for kind in ("flat", "hnsw"):
+        assert build_index(IndexSettings(kind=kind, build_threads=1), items[:200]).probe_lists(queries) is None
+
+
 def test_approximate_search_never_answers_short() -> None:
     """With most items excluded, the approximate walk finds too few: the index searches exactly instead."""
     items, queries = clustered(2000, 32, seed=7)

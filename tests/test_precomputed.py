@@ -277,9 +277,16 @@ def test_replicas_and_a_reload_answer_alike_from_the_online_index(artifact: Arti
     reloaded.upsert_many([(i, final[i][0], final[i][1], states[0], None) for i in order])
     assert replica.precomputed.online_index.dead_slots > 0 and reloaded.precomputed.online_index.dead_slots == 0
     answered_online = 0
+    probes = reloaded.precomputed._user_probes
+    assert probes is not None and probes.shape == (len(artifact.user_ids), 2)
     for user in artifact.user_ids:
         for k in (1, 5, 10):
             got, want = replica.recommend(user, k), reloaded.recommend(user, k)
             assert got.item_ids == want.item_ids and got.scores == want.scores
             answered_online += any(i in final for i in got.item_ids)
+            # the lists each training user's search scans, chosen at start, are those a search would choose
+            reloaded.precomputed._user_probes = None
+            chosen_now = reloaded.recommend(user, k)
+            reloaded.precomputed._user_probes = probes
+            assert chosen_now.item_ids == want.item_ids and chosen_now.scores == want.scores
     assert answered_online > 0  # online items do reach the answers

@@ -79,11 +79,24 @@ class SlottedIndex(ABC):
         """The FAISS index a search asks, exact or approximate."""
         return self._faiss
 
-    def _candidates(self, q: np.ndarray, want: int, filtered: bool, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+    def probe_lists(self, queries: np.ndarray) -> np.ndarray | None:
+        """For a kind that scans lists (ivf): (n, width) the lists an approximate search of each query scans,
+        to hand to :meth:`search` as ``probes`` for a query searched again and again; None for the others."""
+        return None
+
+    def _candidates(
+        self,
+        q: np.ndarray,
+        want: int,
+        filtered: bool,
+        exact: bool,
+        probes: np.ndarray | None = None,
+        floor: float = -np.inf,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``want`` best (rows, scores) of live, non-excluded slots (approximate unless ``exact``),
         in no particular order. Arrays, not pairs: the caller orders and filters them with numpy. Every kind
         scores its answers with :func:`row_scores`, as the precomputed lists do, so that equal vectors tie
-        exactly whichever path answers."""
+        exactly whichever path answers. ``probes``, ``floor``: see :meth:`search`."""
         params = self._search_parameters(filtered, exact, want)
         _, slots = self._searched(exact).search(q, want, params=params)
         slots = slots[0][slots[0] >= 0]
@@ -160,12 +173,21 @@ class SlottedIndex(ABC):
         return out + self._own_problems() + self.slots.problems()
 
     def search(
-        self, query: np.ndarray, k: int, exclude: Iterable[int] = (), complete: bool = True
+        self,
+        query: np.ndarray,
+        k: int,
+        exclude: Iterable[int] = (),
+        complete: bool = True,
+        probes: np.ndarray | None = None,
+        floor: float = -np.inf,
     ) -> list[tuple[int, float]]:
         """Top-k (row, inner product) among live rows not in ``exclude``, by score then row. An approximate
         search that finds fewer than k is done again exactly, unless ``complete`` is False: then the answer
         may be short (what the part of the index searched holds; the online items' index, whose answer only
-        competes with a precomputed list).
+        competes with a precomputed list). ``probes``: this query's row of :meth:`probe_lists` (of this index
+        or of one it was made :meth:`empty_like`), which spares the approximate search choosing them again.
+        ``floor`` (with ``complete`` False): answers scoring below it may be left out (the caller's list holds
+        k answers scoring at least that), which spares scoring them again.
 
         Asks FAISS for k+1 and widens while the (k+1)-th ties with the k-th, so that a tie straddling the
         k-th place is resolved by row."""
@@ -187,11 +209,11 @@ class SlottedIndex(ABC):
         use_omp_threads(self.settings.search_threads)
         while True:
             if overfetch:
-                rows, scores = self._candidates(q, want + extra, False, exact)
+                rows, scores = self._candidates(q, want + extra, False, exact, probes, floor)
                 keep = [i for i, r in enumerate(rows.tolist()) if r >= 0 and r not in exclude]
                 rows, scores = rows[keep], scores[keep]
             else:
-                rows, scores = self._candidates(q, want, filtered, exact)
+                rows, scores = self._candidates(q, want, filtered, exact, probes, floor)
             if len(rows) < want and not exact and complete:
                 exact = True  # the approximate search ran dry: the exact one finds every item
                 if overfetch:

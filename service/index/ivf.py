@@ -23,6 +23,7 @@ import numpy as np
 from service.index.base import SlottedIndex
 from service.index.scores import row_scores
 from service.index.settings import IndexSettings
+from service.index.threads import omp_threads
 from service.keyed_vectors import KeyedVectors
 
 
@@ -45,6 +46,7 @@ class IvfIndex(SlottedIndex):
         self._faiss = faiss.IndexIVFFlat(quantizer, self.dim + 1, self.params["nlist"], faiss.METRIC_L2)
         self._faiss.set_direct_map_type(faiss.DirectMap.Hashtable)
         self._query_aug = np.zeros((1, self.dim + 1), dtype=np.float32)
+        self._probe_buffers = None
 
     def _initial_params(self, n_items: int) -> dict:
         exact_items = self.settings.exact_items(n_items)
@@ -61,6 +63,7 @@ class IvfIndex(SlottedIndex):
         # reconstruct() by slot, for re-scoring; a hash table, as the side list's slots are not in the lists
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
         self._query_aug = np.zeros((1, self.dim + 1), dtype=np.float32)  # the query, augmented with 0
+        self._probe_buffers: _ProbeBuffers | None = None
         return index
 
     def _augment(self, vectors: np.ndarray) -> np.ndarray:
@@ -83,10 +86,41 @@ class IvfIndex(SlottedIndex):
     def _parameter_values(self, exact: bool, want: int) -> tuple[type[faiss.SearchParameters], dict]:
         return faiss.SearchParametersIVF, {"nprobe": self.params["nlist"] if exact else self.params["nprobe"]}
 
-    def _candidates(self, q: np.ndarray, want: int, filtered: bool, exact: bool) -> tuple[np.ndarray, np.ndarray]:
-        """IVF answers re-scored by exact inner product, plus the best vectors of the exact side list."""
+    # Queries per call of the quantizer in probe_lists: FAISS scores fewer than its BLAS threshold (20) pair by
+    # pair, as it does a single query, so the lists are exactly those a search would choose.
+    PROBE_CHUNK = 16
+
+    def probe_lists(self, queries: np.ndarray) -> np.ndarray:
+        """(n, nprobe) the lists, nearest first, that an approximate search of each query scans: the query
+        augmented with 0 against the quantizer's centroids (int32, or int16 when the lists are that few)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        dtype = np.int16 if self.params["nlist"] <= np.iinfo(np.int16).max else np.int32
+        out = np.empty((len(queries), self.params["nprobe"]), dtype=dtype)
+        aug = np.zeros((self.PROBE_CHUNK, self.dim + 1), dtype=np.float32)
+        with omp_threads(self.settings.build_thread_count):
+            for lo in range(0, len(queries), self.PROBE_CHUNK):
+                n = min(self.PROBE_CHUNK, len(queries) - lo)
+                aug[:n, : self.dim] = queries[lo : lo + n]
+                out[lo : lo + n] = self._faiss.quantizer.search(aug[:n], out.shape[1])[1]
+        return out
+
+    def _candidates(
+        self,
+        q: np.ndarray,
+        want: int,
+        filtered: bool,
+        exact: bool,
+        probes: np.ndarray | None = None,
+        floor: float = -np.inf,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """IVF answers re-scored by exact inner product, plus the best vectors of the exact side list (those
+        scoring at least ``floor``)."""
         self._query_aug[0, : self.dim] = q[0]
-        _, slots = self._faiss.search(self._query_aug, want, params=self._search_parameters(filtered, exact, want))
+        params = self._search_parameters(filtered, exact, want)
+        if probes is not None and not exact and len(probes) == self.params["nprobe"]:
+            slots = self._search_probed(probes, want, params)
+        else:
+            slots = self._faiss.search(self._query_aug, want, params=params)[1]
         slots = slots[0][slots[0] >= 0]
         # Scored as the precomputed lists are (row_scores): equal vectors tie exactly, wherever they are stored.
         listed = np.zeros((0, self.dim), np.float32)
@@ -96,10 +130,12 @@ class IvfIndex(SlottedIndex):
         if len(self._side):  # longer than the bound: scored exactly, always
             side_slots, matrix = self._side.arrays()
             side_scores = matrix @ q[0]  # all of them, then filtered: no copy of the matrix per query
-            # Only side vectors scoring at least the lists' want-th best can be among the best want of both
-            # (a comparison over the side list is far cheaper than a partition of all of it). BLAS rounds equal
-            # vectors apart: the few just below the floor are kept, and the kept ones scored again alike.
-            floor = scores.min() if len(scores) >= want else -np.inf
+            # Only side vectors scoring at least the lists' want-th best (and the caller's floor) can be among
+            # the best want of both (a comparison over the side list is far cheaper than a partition of all of
+            # it). BLAS rounds equal vectors apart: the few just below the floor are kept, and the kept ones
+            # scored again alike.
+            if len(scores) >= want:
+                floor = max(floor, float(scores.min()))
             better = np.flatnonzero(side_scores >= floor - 1e-4 * max(1.0, abs(floor)))
             side_slots, side_scores = side_slots[better], row_scores(matrix[better], q[0])
             if filtered:
@@ -110,6 +146,17 @@ class IvfIndex(SlottedIndex):
                 side_slots, side_scores = side_slots[best], side_scores[best]
             slots, scores = np.concatenate([slots, side_slots]), np.concatenate([scores, side_scores])
         return self.slots.rows[slots], scores
+
+    def _search_probed(self, probes: np.ndarray, want: int, params: faiss.SearchParametersIVF) -> np.ndarray:
+        """(1, want) slots of the augmented query's search over the given lists (FAISS's search_preassigned;
+        the distances to the centroids play no part in a flat list's scan). Into buffers kept from one search
+        to the next (searches hold the engine's lock), as the augmented query is."""
+        buffers = self._probe_buffers
+        if buffers is None or buffers.want != want or len(buffers.assign[0]) != len(probes):
+            buffers = self._probe_buffers = _ProbeBuffers(self._query_aug, len(probes), want)
+        buffers.assign[0] = probes
+        self._faiss.search_preassigned_c(1, buffers.query, want, *buffers.pointers, False, params)
+        return buffers.slots
 
     def vector(self, row: int) -> np.ndarray:
         slot = self.slots.by_row[row]
@@ -153,3 +200,18 @@ class IvfIndex(SlottedIndex):
         scores = np.hstack([scores, q @ side_vectors.T])
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(slots, order, axis=1)
+
+
+class _ProbeBuffers:
+    """The arrays of one query's search over given lists, and their pointers for FAISS (made once per width)."""
+
+    def __init__(self, query: np.ndarray, width: int, want: int) -> None:
+        self.want = want
+        self.assign = np.zeros((1, width), dtype=np.int64)
+        self.centroid_distances = np.zeros((1, width), dtype=np.float32)
+        self.distances = np.empty((1, want), dtype=np.float32)
+        self.slots = np.empty((1, want), dtype=np.int64)
+        self.query = faiss.swig_ptr(query)
+        self.pointers = tuple(
+            faiss.swig_ptr(a) for a in (self.assign, self.centroid_distances, self.distances, self.slots)
+        )

@@ -21,6 +21,8 @@ class Slots:
         self.dead = 0
         self._allowed: np.ndarray | None = None  # per-query bitmap behind ``selector``
         self.selector: faiss.IDSelectorBitmap | None = None
+        self._live_selector: tuple[np.ndarray, faiss.IDSelectorBitmap] | None = None  # over ``live`` itself
+        self._selected = self.live  # the bitmap of the last select
 
     def append(self, rows: np.ndarray) -> int:
         """Give each of ``rows`` (none of them live) a new slot; returns the first."""
@@ -58,7 +60,13 @@ class Slots:
 
     def select(self, excluded: list[int]) -> faiss.IDSelectorBitmap:
         """A selector of the live slots less ``excluded``, in one buffer reused by every query (made again,
-        a new selector, when the bitmap grew)."""
+        a new selector, when the bitmap grew); with nothing excluded, one over the live bitmap itself (no
+        copy per query)."""
+        if not excluded:
+            if self._live_selector is None or self._live_selector[0] is not self.live:
+                self._live_selector = (self.live, faiss.IDSelectorBitmap(len(self.live), faiss.swig_ptr(self.live)))
+            self._selected = self.live
+            return self._live_selector[1]
         if self._allowed is None or len(self._allowed) != len(self.live):
             self._allowed = np.zeros_like(self.live)
             self.selector = faiss.IDSelectorBitmap(len(self._allowed), faiss.swig_ptr(self._allowed))
@@ -66,11 +74,12 @@ class Slots:
         np.copyto(self._allowed[:nbytes], self.live[:nbytes])
         for s in excluded:
             self._allowed[s >> 3] &= ~(1 << (s & 7)) & 0xFF
+        self._selected = self._allowed
         return self.selector
 
     def selected(self, slots: np.ndarray) -> np.ndarray:
         """Whether each of ``slots`` is allowed by the last :meth:`select`."""
-        return ((self._allowed[slots >> 3] >> (slots & 7)) & 1).astype(bool)
+        return ((self._selected[slots >> 3] >> (slots & 7)) & 1).astype(bool)
 
     def problems(self) -> list[str]:
         """Disagreements between the bitmap, the rows by slot and the slots by row (empty when consistent)."""
