@@ -32,6 +32,9 @@ class ItemIndex(Protocol):
     def search(self, query: np.ndarray, k: int, exclude: Iterable[int] = ()) -> list[tuple[int, float]]:
         """Top-k (row, inner product) among live rows not in ``exclude``, by score then row."""
 
+    def probe_lists(self, queries: np.ndarray) -> np.ndarray | None:
+        """For a kind that scans lists (ivf): the lists a search of each query scans; None for the others."""
+
     def add(self, row: int, vector: np.ndarray) -> None:
         """Add ``row`` (replacing its vector if it is there)."""
 
