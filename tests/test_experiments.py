@@ -29,6 +29,7 @@ from training.config import ConfigError, RunConfig, load_run_config
 from training.data import RecData
 from training.experiments import cli as experiments_cli
 from training.experiments.runner import Runner, RunRecord, RunSpec, code_modules, data_fingerprint, run_key
+from training.experiments.slices import embedding_scores, evaluate_slices, popularity_slices
 from training.experiments.stats import paired_pvalue, paired_ttest, silhouette_score, wilcoxon_signed_rank
 from training.experiments.suites import STATIC_FUSION, SUITES, Context, table2_models
 from training.experiments.tables import Comparison, metric_keys, results_table
@@ -504,6 +505,35 @@ def test_sweep_suites_write_tables_and_plots(tmp_path: Path) -> None:
     assert -1.0 <= tsne_summary["rows"]["MetaMMF_MF"]["tsne"]["mean"] <= 1.0
     # depth N=1 and rank R=4 are the base config: the same cached run.
     assert ctx.runner.trained == 4 + 4 + 1 + 1  # depth 4, rank 4 new, static 1 new, tsne 0 (kept), coldstart 1
+
+
+def test_popularity_slices_order_the_items_from_the_head_to_the_tail() -> None:
+    train = np.array([[0, 3], [1, 3], [2, 3], [0, 1], [1, 1], [2, 4], [3, 0], [3, 2]])
+    head, middle, tail = popularity_slices(train, 6, ((0.0, 0.2), (0.2, 0.5), (0.5, 1.0)))
+    # counts: item 3: 3, item 1: 2, items 0, 2, 4: 1 (ties by id), item 5: 0.
+    assert head.tolist() == [3] and middle.tolist() == [1, 0] and tail.tolist() == [2, 4, 5]
+    with pytest.raises(ValueError, match="popularity slice"):
+        popularity_slices(train, 6, ((0.5, 0.2),))
+
+
+def test_popularity_suite_scores_the_slices_as_the_test_split_is_scored(tmp_path: Path) -> None:
+    models = ["metammf_mf", "popularity"]
+    ctx = Context(Runner(tmp_path), tiny_config(), seeds=2, out=tmp_path, models=models)
+    [table, summary, *_] = SUITES["popularity"](ctx)
+    markdown = table.read_text()
+    assert "| MetaMMF_MF |" in markdown and "| Popularity |" in markdown
+    result = json.loads(summary.read_text())
+    assert sum(s["test_share"] for s in result["slices"]) == pytest.approx(1.0)
+    # Popularity ranks the most popular items first: its hits are at the head (on 50 items the top 1% is empty).
+    head = next(s["name"] for s in result["slices"] if s["test_share"] > 0)
+    assert result["rows"]["Popularity"][head]["recall"]["mean"] > 0
+    # One slice holding every item gives the run's own test metrics: the same scores and masks.
+    [record, _] = ctx.group("MetaMMF_MF", {"model.name": "metammf_mf", "data.protocol": "warm"}, embeddings=True)
+    data, _ = ctx.runner.data(ctx.base.data)
+    [whole] = evaluate_slices(embedding_scores(*record.embeddings()), data, [np.arange(data.n_items)], (10, 20))
+    for key in ("recall@20", "ndcg@20", "recall@10"):
+        assert whole.metrics[key] == pytest.approx(record.test[key], abs=1e-6)
+    assert ctx.runner.trained == 3  # two seeds of MetaMMF_MF, one (seed-free) popularity run
 
 
 def test_fusion_suite_compares_each_backbone_with_its_static_variants(tmp_path: Path) -> None:

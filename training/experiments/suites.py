@@ -14,6 +14,7 @@ variants for seeds ``train.seed + 0 .. seeds - 1`` through the cache, and writes
   epoch (Figure 5, Table 4);
 * ``static``: with and without the static weights W of W_i = W + T x3 s_i (Table 5);
 * ``tsne``: t-SNE of sampled users and their items, with the mean silhouette coefficient (Figure 4);
+* ``popularity``: the warm runs' test metrics by the popularity of the test item, from the head to the tail;
 * ``tune``: a grid over learning rate, L2 weight and layer count per model, chosen on the validation
   split; ``--tuned`` makes the other suites train every model with its chosen settings.
 """
@@ -31,10 +32,19 @@ from typing import Any
 
 import numpy as np
 
+from models.config import DEFAULT_MODEL
 from models.registry import get_spec, model_names, parse_model_config
 from training.config import RunConfig
 from training.experiments import plots
 from training.experiments.runner import POPULARITY, MissingRunError, Runner, RunRecord, RunSpec
+from training.experiments.slices import (
+    POPULARITY_SLICES,
+    embedding_scores,
+    evaluate_slices,
+    popularity_scores,
+    popularity_slices,
+    slice_name,
+)
 from training.experiments.stats import mean_std, silhouette_score
 from training.experiments.tables import Comparison, Table, metric_keys, results_table
 from training.experiments.tsne import sample_users, tsne, user_item_points
@@ -431,6 +441,58 @@ def tsne_study(ctx: Context) -> list[Path]:
     return _write(ctx, "tsne", Table("\n".join(lines) + "\n", summary), figures)
 
 
+def popularity(ctx: Context) -> list[Path]:
+    """Test Recall@k and NDCG@k of each model's warm runs on slices of the test interactions by the training
+    popularity of their item, from the head to the tail (:mod:`training.experiments.slices`)."""
+    models = ctx.models or [DEFAULT_MODEL, "lightgcn", "lattice", POPULARITY]
+    data, _ = ctx.runner.data(ctx.base.data)
+    items = popularity_slices(data.train, data.n_items)
+    names = [slice_name(*bounds) for bounds in POPULARITY_SLICES]
+    shares = [float(np.isin(data.test[:, 1], slice_items).mean()) for slice_items in items]
+    k = ctx.top_k
+    rows: dict[str, dict[str, dict[str, tuple[float, float]]]] = {}
+    for m in models:
+        records = ctx.group(label(m), {"model.name": m, "data.protocol": "warm"}, embeddings=m != POPULARITY)
+        values: dict[str, dict[str, list[float]]] = {name: {"recall": [], "ndcg": []} for name in names}
+        for record in records:
+            if m == POPULARITY:
+                score = popularity_scores(data.train, data.n_items)
+            else:
+                score = embedding_scores(*record.embeddings())
+            results = evaluate_slices(score, data, items, (k,), ctx.base.train.eval_batch_size)
+            for name, result in zip(names, results, strict=True):
+                if result is not None:
+                    values[name]["recall"].append(result.metrics[f"recall@{k}"])
+                    values[name]["ndcg"].append(result.metrics[f"ndcg@{k}"])
+        rows[label(m)] = {name: {key: mean_std(v) for key, v in by.items() if v} for name, by in values.items()}
+
+    def cell(stats: dict[str, tuple[float, float]]) -> str:
+        if not stats:
+            return "-"
+        return " / ".join(f"{m:.4f} ± {s:.4f}" if ctx.seeds > 1 else f"{m:.4f}" for m, s in stats.values())
+
+    header = [f"{name} ({share:.1%} of test interactions)" for name, share in zip(names, shares, strict=True)]
+    lines = [
+        _caption(ctx, "Slices of the test split by the popularity of the item", "warm", f"test Recall@{k} / NDCG@{k}"),
+        "",
+        f"| Model | {' | '.join(header)} |",
+        f"|---|{'---|' * len(names)}",
+        *(f"| {row} | {' | '.join(cell(by[name]) for name in names)} |" for row, by in rows.items()),
+    ]
+    slices = [
+        {"name": name, "bounds": list(bounds), "test_share": share}
+        for name, bounds, share in zip(names, POPULARITY_SLICES, shares, strict=True)
+    ]
+    summary = {
+        "slices": slices,
+        "rows": {
+            row: {name: {key: {"mean": v[0], "std": v[1]} for key, v in stats.items()} for name, stats in by.items()}
+            for row, by in rows.items()
+        },
+    }
+    return _write(ctx, "popularity", Table("\n".join(lines) + "\n", summary), [])
+
+
 def selection(valid: dict[str, float], monitor: str) -> float:
     """The validation score early stopping followed: the protocol's selection rule where it has one
     (cold_items: held-out and warm together), else ``monitor``."""
@@ -524,4 +586,5 @@ SUITES: dict[str, Callable[[Context], list[Path]]] = {
     "rank": rank,
     "static": static,
     "tsne": tsne_study,
+    "popularity": popularity,
 }
