@@ -527,6 +527,10 @@ def test_popularity_suite_scores_the_slices_as_the_test_split_is_scored(tmp_path
     # Popularity ranks the most popular items first: its hits are at the head (on 50 items the top 1% is empty).
     head = next(s["name"] for s in result["slices"] if s["test_share"] > 0)
     assert result["rows"]["Popularity"][head]["recall"]["mean"] > 0
+    # The first model against each other one, per slice: p-values over users.
+    pvalues = result["pvalues"]["MetaMMF_MF vs Popularity"][head]
+    assert set(pvalues) == {"recall", "ndcg"} and all(0.0 <= p <= 1.0 for p in pvalues.values())
+    assert "*MetaMMF_MF vs Popularity: p-value over users (ttest)*" in markdown
     # One slice holding every item gives the run's own test metrics: the same scores and masks.
     [record, _] = ctx.group("MetaMMF_MF", {"model.name": "metammf_mf", "data.protocol": "warm"}, embeddings=True)
     data, _ = ctx.runner.data(ctx.base.data)

@@ -35,6 +35,7 @@ import numpy as np
 from models.config import DEFAULT_MODEL
 from models.registry import get_spec, model_names, parse_model_config
 from training.config import RunConfig
+from training.data import RecData
 from training.experiments import plots
 from training.experiments.runner import POPULARITY, MissingRunError, Runner, RunRecord, RunSpec
 from training.experiments.slices import (
@@ -45,7 +46,7 @@ from training.experiments.slices import (
     popularity_slices,
     slice_name,
 )
-from training.experiments.stats import mean_std, silhouette_score
+from training.experiments.stats import mean_std, paired_pvalue, silhouette_score
 from training.experiments.tables import Comparison, Table, metric_keys, results_table
 from training.experiments.tsne import sample_users, tsne, user_item_points
 
@@ -443,33 +444,38 @@ def tsne_study(ctx: Context) -> list[Path]:
 
 def popularity(ctx: Context) -> list[Path]:
     """Test Recall@k and NDCG@k of each model's warm runs on slices of the test interactions by the training
-    popularity of their item, from the head to the tail (:mod:`training.experiments.slices`)."""
+    popularity of their item, from the head to the tail (:mod:`training.experiments.slices`), and the paired
+    tests over users of the first model listed against each other one, slice by slice."""
     models = ctx.models or [DEFAULT_MODEL, "lightgcn", "lattice", POPULARITY]
     data, _ = ctx.runner.data(ctx.base.data)
     items = popularity_slices(data.train, data.n_items)
     names = [slice_name(*bounds) for bounds in POPULARITY_SLICES]
     shares = [float(np.isin(data.test[:, 1], slice_items).mean()) for slice_items in items]
-    k = ctx.top_k
-    rows: dict[str, dict[str, dict[str, tuple[float, float]]]] = {}
-    for m in models:
-        records = ctx.group(label(m), {"model.name": m, "data.protocol": "warm"}, embeddings=m != POPULARITY)
-        values: dict[str, dict[str, list[float]]] = {name: {"recall": [], "ndcg": []} for name in names}
-        for record in records:
-            if m == POPULARITY:
-                score = popularity_scores(data.train, data.n_items)
-            else:
-                score = embedding_scores(*record.embeddings())
-            results = evaluate_slices(score, data, items, (k,), ctx.base.train.eval_batch_size)
-            for name, result in zip(names, results, strict=True):
-                if result is not None:
-                    values[name]["recall"].append(result.metrics[f"recall@{k}"])
-                    values[name]["ndcg"].append(result.metrics[f"ndcg@{k}"])
-        rows[label(m)] = {name: {key: mean_std(v) for key, v in by.items() if v} for name, by in values.items()}
+    k, metrics = ctx.top_k, ("recall", "ndcg")
+    scores = {label(m): _slice_scores(ctx, data, items, m) for m in models}
+    rows = {
+        row: {name: {key: mean_std(seeds) for key, (seeds, _) in by[name].items()} for name in names}
+        for row, by in scores.items()
+    }
+    subject, *others = list(scores)
+    pvalues = {
+        other: {
+            name: {
+                key: paired_pvalue(scores[subject][name][key][1], scores[other][name][key][1], ctx.test)
+                for key in scores[subject][name]
+            }
+            for name in names
+        }
+        for other in others
+    }
 
     def cell(stats: dict[str, tuple[float, float]]) -> str:
         if not stats:
             return "-"
         return " / ".join(f"{m:.4f} ± {s:.4f}" if ctx.seeds > 1 else f"{m:.4f}" for m, s in stats.values())
+
+    def p_cell(values: dict[str, float]) -> str:
+        return " / ".join(f"{values[key]:.3g}" for key in metrics) if values else "-"
 
     header = [f"{name} ({share:.1%} of test interactions)" for name, share in zip(names, shares, strict=True)]
     lines = [
@@ -478,6 +484,11 @@ def popularity(ctx: Context) -> list[Path]:
         f"| Model | {' | '.join(header)} |",
         f"|---|{'---|' * len(names)}",
         *(f"| {row} | {' | '.join(cell(by[name]) for name in names)} |" for row, by in rows.items()),
+        *(
+            f"| *{subject} vs {other}: p-value over users ({ctx.test})* | "
+            f"{' | '.join(p_cell(by[name]) for name in names)} |"
+            for other, by in pvalues.items()
+        ),
     ]
     slices = [
         {"name": name, "bounds": list(bounds), "test_share": share}
@@ -489,8 +500,34 @@ def popularity(ctx: Context) -> list[Path]:
             row: {name: {key: {"mean": v[0], "std": v[1]} for key, v in stats.items()} for name, stats in by.items()}
             for row, by in rows.items()
         },
+        "pvalues": {f"{subject} vs {other}": by for other, by in pvalues.items()},
     }
     return _write(ctx, "popularity", Table("\n".join(lines) + "\n", summary), [])
+
+
+def _slice_scores(
+    ctx: Context, data: RecData, items: list[np.ndarray], model: str
+) -> dict[str, dict[str, tuple[list[float], np.ndarray]]]:
+    """Per popularity slice and metric (recall, ndcg at ``ctx.top_k``): the value of each seed's run and the
+    per-user values averaged over the seeds (for paired tests); no entry for a slice without test interactions."""
+    k = ctx.top_k
+    records = ctx.group(label(model), {"model.name": model, "data.protocol": "warm"}, embeddings=model != POPULARITY)
+    found: dict[str, dict[str, list]] = {slice_name(*bounds): {} for bounds in POPULARITY_SLICES}
+    for record in records:
+        if model == POPULARITY:
+            score = popularity_scores(data.train, data.n_items)
+        else:
+            score = embedding_scores(*record.embeddings())
+        results = evaluate_slices(score, data, items, (k,), ctx.base.train.eval_batch_size)
+        for name, result in zip(found, results, strict=True):
+            if result is not None:
+                for key in ("recall", "ndcg"):
+                    value = (result.metrics[f"{key}@{k}"], result.per_user[f"{key}@{k}"])
+                    found[name].setdefault(key, []).append(value)
+    return {
+        name: {key: ([v for v, _ in runs], np.mean([u for _, u in runs], axis=0)) for key, runs in by.items()}
+        for name, by in found.items()
+    }
 
 
 def selection(valid: dict[str, float], monitor: str) -> float:
