@@ -538,6 +538,11 @@ def test_popularity_suite_scores_the_slices_as_the_test_split_is_scored(tmp_path
     for key in ("recall@20", "ndcg@20", "recall@10"):
         assert whole.metrics[key] == pytest.approx(record.test[key], abs=1e-6)
     assert ctx.runner.trained == 3  # two seeds of MetaMMF_MF, one (seed-free) popularity run
+    # Embeddings that do not score as the run did are refused, not tabulated.
+    users, items = record.embeddings()
+    np.savez(record.path / "embeddings.npz", users=users, items=-items)
+    with pytest.raises(ValueError, match="do not reproduce its test NDCG"):
+        SUITES["popularity"](ctx)
 
 
 def test_fusion_suite_compares_each_backbone_with_its_static_variants(tmp_path: Path) -> None:

@@ -518,7 +518,14 @@ def _slice_scores(
             score = popularity_scores(data.train, data.n_items)
         else:
             score = embedding_scores(*record.embeddings())
-        results = evaluate_slices(score, data, items, (k,), ctx.base.train.eval_batch_size)
+        results = evaluate_slices(score, data, [np.arange(data.n_items), *items], (k,), ctx.base.train.eval_batch_size)
+        whole, results = results[0], results[1:]
+        if whole is not None and abs(whole.metrics[f"ndcg@{k}"] - record.test[f"ndcg@{k}"]) > 1e-5:
+            raise ValueError(
+                f"{label(model)}: its saved embeddings do not reproduce its test NDCG@{k} "
+                f"({whole.metrics[f'ndcg@{k}']:.6f} against {record.test[f'ndcg@{k}']:.6f}); the popularity "
+                "suite scores models by the dot product of their final user and item embeddings"
+            )
         for name, result in zip(found, results, strict=True):
             if result is not None:
                 for key in ("recall", "ndcg"):
