@@ -53,6 +53,11 @@ def _broadcast(scores: np.ndarray):
     return lambda users: row.to(users.device).expand(len(users), -1)
 
 
+def popularity_scores(train: np.ndarray, n_items: int):
+    """The warm protocol's scorer: every user gets the items' numbers of ``train`` interactions."""
+    return _broadcast(item_counts(train, n_items))
+
+
 def evaluate_popularity(cfg: RunConfig, data: RecData) -> tuple[EvalResult, EvalResult]:
     """(valid, test) results of the popularity ranker under ``cfg.data.protocol``."""
     train = cfg.train
@@ -67,7 +72,7 @@ def evaluate_popularity(cfg: RunConfig, data: RecData) -> tuple[EvalResult, Eval
             evaluate_cold_scores(score, split, which, train.ks, train.eval_batch_size, train.device)
             for which in ("valid", "test")
         )
-    score = _broadcast(item_counts(data.train, data.n_items))
+    score = popularity_scores(data.train, data.n_items)
     valid = full_rank_evaluate(
         score, data.valid, [data.train], data.n_users, data.n_items, train.ks, train.eval_batch_size, train.device
     )

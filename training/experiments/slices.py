@@ -15,6 +15,7 @@ import torch
 
 from training.data import RecData
 from training.evaluate import EvalResult, ScoreFn, full_rank_evaluate
+from training.popularity import item_counts
 
 # Shares of the items, ordered by training interactions (most first): the head to the tail.
 POPULARITY_SLICES: tuple[tuple[float, float], ...] = ((0.0, 0.01), (0.01, 0.05), (0.05, 0.2), (0.2, 1.0))
@@ -32,7 +33,7 @@ def popularity_slices(
     for low, high in bounds:
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"a popularity slice must satisfy 0 <= low < high <= 1, got ({low}, {high})")
-    counts = np.bincount(np.asarray(train)[:, 1], minlength=n_items)
+    counts = item_counts(train, n_items)
     order = np.lexsort((np.arange(n_items), -counts))
     return [order[round(low * n_items) : round(high * n_items)] for low, high in bounds]
 
@@ -41,12 +42,6 @@ def embedding_scores(users: np.ndarray, items: np.ndarray) -> ScoreFn:
     """Scores :math:`e_u^\\top e_i` from a run's saved final embeddings."""
     user_table, item_table = torch.from_numpy(users).float(), torch.from_numpy(items).float()
     return lambda batch: user_table[batch.cpu()] @ item_table.T
-
-
-def popularity_scores(train: np.ndarray, n_items: int) -> ScoreFn:
-    """The popularity ranker's scores: every user gets the items' training interaction counts."""
-    counts = torch.from_numpy(np.bincount(np.asarray(train)[:, 1], minlength=n_items).astype(np.float32))
-    return lambda batch: counts.expand(len(batch), -1)
 
 
 def evaluate_slices(

@@ -42,13 +42,13 @@ from training.experiments.slices import (
     POPULARITY_SLICES,
     embedding_scores,
     evaluate_slices,
-    popularity_scores,
     popularity_slices,
     slice_name,
 )
 from training.experiments.stats import mean_std, paired_pvalue, silhouette_score
 from training.experiments.tables import Comparison, Table, metric_keys, results_table
 from training.experiments.tsne import sample_users, tsne, user_item_points
+from training.popularity import popularity_scores
 
 log = logging.getLogger(__name__)
 
@@ -448,11 +448,11 @@ def popularity(ctx: Context) -> list[Path]:
     tests over users of the first model listed against each other one, slice by slice."""
     models = ctx.models or [DEFAULT_MODEL, "lightgcn", "lattice", POPULARITY]
     data, _ = ctx.runner.data(ctx.base.data)
-    items = popularity_slices(data.train, data.n_items)
     names = [slice_name(*bounds) for bounds in POPULARITY_SLICES]
-    shares = [float(np.isin(data.test[:, 1], slice_items).mean()) for slice_items in items]
+    slices = dict(zip(names, popularity_slices(data.train, data.n_items), strict=True))
+    shares = [float(np.isin(data.test[:, 1], slice_items).mean()) for slice_items in slices.values()]
     k, metrics = ctx.top_k, ("recall", "ndcg")
-    scores = {label(m): _slice_scores(ctx, data, items, m) for m in models}
+    scores = {label(m): _slice_scores(ctx, data, slices, m) for m in models}
     rows = {
         row: {name: {key: mean_std(seeds) for key, (seeds, _) in by[name].items()} for name in names}
         for row, by in scores.items()
@@ -490,12 +490,11 @@ def popularity(ctx: Context) -> list[Path]:
             for other, by in pvalues.items()
         ),
     ]
-    slices = [
-        {"name": name, "bounds": list(bounds), "test_share": share}
-        for name, bounds, share in zip(names, POPULARITY_SLICES, shares, strict=True)
-    ]
     summary = {
-        "slices": slices,
+        "slices": [
+            {"name": name, "bounds": list(bounds), "test_share": share}
+            for name, bounds, share in zip(names, POPULARITY_SLICES, shares, strict=True)
+        ],
         "rows": {
             row: {name: {key: {"mean": v[0], "std": v[1]} for key, v in stats.items()} for name, stats in by.items()}
             for row, by in rows.items()
@@ -506,19 +505,21 @@ def popularity(ctx: Context) -> list[Path]:
 
 
 def _slice_scores(
-    ctx: Context, data: RecData, items: list[np.ndarray], model: str
+    ctx: Context, data: RecData, slices: dict[str, np.ndarray], model: str
 ) -> dict[str, dict[str, tuple[list[float], np.ndarray]]]:
-    """Per popularity slice and metric (recall, ndcg at ``ctx.top_k``): the value of each seed's run and the
-    per-user values averaged over the seeds (for paired tests); no entry for a slice without test interactions."""
+    """Per popularity slice (``slices``: name -> its items) and metric (recall, ndcg at ``ctx.top_k``): the value
+    of each seed's run and the per-user values averaged over the seeds (for paired tests); no entry for a slice
+    without test interactions."""
     k = ctx.top_k
     records = ctx.group(label(model), {"model.name": model, "data.protocol": "warm"}, embeddings=model != POPULARITY)
-    found: dict[str, dict[str, list]] = {slice_name(*bounds): {} for bounds in POPULARITY_SLICES}
+    found: dict[str, dict[str, list]] = {name: {} for name in slices}
     for record in records:
         if model == POPULARITY:
             score = popularity_scores(data.train, data.n_items)
         else:
             score = embedding_scores(*record.embeddings())
-        results = evaluate_slices(score, data, [np.arange(data.n_items), *items], (k,), ctx.base.train.eval_batch_size)
+        every = [np.arange(data.n_items), *slices.values()]
+        results = evaluate_slices(score, data, every, (k,), ctx.base.train.eval_batch_size)
         whole, results = results[0], results[1:]
         if whole is not None and abs(whole.metrics[f"ndcg@{k}"] - record.test[f"ndcg@{k}"]) > 1e-5:
             raise ValueError(
