@@ -83,6 +83,13 @@ class MetaMMFConfig(ContentConfig):
         "(what a new item gets: fused content, the mean ID embedding, no graph neighbours), so the content "
         "path learns to rank on its own and on the same scale as trained items (DropoutNet-style)",
     )
+    cold_item_dropout_skip_top: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of the items with the most training interactions that cold_item_dropout never "
+        "drops: popular items are never new, and their ordering is where their trained ID matters most",
+    )
     untrained_items: Literal["id", "content"] = Field(
         "content",
         description="items without training interactions: their ID embedding (the paper) or the content-only "

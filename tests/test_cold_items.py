@@ -9,6 +9,7 @@ import torch
 
 from models.artifacts import load_bundle
 from models.base import bpr_loss, l2_penalty
+from models.metammf.cold_items import content_rows, droppable_mask
 from models.metammf.gcn import SAGETower
 from models.metammf.inference import InferenceEncoder
 from service.engine import Engine
@@ -97,6 +98,35 @@ def test_cold_item_dropout_scores_dropped_items_from_content(tiny_data: RecData,
     with torch.no_grad():
         _, items = model.get_embedding()
         assert not torch.allclose(items, content, atol=1e-3)
+
+
+def test_droppable_mask_spares_the_most_popular_items() -> None:
+    # Item training counts: 3 -> 4, 0 -> 3, 1 and 4 -> 2 (tie: lower index first), 2 -> 0.
+    items = torch.tensor([3, 3, 3, 3, 0, 0, 0, 1, 1, 4, 4])
+    pairs = torch.stack([torch.zeros_like(items), items], dim=1)
+    assert droppable_mask(pairs, 5, 0.0) is None
+    assert droppable_mask(pairs, 5, 0.4).tolist() == [False, True, True, False, True]
+    assert droppable_mask(pairs, 5, 0.6).tolist() == [False, False, True, False, True]
+    # Dropout (nearly) 1: every droppable item in the batch is taken, no spared one, untrained ones always.
+    batch = torch.tensor([0, 1, 2, 3, 4, 3, 1])
+    untrained = torch.tensor([False, False, True, False, False])
+    rows = content_rows(batch, untrained, 0.999999, True, droppable_mask(pairs, 5, 0.4))
+    assert rows.tolist() == [1, 2, 4, 6]
+    assert content_rows(batch, untrained, 0.999999, False, droppable_mask(pairs, 5, 0.4)).tolist() == [2]
+
+
+@pytest.mark.parametrize("name", ["metammf_gcn", "metammf_mf"])
+def test_spared_items_keep_their_trained_rows_under_dropout(tiny_data: RecData, make_config, name: str) -> None:
+    """With every item spared, a dropout share of (nearly) 1 changes nothing: the loss is the trained rows' loss."""
+    graph = {"reg_target": "final"} if name != "metammf_mf" else {}
+    users, pos, neg = (torch.from_numpy(a) for a in (tiny_data.train[:64, 0], tiny_data.train[:64, 1],
+                                                      np.arange(64) % tiny_data.n_items))  # fmt: skip
+    losses = []
+    for dropout in (0.0, 0.999999):
+        torch.manual_seed(0)
+        config = make_config(name, cold_item_dropout=dropout, cold_item_dropout_skip_top=0.999, **graph)
+        losses.append(build_model(tiny_data, config, 1e-3).train().calculate_loss(users, pos, neg))
+    torch.testing.assert_close(losses[0], losses[1])
 
 
 def test_content_alignment_adds_a_distillation_term(tiny_data: RecData, make_config) -> None:

@@ -5,7 +5,10 @@ Such an item is represented by its content alone: its fused features :math:`e_i^
 embedding in place of its own :math:`e_i^c`, and (with a graph backbone) the graph layers of a node
 without neighbours. With ``cold_item_dropout`` = p, each training batch scores a random share p of its
 items through that representation instead of their trained one (DropoutNet, Volkovs et al. 2017), so the
-content path learns to rank by itself and its scores land on the same scale as trained items'.
+content path learns to rank by itself and its scores land on the same scale as trained items'. With
+``cold_item_dropout_skip_top`` = q, the share q of the items with the most training interactions is never
+dropped: a popular item is never new, and its ordering among the most frequent hits is where its trained ID
+embedding matters most (:func:`droppable_mask`).
 
 With ``content_neighbors`` = k (graph backbone), a new item is also placed among its k nearest trained
 items by content (cosine of the standardised raw features, :class:`ContentNeighbors`): its per-layer
@@ -39,12 +42,29 @@ def untrained_mask(train_pairs: Tensor, n_items: int) -> Tensor:
     return torch.bincount(train_pairs[:, 1].long(), minlength=n_items) == 0
 
 
-def content_rows(item_ids: Tensor, untrained: Tensor | None, dropout: float, training: bool) -> Tensor | None:
-    """Positions in ``item_ids`` to score from content alone: untrained items, plus a random ``dropout``
-    share in training; ``None`` when there are none by construction."""
+def droppable_mask(train_pairs: Tensor, n_items: int, skip_top: float) -> Tensor | None:
+    """(n_items,) bool: the items the new-item dropout may drop, all but the ``skip_top`` share with the most
+    training interactions (ties broken by item index); ``None`` (every item) when ``skip_top`` is 0."""
+    if skip_top <= 0:
+        return None
+    counts = torch.bincount(train_pairs[:, 1].long(), minlength=n_items)
+    top = torch.argsort(counts, descending=True, stable=True)[: round(skip_top * n_items)]
+    droppable = torch.ones(n_items, dtype=torch.bool, device=counts.device)
+    droppable[top] = False
+    return droppable
+
+
+def content_rows(
+    item_ids: Tensor, untrained: Tensor | None, dropout: float, training: bool, droppable: Tensor | None = None
+) -> Tensor | None:
+    """Positions in ``item_ids`` to score from content alone: untrained items, plus in training a random
+    ``dropout`` share of the items that are ``droppable`` (default all); ``None`` when there are none by
+    construction."""
     mask = untrained.index_select(0, item_ids) if untrained is not None else None
     if training and dropout > 0:
         drop = torch.rand(item_ids.shape[0], device=item_ids.device) < dropout
+        if droppable is not None:
+            drop &= droppable.index_select(0, item_ids)
         mask = drop if mask is None else mask | drop
     return None if mask is None else mask.nonzero().squeeze(1)
 

@@ -27,6 +27,7 @@ from models.metammf.cold_items import (
     ContentNeighbors,
     content_keys,
     content_rows,
+    droppable_mask,
     fused_part,
     nearest,
     replace_rows,
@@ -208,6 +209,8 @@ class MetaMMF_GCN(RecModel):
         self.register_buffer(
             "untrained_items", untrained if config.untrained_items == "content" else None, persistent=False
         )
+        droppable = droppable_mask(train_pairs, self.n_items, config.cold_item_dropout_skip_top)
+        self.register_buffer("droppable_items", droppable, persistent=False)
         self.neighbors: ContentNeighbors | None = None
         if config.content_neighbors > 0:
             self.neighbors = ContentNeighbors(self.items.item_inputs, ~untrained, config.content_neighbors)
@@ -333,7 +336,9 @@ class MetaMMF_GCN(RecModel):
             every = torch.arange(item_ids.shape[0], device=item_ids.device)
             gap = content(every) - items.detach().to(items.dtype)
             alignment = self.config.content_alignment * gap.float().pow(2).sum(-1).mean()
-        cold = content_rows(item_ids, self.untrained_items, self.config.cold_item_dropout, self.training)
+        cold = content_rows(
+            item_ids, self.untrained_items, self.config.cold_item_dropout, self.training, self.droppable_items
+        )
         return replace_rows(items, cold, content), alignment
 
     def get_embedding(self) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,14 @@ from torch import Tensor, nn
 
 from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
 from models.config import MetaMMFConfig
-from models.metammf.cold_items import content_rows, fused_part, replace_rows, untrained_mask, with_mean_id
+from models.metammf.cold_items import (
+    content_rows,
+    droppable_mask,
+    fused_part,
+    replace_rows,
+    untrained_mask,
+    with_mean_id,
+)
 from models.metammf.fusion import MetaFusionNetwork
 
 
@@ -87,6 +94,8 @@ class MetaMMF_MF(RecModel):
         if config.untrained_items == "content":
             untrained = untrained_mask(inputs.train_pairs, self.n_items)
         self.register_buffer("untrained_items", untrained, persistent=False)
+        droppable = droppable_mask(inputs.train_pairs, self.n_items, config.cold_item_dropout_skip_top)
+        self.register_buffer("droppable_items", droppable, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -113,7 +122,9 @@ class MetaMMF_MF(RecModel):
         u = self.user_embedding(users)
         item_ids = torch.cat([pos_items, neg_items])
         item_rep = self.items(item_ids)
-        cold = content_rows(item_ids, self.untrained_items, self.config.cold_item_dropout, self.training)
+        cold = content_rows(
+            item_ids, self.untrained_items, self.config.cold_item_dropout, self.training, self.droppable_items
+        )
         item_rep = replace_rows(
             item_rep, cold, lambda rows: self.new_item_embeddings(fused_part(item_rep[rows], self.items.id_embedding))
         )
