@@ -84,7 +84,7 @@ class MetaMMFConfig(ContentConfig):
         "path learns to rank on its own and on the same scale as trained items (DropoutNet-style)",
     )
     cold_item_dropout_skip_top: float = Field(
-        0.0,
+        0.2,
         ge=0.0,
         lt=1.0,
         description="share of the items with the most training interactions that cold_item_dropout never "

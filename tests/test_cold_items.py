@@ -75,10 +75,11 @@ def test_unknown_isolated_nodes_setting_is_refused() -> None:
 
 @pytest.mark.parametrize("name", ["metammf_gcn", "metammf_mf"])
 def test_cold_item_dropout_scores_dropped_items_from_content(tiny_data: RecData, make_config, name: str) -> None:
-    """With a dropout share of (nearly) 1 every batch item is scored as a new item would be."""
+    """With a dropout share of (nearly) 1 and no item spared, every batch item is scored as a new item would be."""
     torch.manual_seed(0)
     graph = {"reg_target": "final"} if name != "metammf_mf" else {}
-    model = build_model(tiny_data, make_config(name, cold_item_dropout=0.999999, **graph), 1e-3)
+    config = make_config(name, cold_item_dropout=0.999999, cold_item_dropout_skip_top=0.0, **graph)
+    model = build_model(tiny_data, config, 1e-3)
     model.train()
     users, pos, neg = (torch.from_numpy(a) for a in (tiny_data.train[:64, 0], tiny_data.train[:64, 1],
                                                       np.arange(64) % tiny_data.n_items))  # fmt: skip
