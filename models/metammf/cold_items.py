@@ -37,9 +37,14 @@ def fused_part(ego: Tensor, id_embedding: nn.Embedding) -> Tensor:
     return ego[:, : ego.shape[1] - id_embedding.embedding_dim]
 
 
+def item_counts(train_pairs: Tensor, n_items: int) -> Tensor:
+    """(n_items,) each item's number of training interactions."""
+    return torch.bincount(train_pairs[:, 1].long(), minlength=n_items)
+
+
 def untrained_mask(train_pairs: Tensor, n_items: int) -> Tensor:
     """(n_items,) bool: items without any training interaction."""
-    return torch.bincount(train_pairs[:, 1].long(), minlength=n_items) == 0
+    return item_counts(train_pairs, n_items) == 0
 
 
 def droppable_mask(train_pairs: Tensor, n_items: int, skip_top: float) -> Tensor | None:
@@ -47,7 +52,7 @@ def droppable_mask(train_pairs: Tensor, n_items: int, skip_top: float) -> Tensor
     training interactions (ties broken by item index); ``None`` (every item) when ``skip_top`` is 0."""
     if skip_top <= 0:
         return None
-    counts = torch.bincount(train_pairs[:, 1].long(), minlength=n_items)
+    counts = item_counts(train_pairs, n_items)
     top = torch.argsort(counts, descending=True, stable=True)[: round(skip_top * n_items)]
     droppable = torch.ones(n_items, dtype=torch.bool, device=counts.device)
     droppable[top] = False
