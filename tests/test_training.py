@@ -16,7 +16,7 @@ from training.data import RecData
 from training.evaluate import full_rank_evaluate
 from training.sampling import BPRSampler
 from training.synthetic import SyntheticConfig, generate_synthetic
-from training.trainer import evaluate_split, make_optimizer, train
+from training.trainer import build_model, evaluate_split, hardest_negatives, make_optimizer, train
 
 # --------------------------------------------------------------------------------------------------
 # BPRSampler
@@ -82,6 +82,47 @@ def test_sampler_is_reproducible_with_a_seed() -> None:
             for arr_x, arr_y in zip(x, y, strict=True):
                 np.testing.assert_array_equal(arr_x, arr_y)
     assert not all(np.array_equal(x, y) for x, y in zip(_collect(a), _collect(c), strict=True))
+
+
+def test_sampler_uses_the_chosen_candidate_among_unseen_negatives() -> None:
+    rng = np.random.default_rng(4)
+    pairs, n_items = _pairs(rng, n_users=40, n_items=30), 30
+    seen = {(u, i) for u, i in pairs.tolist()}
+    offered: list[np.ndarray] = []
+
+    def largest_item(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        assert items.shape == (len(users), 5)
+        assert not any((u, j) in seen for u, row in zip(users.tolist(), items.tolist(), strict=True) for j in row)
+        offered.append(items)
+        return items.argmax(1)
+
+    users, pos, neg = (
+        np.concatenate(parts) for parts in zip(*BPRSampler(pairs, n_items, 16, seed=0).epoch(5, largest_item), strict=True)
+    )
+    assert len(offered) == 1  # chosen once per epoch, for every interaction
+    np.testing.assert_array_equal(neg, offered[0].max(1))
+    assert Counter(zip(users.tolist(), pos.tolist(), strict=True)) == Counter(map(tuple, pairs.tolist()))
+    with pytest.raises(ValueError, match="rule"):
+        next(BPRSampler(pairs, n_items, 16).epoch(3))
+
+
+def test_hardest_negatives_are_the_highest_scored_in_inference_mode(tiny_data: RecData, make_config) -> None:
+    model = build_model(tiny_data, make_config("metammf_lightgcn", edge_dropout=0.5), 1e-4)
+    model.train()
+    users = np.arange(10, dtype=np.int64)
+    candidates = np.random.default_rng(0).integers(0, tiny_data.n_items, size=(10, 6))
+    chosen = hardest_negatives(model, users, candidates, chunk=3)
+    assert model.training  # left as it was found
+    model.eval()
+    scores = model.full_sort_predict(torch.from_numpy(users)).numpy()
+    expected = np.take_along_axis(scores, candidates, 1).argmax(1)
+    np.testing.assert_array_equal(chosen, expected)
+
+
+def test_dynamic_negative_sampling_trains_a_model(tiny_data: RecData, make_config) -> None:
+    cfg = TrainConfig(epochs=8, progress=False, threads=1, negative_candidates=4, lr=0.01)
+    result = train(tiny_data, make_config("lightgcn"), cfg)
+    assert result.test.metrics["recall@20"] > 1.5 * random_ranker_recall(tiny_data, 20)
 
 
 def test_sampler_rejects_a_user_who_saw_everything() -> None:

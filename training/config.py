@@ -60,6 +60,13 @@ class TrainConfig(BaseModel):
     patience: int = Field(10, ge=1, description="evaluations without improvement before stopping")
     eval_every: int = Field(1, ge=1, description="validate every N epochs")
     monitor: str = Field("recall@20", description="validation metric for early stopping")
+    negative_candidates: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="negatives drawn per training interaction and epoch; with more than one the model's "
+        "highest-scored of them (embeddings at the start of the epoch) is used: dynamic negative sampling",
+    )
     new_item_scale_rule: Literal["one_se", "best"] = Field(
         "one_se",
         description="how the new items' scale multiplier is picked on validation (models with content neighbours): "

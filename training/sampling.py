@@ -1,8 +1,9 @@
-"""BPR triple sampling: every training interaction once per epoch with a freshly drawn negative."""
+"""BPR triple sampling: every training interaction once per epoch with a freshly drawn negative (or the
+hardest of several, dynamic negative sampling)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -44,10 +45,25 @@ class BPRSampler:
             redo[redo] = self._is_seen(users[redo], negatives[redo])
         return negatives
 
-    def epoch(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def epoch(
+        self, candidates: int = 1, hardest: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """One pass over the training interactions in shuffled batches.
+
+        Args:
+            candidates: negatives drawn per interaction; with more than one, ``hardest(users, items)`` (items
+                (n, candidates)) returns the column of the one to use for each row (dynamic negative sampling:
+                the candidate the model scores highest).
+        """
+        if candidates > 1 and hardest is None:
+            raise ValueError("several negative candidates need a rule to choose among them")
         order = self.rng.permutation(len(self.pairs))
         users, positives = self.pairs[order, 0], self.pairs[order, 1]
-        negatives = self.sample_negatives(users)
+        if candidates == 1:
+            negatives = self.sample_negatives(users)
+        else:
+            drawn = self.sample_negatives(np.repeat(users, candidates)).reshape(len(users), candidates)
+            negatives = drawn[np.arange(len(users)), hardest(users, drawn)]
         for start in range(0, len(order), self.batch_size):
             batch = slice(start, start + self.batch_size)
             yield users[batch], positives[batch], negatives[batch]

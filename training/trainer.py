@@ -187,7 +187,8 @@ def _train(
         model.train()
         model.on_epoch_start()
         start, total_loss = time.perf_counter(), 0.0
-        for users, pos, neg in sampler.epoch():
+        hardest = partial(hardest_negatives, model) if cfg.negative_candidates > 1 else None
+        for users, pos, neg in sampler.epoch(cfg.negative_candidates, hardest):
             with step_precision(cfg.precision, device):
                 if ddp is None:
                     loss = loss_fn(*(torch.from_numpy(a).to(device) for a in (users, pos, neg)))
@@ -246,6 +247,25 @@ def _train(
     return TrainResult(
         model, best_epoch, best_valid, valid, test, history, train_seconds, new_item_scale, precision=cfg.precision
     )
+
+
+@torch.no_grad()
+def hardest_negatives(model: RecModel, users: np.ndarray, candidates: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """For each row, the column of ``candidates`` (n, c) that ``model`` scores highest for ``users[row]``
+    (its final embeddings as they stand, in inference mode: no dropout of any kind)."""
+    model.eval()
+    try:
+        user_emb, item_emb = model.get_embedding()
+    finally:
+        model.train()
+    device = user_emb.device
+    chosen = np.empty(len(users), dtype=np.int64)
+    for start in range(0, len(users), chunk):
+        rows = slice(start, start + chunk)
+        u = user_emb[torch.from_numpy(users[rows]).to(device)]
+        items = item_emb[torch.from_numpy(candidates[rows]).to(device)]
+        chosen[rows] = torch.einsum("nd,ncd->nc", u.float(), items.float()).argmax(1).cpu().numpy()
+    return chosen
 
 
 # Multipliers of the learned scale, 1/4 to 32 in steps of sqrt(2): the learned scale itself is shrunk by the
