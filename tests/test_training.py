@@ -96,9 +96,8 @@ def test_sampler_uses_the_chosen_candidate_among_unseen_negatives() -> None:
         offered.append(items)
         return items.argmax(1)
 
-    users, pos, neg = (
-        np.concatenate(parts) for parts in zip(*BPRSampler(pairs, n_items, 16, seed=0).epoch(5, largest_item), strict=True)
-    )
+    batches = list(BPRSampler(pairs, n_items, 16, seed=0).epoch(5, largest_item))
+    users, pos, neg = (np.concatenate(parts) for parts in zip(*batches, strict=True))
     assert len(offered) == 1  # chosen once per epoch, for every interaction
     np.testing.assert_array_equal(neg, offered[0].max(1))
     assert Counter(zip(users.tolist(), pos.tolist(), strict=True)) == Counter(map(tuple, pairs.tolist()))
