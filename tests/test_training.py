@@ -113,6 +113,7 @@ def test_hardest_negatives_are_the_highest_scored_in_inference_mode(tiny_data: R
     chosen = hardest_negatives(model, users, candidates, chunk=3)
     assert model.training  # left as it was found
     model.eval()
+    assert np.array_equal(hardest_negatives(model, users, candidates), chosen) and not model.training
     scores = model.full_sort_predict(torch.from_numpy(users)).numpy()
     expected = np.take_along_axis(scores, candidates, 1).argmax(1)
     np.testing.assert_array_equal(chosen, expected)

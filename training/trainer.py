@@ -171,6 +171,7 @@ def _train(
     if cfg.monitor not in {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "hit") for k in cfg.ks}:
         raise ValueError(f"train.monitor={cfg.monitor!r} is not one of the computed metrics (ks={cfg.ks})")
     loss_fn = model.calculate_loss
+    hardest = partial(hardest_negatives, model) if cfg.negative_candidates > 1 else None
     if cfg.neighbor_sampling:
         # Its own generator (per rank: ranks sample their shares independently), so the global RNG
         # stream (init, edge dropout) is the same as without sampling.
@@ -187,7 +188,6 @@ def _train(
         model.train()
         model.on_epoch_start()
         start, total_loss = time.perf_counter(), 0.0
-        hardest = partial(hardest_negatives, model) if cfg.negative_candidates > 1 else None
         for users, pos, neg in sampler.epoch(cfg.negative_candidates, hardest):
             with step_precision(cfg.precision, device):
                 if ddp is None:
@@ -253,11 +253,12 @@ def _train(
 def hardest_negatives(model: RecModel, users: np.ndarray, candidates: np.ndarray, chunk: int = 65536) -> np.ndarray:
     """For each row, the column of ``candidates`` (n, c) that ``model`` scores highest for ``users[row]``
     (its final embeddings as they stand, in inference mode: no dropout of any kind)."""
+    was_training = model.training
     model.eval()
     try:
         user_emb, item_emb = model.get_embedding()
     finally:
-        model.train()
+        model.train(was_training)
     device = user_emb.device
     chosen = np.empty(len(users), dtype=np.int64)
     for start in range(0, len(users), chunk):
