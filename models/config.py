@@ -122,6 +122,13 @@ class MetaMMFGraphConfig(MetaMMFConfig, GraphConfig):
     activate_last: bool = Field(True, description="LeakyReLU after the last GraphSAGE layer too")
     sage_bias: bool = Field(True, description="bias in the SAGEConv neighbour projection")
     edge_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="share of graph edges dropped per training step")
+    edge_pruning: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of the user-item edges dropped for each training epoch, drawn degree-sensitively "
+        "(edges between popular nodes most, FREEDOM's pruning); evaluation and serving use every edge",
+    )
     reg_target: Literal["ego", "final"] = Field(
         "ego", description="what the L2 term penalises: the ego (layer-0) or the final GCN representations"
     )
@@ -155,6 +162,12 @@ class MetaMMFGraphConfig(MetaMMFConfig, GraphConfig):
     )
     item_graph_normalize: bool = Field(
         False, description="with item_graph_k: the item-graph term scaled to unit length (as LATTICE adds it)"
+    )
+    item_graph_weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="with item_graph_k: the factor of the item-graph term (1: the neighbours' mean ego "
+        "representation counts as much as the whole propagated embedding)",
     )
     isolated_nodes: Literal["zeros", "self"] = Field(
         "self",

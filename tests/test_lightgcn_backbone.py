@@ -9,14 +9,14 @@ from fastapi.testclient import TestClient
 from torch_geometric.nn import LGConv
 
 from models.base import ModelInputs
-from models.graph.utils import bipartite_edge_index
+from models.graph.utils import bipartite_edge_index, degree_sensitive_edges
 from models.metammf.inference import InferenceEncoder, item_states
 from models.metammf.item_graph import ItemContentGraph
 from models.metammf.lightgcn import MetaMMF_LightGCN
 from service.app import create_app
 from service.settings import Settings
 from tests.service_support import AUTH, KEY, post_item, rec
-from tests.training_support import perturb
+from tests.training_support import perturb, random_ranker_recall
 from training.config import DataConfig, RunConfig, TrainConfig
 from training.data import RecData
 from training.export import export_artifacts
@@ -88,10 +88,18 @@ def test_final_item_embedding_adds_the_item_graph_term(tiny_data: RecData, make_
     unit = build(tiny_data, make_config("metammf_lightgcn", item_graph_k=5, item_graph_normalize=True))
     term = unit.get_embedding()[1] - items_a
     torch.testing.assert_close(term.norm(dim=1), torch.ones(tiny_data.n_items))
+    weighted = build(tiny_data, make_config("metammf_lightgcn", item_graph_k=5, item_graph_weight=0.25))
+    torch.testing.assert_close(weighted.get_embedding()[1] - items_a, 0.25 * (items_b - items_a))
 
 
 @pytest.mark.parametrize(
-    "item_graph", [{"item_graph_k": 0}, {"item_graph_k": 5}, {"item_graph_k": 5, "item_graph_normalize": True}]
+    "item_graph",
+    [
+        {"item_graph_k": 0},
+        {"item_graph_k": 5},
+        {"item_graph_k": 5, "item_graph_normalize": True},
+        {"item_graph_k": 5, "item_graph_weight": 0.25},
+    ],
 )
 def test_a_new_item_gets_what_an_item_without_interactions_gets(tiny_data: RecData, make_config, item_graph) -> None:
     """The serving encoder's embedding of a new item equals the model's embedding of an item of the catalogue
@@ -122,6 +130,50 @@ def test_a_new_user_aggregates_the_states_of_their_items(tiny_data: RecData, mak
     torch.testing.assert_close(user, (mean_user + layer1 + layer2) / 3)
 
 
+def test_degree_sensitive_pruning_keeps_a_symmetric_share_dropping_popular_edges_most() -> None:
+    """A hub user with 20 items next to 20 one-item users: the hub's edges (weight 1/sqrt(20*2)) are kept far
+    less often than the lone users' (1/sqrt(1*2))."""
+    hub = [(0, i) for i in range(20)]
+    lone = [(1 + i, i) for i in range(20)]
+    edge_index = bipartite_edge_index(torch.tensor(hub + lone), 21, 20)
+    kept_hub = kept_lone = 0
+    torch.manual_seed(0)
+    for _ in range(200):
+        kept = degree_sensitive_edges(edge_index, 41, 0.5)
+        assert kept.shape[1] == 40  # half of the 40 undirected edges, both directions
+        pairs = set(map(tuple, kept.t().tolist()))
+        assert all((t, s) in pairs for s, t in pairs)
+        assert pairs <= set(map(tuple, edge_index.t().tolist()))
+        hub_edges = int((kept[0] == 0).sum())
+        kept_hub += hub_edges
+        kept_lone += 20 - hub_edges
+    assert kept_lone > 2 * kept_hub
+
+
+def test_edge_pruning_trains_on_the_epochs_subgraph_and_evaluates_on_the_whole_graph(
+    tiny_data: RecData, make_config
+) -> None:
+    pruned = build(tiny_data, make_config("metammf_lightgcn", edge_pruning=0.5))
+    full = build(tiny_data, make_config("metammf_lightgcn"))
+    full.load_state_dict(pruned.state_dict())
+    torch.testing.assert_close(pruned.full_sort_predict(torch.arange(5)), full.full_sort_predict(torch.arange(5)))
+    pruned.train()
+    pruned.on_epoch_start()
+    graph = pruned._graph_input()[2]
+    assert graph is pruned._graph_input()[2]  # one subgraph for the whole epoch
+    assert graph.matrix._nnz() == 2 * int(full.edge_index.shape[1] // 2 * 0.5)
+    pruned.on_epoch_start()
+    assert pruned._graph_input()[2] is not graph
+    pruned.eval()
+    torch.testing.assert_close(pruned.full_sort_predict(torch.arange(5)), full.full_sort_predict(torch.arange(5)))
+
+
+def test_edge_pruning_trains_a_model(tiny_data: RecData, make_config) -> None:
+    cfg = TrainConfig(epochs=20, progress=False, threads=1, lr=0.01)
+    result = train(tiny_data, make_config("metammf_lightgcn", edge_pruning=0.5), cfg)
+    assert result.test.metrics["recall@20"] > 1.5 * random_ranker_recall(tiny_data, 20)
+
+
 def test_neighbour_sampling_is_refused_with_the_item_graph(make_config) -> None:
     from training.config import ConfigError, check_neighbor_sampling
 
@@ -129,6 +181,9 @@ def test_neighbour_sampling_is_refused_with_the_item_graph(make_config) -> None:
         check_neighbor_sampling(make_config("metammf_gcn", item_graph_k=5), TrainConfig(neighbor_sampling=True))
     with pytest.raises(ConfigError, match="metammf_gcn"):
         check_neighbor_sampling(make_config("metammf_lightgcn"), TrainConfig(neighbor_sampling=True))
+    with pytest.raises(ConfigError, match="edge_pruning"):
+        config = make_config("metammf_gcn", item_graph_k=0, edge_pruning=0.5)
+        check_neighbor_sampling(config, TrainConfig(neighbor_sampling=True))
 
 
 def test_mf_backbones_refuse_the_item_graph(make_config) -> None:

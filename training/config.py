@@ -132,6 +132,11 @@ def check_neighbor_sampling(model: ModelConfig, train: TrainConfig) -> None:
             f"train.neighbor_sampling=true cannot compute the item-item content graph (model.item_graph_k="
             f"{model.item_graph_k}) on a sampled subgraph: set model.item_graph_k=0 or train on the full graph"
         )
+    if getattr(model, "edge_pruning", 0.0):
+        raise ConfigError(
+            f"train.neighbor_sampling=true cannot prune the whole graph per epoch (model.edge_pruning="
+            f"{model.edge_pruning}): set model.edge_pruning=0 or train on the full graph"
+        )
     if train.fanouts is not None and len(train.fanouts) != model.gcn_layers:
         raise ConfigError(
             f"train.fanouts={train.fanouts} has {len(train.fanouts)} entries but model.gcn_layers="

@@ -76,6 +76,20 @@ class SymmetricPropagation:
         return SparseMatmul.apply(x, self.matrix, self.matrix)
 
 
+def degree_sensitive_edges(edge_index: Tensor, num_nodes: int, keep_share: float) -> Tensor:
+    r"""A random subgraph of an undirected ``edge_index`` keeping ``keep_share`` of its undirected edges, drawn
+    without replacement with probability proportional to :math:`1 / \sqrt{|N(s)| |N(t)|}` (FREEDOM's
+    degree-sensitive edge pruning, Zhou and Shen 2023): edges between popular nodes are dropped most. Both
+    directions of a kept edge are kept. Uses the global torch RNG (weighted sampling without replacement by
+    exponential keys, Efraimidis and Spirakis 2006)."""
+    one_way = edge_index[:, edge_index[0] < edge_index[1]]
+    weights = symmetric_norm_weights(edge_index, num_nodes)[edge_index[0] < edge_index[1]]
+    n_keep = int(one_way.shape[1] * keep_share)
+    keys = torch.rand(weights.shape, device=weights.device).log() / weights
+    kept = one_way[:, keys.topk(n_keep).indices]
+    return torch.cat([kept, kept.flip(0)], dim=1)
+
+
 def batch_rows(n_users: int, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
     """Node indices (users first, then ``n_users`` + item) of a BPR batch, in [users | pos | neg] order."""
     return torch.cat([users, n_users + pos_items, n_users + neg_items])

@@ -22,7 +22,7 @@ from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
 from models.config import MetaMMFGraphConfig
 from models.graph.neighbor_sampling import NeighborSampler
 from models.graph.sage_rows import TowerSettings, sage_rows
-from models.graph.utils import MeanAggregation, batch_rows, bipartite_edge_index
+from models.graph.utils import MeanAggregation, batch_rows, bipartite_edge_index, degree_sensitive_edges
 from models.metammf.cold_items import (
     ContentNeighbors,
     content_keys,
@@ -217,10 +217,15 @@ class MetaMMF_GCN(RecModel):
         self.item_graph: ItemContentGraph | None = None
         if config.item_graph_k > 0:
             self.item_graph = ItemContentGraph(
-                self.items.item_inputs, ~untrained, config.item_graph_k, config.item_graph_normalize
+                self.items.item_inputs,
+                ~untrained,
+                config.item_graph_k,
+                config.item_graph_normalize,
+                config.item_graph_weight,
             )
         self._neighbor_states: Tensor | None = None  # detached (n_states, n_items, d), see _neighbor_prior
         self._aggregation: MeanAggregation | None = None
+        self._pruned: MeanAggregation | None = None  # this epoch's subgraph with edge_pruning
         self.reset_parameters()
 
     @staticmethod
@@ -236,6 +241,9 @@ class MetaMMF_GCN(RecModel):
 
     def on_epoch_start(self) -> None:
         self._neighbor_states = None  # the content neighbours' states follow the weights once per epoch
+        if self.config.edge_pruning > 0:
+            kept = degree_sensitive_edges(self.edge_index, self.n_users + self.n_items, 1.0 - self.config.edge_pruning)
+            self._pruned = self.propagation(kept)
 
     def _neighbor_prior(self) -> Tensor:
         """Detached per-layer states (n_states, n_items, d) of the items, what a dropped-out item's content
@@ -263,11 +271,17 @@ class MetaMMF_GCN(RecModel):
 
     def _graph_input(self) -> tuple[Tensor, Tensor, MeanAggregation]:
         """Ego states of all nodes, the item ego states, and the graph to propagate over (in training
-        mode with ``edge_dropout`` > 0, a fresh random subgraph per call)."""
+        mode with ``edge_dropout`` > 0, a fresh random subgraph per call; with ``edge_pruning`` > 0, the
+        epoch's degree-sensitive subgraph)."""
         item_ego = self.items()
         x = torch.cat([self.user_embedding.weight, item_ego])
-        drop = self.training and self.config.edge_dropout > 0
-        return x, item_ego, self._dropped_adjacency() if drop else self._adjacency()
+        if not self.training:
+            return x, item_ego, self._adjacency()
+        if self.config.edge_dropout > 0:
+            return x, item_ego, self._dropped_adjacency()
+        if self._pruned is not None:
+            return x, item_ego, self._pruned
+        return x, item_ego, self._adjacency()
 
     def new_item_states(
         self, fused: Tensor, neighbors: Tensor | None = None, item_states: Tensor | None = None

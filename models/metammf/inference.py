@@ -120,6 +120,7 @@ class InferenceEncoder(nn.Module):
                 graph_k,
                 self.config.item_graph_normalize,
                 found=found,
+                weight=self.config.item_graph_weight,
             )
             final = final + extra.to(final.dtype)
         if bool(overflow.any()):

@@ -6,13 +6,14 @@ per item (rows sum to 1):
 
 .. math::
     S_{ij} = \frac{\max(0, \cos(x_i, x_j))}{\sum_{j' \in N_k(i)} \max(0, \cos(x_i, x_{j'}))}, \qquad
-    e_i \mathrel{+}= \textstyle\sum_j S_{ij}\, h_j^0
+    e_i \mathrel{+}= w \textstyle\sum_j S_{ij}\, h_j^0
 
-where :math:`h_j^0 = [e_j^m ; e_j^c]` is the neighbour's ego representation. The graph is built once, before
-training, as FREEDOM (Zhou et al., ACM MM 2023) freezes LATTICE's initial graph; it is row-normalised rather
-than symmetric, so a new item's row is computed exactly from its own neighbours (``POST /items``) without
-changing any trained item's row. A trained item is never its own neighbour, so an item whose ID part is
-dropped out in training (``cold_item_dropout``) learns nothing from its own ID through this term.
+with the weight :math:`w` (``item_graph_weight``), where :math:`h_j^0 = [e_j^m ; e_j^c]` is the neighbour's ego
+representation. The graph is built once, before training, as FREEDOM (Zhou et al., ACM MM 2023) freezes
+LATTICE's initial graph; it is row-normalised rather than symmetric, so a new item's row is computed exactly from
+its own neighbours (``POST /items``) without changing any trained item's row. A trained item is never its own
+neighbour, so an item whose ID part is dropped out in training (``cold_item_dropout``) learns nothing from its
+own ID through this term.
 """
 
 from __future__ import annotations
@@ -33,15 +34,22 @@ def neighbor_weights(queries: Tensor, keys: Tensor, found: Tensor) -> Tensor:
 
 
 def content_graph_rows(
-    queries: Tensor, keys: Tensor, ego: Tensor, k: int, normalize: bool = False, found: Tensor | None = None
+    queries: Tensor,
+    keys: Tensor,
+    ego: Tensor,
+    k: int,
+    normalize: bool = False,
+    found: Tensor | None = None,
+    weight: float = 1.0,
 ) -> Tensor:
-    """:math:`\\sum_j S_{ij} h_j^0` (b, d) for items outside the graph with unit content ``queries`` (b, d_x),
-    given the trained items' ``keys`` and ego representations ``ego`` (in key order); unit rows with
-    ``normalize``. ``found``: each query's nearest keys, best first, if already searched (the first k used)."""
+    """``weight`` x :math:`\\sum_j S_{ij} h_j^0` (b, d) for items outside the graph with unit content ``queries``
+    (b, d_x), given the trained items' ``keys`` and ego representations ``ego`` (in key order); unit rows (before
+    the weight) with ``normalize``. ``found``: each query's nearest keys, best first, if already searched (the
+    first k used)."""
     found = nearest(queries, keys, k) if found is None else found[:, :k]
     weights = neighbor_weights(queries, keys, found)
     rows = (weights.unsqueeze(-1) * ego[found].float()).sum(1)
-    return F.normalize(rows, dim=1) if normalize else rows
+    return weight * (F.normalize(rows, dim=1) if normalize else rows)
 
 
 class ItemContentGraph(nn.Module):
@@ -52,12 +60,14 @@ class ItemContentGraph(nn.Module):
         trained: (n_items,) bool, the items with training interactions: the only possible neighbours.
         k: neighbours per item.
         normalize: scale each item's term to unit length (LATTICE adds its item-graph term that way).
+        weight: the term's factor.
     """
 
-    def __init__(self, inputs: Tensor, trained: Tensor, k: int, normalize: bool = False) -> None:
+    def __init__(self, inputs: Tensor, trained: Tensor, k: int, normalize: bool = False, weight: float = 1.0) -> None:
         super().__init__()
         self.k = k
         self.normalize = normalize
+        self.weight = weight
         self.n_items = inputs.shape[0]
         rows, keys, position = trained_keys(inputs, trained)
         queries = content_keys(inputs)
@@ -79,9 +89,11 @@ class ItemContentGraph(nn.Module):
     def forward(self, item_ego: Tensor) -> Tensor:
         """:math:`S h^0` (n_items, d) for the ego representations of all items (n_items, d)."""
         rows = SparseMatmul.apply(item_ego, *self._csr())
-        return F.normalize(rows, dim=1) if self.normalize else rows
+        return self.weight * (F.normalize(rows, dim=1) if self.normalize else rows)
 
     @torch.no_grad()
     def new_rows(self, inputs: Tensor, item_ego: Tensor) -> Tensor:
         """:math:`\\sum_j S_{ij} h_j^0` for items outside the graph from their standardised raw features."""
-        return content_graph_rows(content_keys(inputs), self.keys, item_ego[self.rows], self.k, self.normalize)
+        return content_graph_rows(
+            content_keys(inputs), self.keys, item_ego[self.rows], self.k, self.normalize, weight=self.weight
+        )
