@@ -41,6 +41,8 @@ class Engine:
         precomputed_k: length of each training user's precomputed list; 0: none.
         torch_threads: for fusing items and embedding new users; None: as the calling thread has it.
         batch_torch_threads: for fusing a batch of items (service/fusion.py); None: ``torch_threads``.
+        candidate_cap: with precomputed lists, the online items filed per training user at write time
+            (service/online_candidates.py); 0: none, every request searches the online items.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class Engine:
         precomputed_k: int = 0,
         torch_threads: int | None = None,
         batch_torch_threads: int | None = None,
+        candidate_cap: int = 0,
     ) -> None:
         self.bundle = bundle
         self.artifact_id = bundle.artifact_id
@@ -69,9 +72,9 @@ class Engine:
         self.popularity = Popularity(bundle.item_popularity.tolist())
         self.seen = SeenItems(bundle.interactions, len(bundle.user_ids))
         self.fusion = Fusion(bundle.encoder, bundle.modalities, torch_threads, batch_torch_threads)
-        self.precomputed = self._precomputed(precomputed_k, settings.build_thread_count)
+        self.precomputed = self._precomputed(precomputed_k, settings.build_thread_count, candidate_cap)
 
-    def _precomputed(self, k: int, threads: int) -> PrecomputedAnswers | None:
+    def _precomputed(self, k: int, threads: int, candidate_cap: int) -> PrecomputedAnswers | None:
         """Exact top-k lists of every training user (service/precomputed.py), or None for k = 0."""
         bundle = self.bundle
         if k <= 0 or not len(bundle.user_ids):
@@ -79,7 +82,8 @@ class Engine:
         lists = PrecomputedTopK(bundle.user_embeddings, bundle.item_embeddings, self.seen.training_ptr,
                                 self.seen.training_items, k, threads=threads)  # fmt: skip
         probes = self.index.probe_lists(bundle.user_embeddings)
-        return PrecomputedAnswers(lists, bundle.user_embeddings, self.index.empty_like, len(bundle.item_ids), probes)
+        return PrecomputedAnswers(lists, bundle.user_embeddings, self.index.empty_like, len(bundle.item_ids), probes,
+                                  candidate_cap)  # fmt: skip
 
     # -- catalogue ------------------------------------------------------------------------------------
     @property

@@ -110,6 +110,14 @@ class PrecomputedTopK:
                 length == unseen and (all_listed or unseen < len(rows[i])),
             )
 
+    def floors(self) -> np.ndarray:
+        """(n_users,) the lowest score an item outside a user's list may need to reach its answers: its list's
+        last score; -inf for a list that holds every unseen item, +inf for an empty list that does not."""
+        last = self.scores[np.arange(len(self.lengths)), np.maximum(self.lengths - 1, 0)]
+        floors = np.where(self.lengths > 0, last, np.float32(np.inf)).astype(np.float32)
+        floors[self.complete] = -np.inf
+        return floors
+
     def best(self, user_row: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """(rows, scores, complete) of a user's list, best first."""
         n = self.lengths[user_row]

@@ -10,6 +10,7 @@ import numpy as np
 from service.index.base import SlottedIndex
 from service.index.scores import row_scores
 from service.keyed_vectors import KeyedVectors
+from service.online_candidates import OnlineCandidates
 from service.precomputed import PrecomputedTopK
 
 
@@ -22,7 +23,9 @@ class PrecomputedAnswers:
     exactly for flat, approximately for hnsw and ivf, with the same search width. A request then costs one list
     walk and one search of the online items, however many items the artifact has. For ivf the lists each
     training user's search scans are chosen once (``user_probes``), not at every request: a search then only
-    scans them.
+    scans them. With ``candidate_cap`` > 0 each write also files its items with the training users whose list
+    floor they reach (:class:`~service.online_candidates.OnlineCandidates`), and a request reads them there,
+    exactly and whatever the number of online items; the search remains for a user who needs more of them.
 
     Args:
         lists: the training users' precomputed lists.
@@ -31,6 +34,7 @@ class PrecomputedAnswers:
         n_training_items: the artifact's items; rows below it are training rows.
         user_probes: (n_users, width) the training users' :meth:`SlottedIndex.probe_lists` of the item index
             (whose lists the online index shares), or None.
+        candidate_cap: online items filed per training user at most; 0: none filed (every request searches).
     """
 
     # Up to this many online items a scan of them all costs less than a search of their index (docs/performance.md,
@@ -44,6 +48,7 @@ class PrecomputedAnswers:
         new_online_index: Callable[[], SlottedIndex],
         n_training_items: int,
         user_probes: np.ndarray | None = None,
+        candidate_cap: int = 0,
     ) -> None:
         self.lists = lists
         self._users = user_embeddings
@@ -54,6 +59,7 @@ class PrecomputedAnswers:
         self._n_training_items = n_training_items
         # Training rows deleted or replaced since the artifact: their listed scores no longer hold.
         self.changed_training_rows: set[int] = set()
+        self.candidates = OnlineCandidates(user_embeddings, lists.floors(), candidate_cap) if candidate_cap else None
 
     @property
     def online_count(self) -> int:
@@ -72,6 +78,8 @@ class PrecomputedAnswers:
             for row, vector in zip(rows.tolist(), vectors, strict=True):
                 self._scanned.put(row, vector)
         self.changed_training_rows.update(r for r in rows.tolist() if r < self._n_training_items)
+        if self.candidates is not None:
+            self.candidates.add(rows, vectors)
 
     def item_removed(self, row: int) -> None:
         """After a delete of ``row``."""
@@ -81,6 +89,8 @@ class PrecomputedAnswers:
             self._scanned.remove(row)
         if row < self._n_training_items:
             self.changed_training_rows.add(row)
+        if self.candidates is not None:
+            self.candidates.remove(row)
 
     def online_rows(self) -> np.ndarray:
         """Rows of the online items as held for the answers."""
@@ -99,6 +109,10 @@ class PrecomputedAnswers:
         lists are (row_scores: equal vectors tie across the two); the index may leave out those scoring below
         ``floor``, the k-th score of the user's list. An approximate index search that finds fewer than k is
         not done again exactly: the list holds the rest."""
+        if self.candidates is not None:
+            found = self.candidates.best(user_row, k, exclude)
+            if found is not None:
+                return found
         query = self._users[user_row]
         if self.online_index is not None:
             probes = self._user_probes[user_row] if self._user_probes is not None else None
@@ -145,6 +159,7 @@ class PrecomputedAnswers:
             "changed_training_items": len(self.changed_training_rows),
             "online_items": self.online_count,
             "online_search": "scan" if self.online_index is None else self.online_index.kind,
+            "online_candidates": None if self.candidates is None else self.candidates.pairs,
         }
 
 

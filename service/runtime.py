@@ -130,7 +130,7 @@ class Runtime:
         fused by another artifact); raises IncompatibleState if stored items do not fit it."""
         settings = self.settings
         engine = Engine(bundle, settings.index, self.precomputed_k(bundle), settings.torch_threads,
-                        settings.batch_thread_count)  # fmt: skip
+                        settings.batch_thread_count, self.candidate_cap(bundle))  # fmt: skip
         position = load_state(engine, self.state)
         return engine, position
 
@@ -145,6 +145,14 @@ class Runtime:
             )  # fmt: skip
             return 0
         return self.settings.precomputed_k
+
+    def candidate_cap(self, bundle: Bundle) -> int:
+        """Online items filed per training user at write time: twice the lists' length, or 0 (every request
+        searches the online items) above MMF_ONLINE_CANDIDATES_MAX_USERS training users, where scoring each
+        write against every user costs more than it saves."""
+        if len(bundle.user_ids) > self.settings.online_candidates_max_users:
+            return 0
+        return 2 * self.settings.precomputed_k
 
     def swap(self, engine: Engine, position: str) -> None:
         follower = Follower(

@@ -124,6 +124,11 @@ class PrecomputedInfo(BaseModel):
     online_search: str = Field(
         description='how they are searched: "scan" (exactly, while they are few) or the kind of their own index'
     )
+    online_candidates: int | None = Field(
+        None,
+        description="(training user, online item) pairs filed at write time, from which /recommend reads a training "
+        "user's online items (MMF_ONLINE_CANDIDATES_MAX_USERS); null: off, every request searches them",
+    )
 
 
 class Info(BaseModel):

@@ -149,6 +149,14 @@ class Settings(BaseSettings):
         description="no precomputed lists when users x items is larger (the start-up cost grows with it: about 90 s "
         "for 20,000 users x 1M items on 2 cores)",
     )
+    online_candidates_max_users: int = Field(
+        100_000,
+        ge=0,
+        description="with precomputed lists and at most this many training users, each write scores its items "
+        "against every training user and files them with the users whose list they may enter: /recommend then "
+        "reads them there, exactly and whatever the number of online items; above it (each write would cost "
+        "users x items inner products) every request searches the online items' index; 0 = off",
+    )
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -116,15 +116,20 @@ ONLINE_INDEXES = {
 }
 
 
-@pytest.mark.parametrize(("kind", "scan_max"), [("flat", 10_000), ("flat", 3), ("ivf", 3)])
+@pytest.mark.parametrize(
+    ("kind", "scan_max", "cap"),
+    [("flat", 10_000, 0), ("flat", 3, 0), ("ivf", 3, 0), ("flat", 10_000, 20), ("ivf", 3, 20), ("ivf", 3, 2)],
+)
 def test_engine_answers_like_an_exact_search_through_online_changes(
-    artifact: Artifact, kind: str, scan_max: int
+    artifact: Artifact, kind: str, scan_max: int, cap: int
 ) -> None:
     """Two engines over the same artifact get the same random writes; the one answering from 10-item lists
-    merged with the best online items (a scan of them, or past ``scan_max`` of them their own index) must
+    merged with the best online items (a scan of them, or past ``scan_max`` of them their own index; with
+    ``cap``, the items filed per user at write time, and a search where a user needs more than it holds) must
     answer what the flat index of the other finds, for every k up to past the lists' length."""
     bundle = load_bundle(artifact.path)
-    listed, exact = Engine(bundle, ONLINE_INDEXES[kind], precomputed_k=10), Engine(bundle)
+    listed = Engine(bundle, ONLINE_INDEXES[kind], precomputed_k=10, candidate_cap=cap)
+    exact = Engine(bundle)
     listed.precomputed.ONLINE_SCAN_MAX = scan_max
     assert listed.precomputed is not None and exact.precomputed is None
     rng = np.random.default_rng(4)
@@ -167,6 +172,7 @@ def test_engine_answers_like_an_exact_search_through_online_changes(
     assert info["k"] == 10 and info["changed_training_items"] > 0 and info["online_items"] > 0
     assert info["online_items"] == len(listed.online.ids) and not listed.online_index_problems()
     assert info["online_search"] == ("scan" if scan_max > 250 else kind)
+    assert (info["online_candidates"] or 0) > 0 if cap else info["online_candidates"] is None
     # Both paths ran: the lists answered most requests, the index the rest (k beyond a list, a list run out).
     assert 150 < from_lists < 250
 
@@ -290,3 +296,50 @@ def test_replicas_and_a_reload_answer_alike_from_the_online_index(artifact: Arti
             reloaded.precomputed._user_probes = probes
             assert chosen_now.item_ids == want.item_ids and chosen_now.scores == want.scores
     assert answered_online > 0  # online items do reach the answers
+
+
+@pytest.mark.parametrize("cap", [1, 3, 1000])
+def test_online_candidates_hold_every_item_a_user_may_need(cap: int) -> None:
+    """Random writes (identical vectors among them), rewrites and deletions: a user's filed items are exactly its
+    live online items that reach its floor, best first by score then row, scored as the lists are; where the cap
+    left some out, an answer that needs more than the user holds is None (the caller searches)."""
+    from service.online_candidates import OnlineCandidates
+
+    rng = np.random.default_rng(7)
+    users = rng.normal(size=(5000, 8)).astype(np.float32)  # more than one block of users
+    floors = rng.normal(1.0, 1.0, len(users)).astype(np.float32)
+    floors[:3] = [-np.inf, np.inf, 0.0]
+    candidates = OnlineCandidates(users, floors, cap)
+    live: dict[int, np.ndarray] = {}
+    answered = cut = 0
+    for step in range(40):
+        if rng.random() < 0.7 or not live:
+            rows = rng.choice(200, int(rng.integers(1, 12)), replace=False) + (1 << 32)
+            vectors = rng.normal(size=(len(rows), 8)).astype(np.float32) * 2
+            vectors[: len(rows) // 2] = vectors[0]  # identical vectors tie
+            candidates.add(rows, vectors)
+            live.update(zip(rows.tolist(), vectors, strict=True))
+        else:
+            row = list(live)[int(rng.integers(0, len(live)))]
+            candidates.remove(row)
+            del live[row]
+        rows = np.array(list(live), dtype=np.int64)
+        held = np.stack(list(live.values()))
+        for user in [*rng.choice(len(users), 40, replace=False).tolist(), 0, 1, 2]:
+            scores = row_scores(held, users[user])
+            ranked = sorted((-s, r) for s, r in zip(scores.tolist(), rows.tolist(), strict=True) if s >= floors[user])
+            exclude = {r for _, r in ranked[:2]} if rng.random() < 0.3 else set()
+            want = [(r, -s) for s, r in ranked if r not in exclude]
+            k = int(rng.integers(1, 6))
+            found = candidates.best(user, k, exclude)
+            if found is None:
+                cut += 1
+                assert cap < 1000 and user in candidates._cut
+                continue
+            answered += 1
+            assert list(zip(*found, strict=True)) == want[:k], (step, user)
+    assert answered > 100
+    assert (cut > 0) == (cap < 1000)
+    if cap == 1000:  # nothing left out: every (user, live item) pair that reaches the user's floor is held
+        scores = row_scores(np.stack(list(live.values()))[None], users)
+        assert candidates.pairs == int((scores >= floors[:, None]).sum())

@@ -1,0 +1,115 @@
+"""Per training user, the items written online that can enter its answer, kept up to date at write time.
+
+A training user's answer is its precomputed list merged with the best online items (service/precomputed_answers.py).
+An online item can enter a top k (k up to the lists' length K) only if it scores at least the K-th score of the
+user's list (its floor): below it, k valid list entries already beat it, and where the list runs short the index
+answers anyway. With a large catalogue few online items clear a user's floor, so each write scores its items
+against every training user once (one matrix product) and files each item with the users whose floor it clears. A
+request then walks two short sorted lists instead of searching the online items: its cost no longer grows with
+them, and the answer is exact.
+
+The product only picks candidates: each kept pair is scored again with :func:`row_scores`, as the lists are, so
+equal vectors tie exactly with listed items; a float32 product is off by less than ``d * 2^-24 |u| |x|``, and
+pairs within 4x that below the floor are scored again too. A user holds at most ``cap`` items: past that the worst
+(by score, then row) are left out, and the user remembers the best item left out (its cut). Every item before the
+cut is held; an answer that needs an item past it (the user saw many held items online) gets None, and the
+caller searches the online items instead.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Set
+
+import numpy as np
+
+from service.index.scores import row_scores
+
+USER_BLOCK = 4096  # users scored per matrix product: (4096, batch) float32 scores at a time
+
+
+class OnlineCandidates:
+    """The online items each training user may need, in (score descending, row) order.
+
+    Args:
+        user_embeddings: (n_users, d) float32, the training users' query vectors.
+        floors: (n_users,) the score an online item must reach to be held for the user: the K-th score of a
+            list that holds K entries, -inf for a list that holds every unseen item, +inf to hold nothing.
+        cap: items held per user at most.
+    """
+
+    def __init__(self, user_embeddings: np.ndarray, floors: np.ndarray, cap: int) -> None:
+        if cap < 1:
+            raise ValueError(f"cap must be >= 1, not {cap}")
+        self._users = np.ascontiguousarray(user_embeddings, dtype=np.float32)
+        self._floors = np.asarray(floors, dtype=np.float32)
+        self._user_norms = np.linalg.norm(self._users, axis=1)
+        self._cap = cap
+        self._held: dict[int, list[tuple[float, int]]] = {}  # user -> [(-score, row)], sorted
+        self._cut: dict[int, tuple[float, int]] = {}  # user -> (-score, row) of the best item left out
+        self._holders: dict[int, set[int]] = {}  # row -> users holding it
+
+    @property
+    def pairs(self) -> int:
+        """(user, item) pairs held."""
+        return sum(len(held) for held in self._held.values())
+
+    def add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        """Items written online: distinct ``rows`` with ``vectors`` (b, d); a row held already is replaced."""
+        for row in rows.tolist():
+            self.remove(row)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        # How far a float32 product can be off: below d * 2^-24 |u| |x| (sums of d products); 4x that.
+        margin = 4 * vectors.shape[1] * 2.0**-24 * np.linalg.norm(vectors, axis=1)
+        for lo in range(0, len(self._users), USER_BLOCK):
+            users = self._users[lo : lo + USER_BLOCK]
+            floors = self._floors[lo : lo + USER_BLOCK, None]
+            product = users @ vectors.T
+            near = product >= floors - self._user_norms[lo : lo + USER_BLOCK, None] * margin
+            user_at, item_at = np.nonzero(near)
+            if not len(user_at):
+                continue
+            exact = row_scores(vectors[item_at][:, None, :], users[user_at])[:, 0]
+            keep = exact >= floors[user_at, 0]
+            for user, row, score in zip(
+                (user_at[keep] + lo).tolist(), rows[item_at[keep]].tolist(), exact[keep].tolist(), strict=True
+            ):
+                self._hold(user, row, score)
+
+    def _hold(self, user: int, row: int, score: float) -> None:
+        entry = (-score, row)
+        cut = self._cut.get(user)
+        if cut is not None and entry > cut:
+            return  # past the cut: left out, as every item after it is
+        held = self._held.setdefault(user, [])
+        bisect.insort(held, entry)
+        self._holders.setdefault(row, set()).add(user)
+        if len(held) > self._cap:
+            dropped = held.pop()
+            self._holders[dropped[1]].discard(user)
+            self._cut[user] = dropped if cut is None else min(cut, dropped)
+
+    def remove(self, row: int) -> None:
+        """An item deleted, or about to be written again."""
+        for user in self._holders.pop(row, ()):
+            held = self._held[user]
+            for position, (_, held_row) in enumerate(held):
+                if held_row == row:
+                    del held[position]
+                    break
+            if not held and user not in self._cut:
+                del self._held[user]
+
+    def best(self, user: int, k: int, exclude: Set[int]) -> tuple[list[int], list[float]] | None:
+        """The user's best k online items (rows, scores) that reach its floor, none of ``exclude``, by score then
+        row; None when that needs items past the user's cut."""
+        rows: list[int] = []
+        scores: list[float] = []
+        for negative, row in self._held.get(user, ()):
+            if row in exclude:
+                continue
+            rows.append(row)
+            scores.append(-negative)
+            if len(rows) == k:
+                return rows, scores
+        return None if user in self._cut else (rows, scores)
