@@ -343,3 +343,37 @@ def test_online_candidates_hold_every_item_a_user_may_need(cap: int) -> None:
     if cap == 1000:  # nothing left out: every (user, live item) pair that reaches the user's floor is held
         scores = row_scores(np.stack(list(live.values()))[None], users)
         assert candidates.pairs == int((scores >= floors[:, None]).sum())
+
+
+def test_filed_online_items_answer_alike_on_replicas_and_after_a_reload(artifact: Artifact) -> None:
+    """With online items filed per user (candidate_cap), a replica that applied the writes one at a time (with
+    replacements and deletions on the way) and an engine that loaded the final items in one batch, in another order
+    (a reload), answer what an exact index answers, ties by row."""
+    bundle = load_bundle(artifact.path)
+    settings = IndexSettings(kind="ivf", ivf_nlist=8, ivf_nprobe=2, ivf_exact_min_items=0, ann_target_recall=0)
+    replica, exact = Engine(bundle, settings, precomputed_k=10, candidate_cap=20), Engine(bundle)
+    rng = np.random.default_rng(8)
+    embeddings, states = replica.fuse(replica.feature_matrix([artifact.features(r, 2.0) for r in range(40)]))
+    final: dict[str, tuple[int, np.ndarray]] = {}
+    for _ in range(120):
+        i = int(rng.integers(0, 40))
+        item_id, row = f"new{i}", (1 << 32) + i
+        if rng.random() < 0.2 and item_id in final:
+            replica.delete(item_id)
+            del final[item_id]
+        else:
+            emb = embeddings[int(rng.integers(0, 8))] * rng.choice([1.0, 2.0, 3.0])  # equal vectors tie
+            replica.upsert(item_id, row, emb, states[0])
+            final[item_id] = (row, emb)
+    reloaded = Engine(bundle, settings, precomputed_k=10, candidate_cap=20)
+    order = rng.permutation(list(final))
+    for engine in (reloaded, exact):
+        engine.upsert_many([(i, final[i][0], final[i][1], states[0], None) for i in order])
+    answered_online = 0
+    for user in artifact.user_ids:
+        for k in (1, 5, 10):
+            got, again, want = replica.recommend(user, k), reloaded.recommend(user, k), exact.recommend(user, k)
+            assert got.item_ids == again.item_ids == want.item_ids and got.scores == again.scores
+            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+            answered_online += any(i in final for i in got.item_ids)
+    assert answered_online > 0 and replica.precomputed.candidates.pairs == reloaded.precomputed.candidates.pairs
