@@ -22,6 +22,7 @@ import bisect
 from collections.abc import Set
 
 import numpy as np
+import torch
 
 from service.index.scores import row_scores
 
@@ -42,6 +43,7 @@ class OnlineCandidates:
         if cap < 1:
             raise ValueError(f"cap must be >= 1, not {cap}")
         self._users = np.ascontiguousarray(user_embeddings, dtype=np.float32)
+        self._user_tensor = torch.from_numpy(self._users)  # shares the memory: torch's product is the faster here
         self._floors = np.asarray(floors, dtype=np.float32)
         self._user_norms = np.linalg.norm(self._users, axis=1)
         self._cap = cap
@@ -61,10 +63,12 @@ class OnlineCandidates:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         # How far a float32 product can be off: below d * 2^-24 |u| |x| (sums of d products); 4x that.
         margin = 4 * vectors.shape[1] * 2.0**-24 * np.linalg.norm(vectors, axis=1)
+        items = torch.from_numpy(vectors)
         for lo in range(0, len(self._users), USER_BLOCK):
             users = self._users[lo : lo + USER_BLOCK]
             floors = self._floors[lo : lo + USER_BLOCK, None]
-            product = users @ vectors.T
+            with torch.no_grad():
+                product = (self._user_tensor[lo : lo + USER_BLOCK] @ items.T).numpy()
             near = product >= floors - self._user_norms[lo : lo + USER_BLOCK, None] * margin
             user_at, item_at = np.nonzero(near)
             if not len(user_at):
