@@ -26,7 +26,8 @@ import torch
 
 from service.index.scores import row_scores
 
-USER_BLOCK = 4096  # users scored per matrix product: (4096, batch) float32 scores at a time
+USER_BLOCK = 4096  # users and items scored per matrix product: (4096, 1024) float32 scores at a time
+ITEM_BLOCK = 1024
 
 
 class OnlineCandidates:
@@ -60,7 +61,10 @@ class OnlineCandidates:
         """Items written online: distinct ``rows`` with ``vectors`` (b, d); a row held already is replaced."""
         for row in rows.tolist():
             self.remove(row)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        for lo in range(0, len(rows), ITEM_BLOCK):
+            self._add(rows[lo : lo + ITEM_BLOCK], np.ascontiguousarray(vectors[lo : lo + ITEM_BLOCK], dtype=np.float32))
+
+    def _add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
         # How far a float32 product can be off: below d * 2^-24 |u| |x| (sums of d products); 4x that.
         margin = 4 * vectors.shape[1] * 2.0**-24 * np.linalg.norm(vectors, axis=1)
         items = torch.from_numpy(vectors)

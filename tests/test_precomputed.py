@@ -299,12 +299,15 @@ def test_replicas_and_a_reload_answer_alike_from_the_online_index(artifact: Arti
 
 
 @pytest.mark.parametrize("cap", [1, 3, 1000])
-def test_online_candidates_hold_every_item_a_user_may_need(cap: int) -> None:
+def test_online_candidates_hold_every_item_a_user_may_need(cap: int, monkeypatch) -> None:
     """Random writes (identical vectors among them), rewrites and deletions: a user's filed items are exactly its
     live online items that reach its floor, best first by score then row, scored as the lists are; where the cap
     left some out, an answer that needs more than the user holds is None (the caller searches)."""
+    from service import online_candidates
     from service.online_candidates import OnlineCandidates
 
+    monkeypatch.setattr(online_candidates, "ITEM_BLOCK", 4)  # writes scored in several blocks of items and users
+    monkeypatch.setattr(online_candidates, "USER_BLOCK", 1500)
     rng = np.random.default_rng(7)
     users = rng.normal(size=(5000, 8)).astype(np.float32)  # more than one block of users
     floors = rng.normal(1.0, 1.0, len(users)).astype(np.float32)
