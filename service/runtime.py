@@ -29,6 +29,8 @@ from service.state import RedisState
 from service.sync import Follower, IncompatibleState, load_state
 
 log = logging.getLogger("service")
+# How long a reload waits for the previous one, whose outcome is recorded already, to let go of the lock.
+RELOAD_RELEASE_WAIT_S = 5.0
 
 
 class ReloadBusy(RuntimeError):
@@ -172,19 +174,26 @@ class Runtime:
     def reload(self, artifacts: str | Path | None = None) -> ReloadStatus:
         """Load, verify and swap in the artifact at ``artifacts`` (default: the one served, re-read).
         Raises ReloadBusy, ReloadRefused, or redis.RedisError; the served engine stays on failure."""
-        if not self._reload_lock.acquire(blocking=False):
-            raise ReloadBusy("a reload is already running")
+        self._acquire_reload()
         try:
             self._begin(artifacts)
             return self._reload_locked()
         finally:
             self._reload_lock.release()
 
+    def _acquire_reload(self) -> None:
+        """The reload lock, or ReloadBusy while a reload runs. A reload records its outcome just before it lets
+        go of the lock: a client that has read that outcome and starts the next one waits for that moment."""
+        if self._reload_lock.acquire(blocking=False):
+            return
+        if self.status.state != "loading" and self._reload_lock.acquire(timeout=RELOAD_RELEASE_WAIT_S):
+            return
+        raise ReloadBusy("a reload is already running")
+
     def reload_in_background(self, artifacts: str | Path | None = None) -> dict:
         """Start a reload in a thread and return the status it starts with (state "loading"): taken before the
         thread runs, so it never mixes the new state with an outcome. Raises ReloadBusy if one is running."""
-        if not self._reload_lock.acquire(blocking=False):
-            raise ReloadBusy("a reload is already running")
+        self._acquire_reload()
         try:
             self._begin(artifacts)
             started = self.status.as_dict()

@@ -374,6 +374,23 @@ def test_background_reload_answers_its_starting_state(client, tmp_path: Path) ->
         assert status["state"] == "failed" and "manifest.json" in status["detail"]
 
 
+def test_a_reload_is_refused_while_one_runs_and_waits_for_one_that_has_finished(client) -> None:
+    """409 while a reload is loading; once its outcome is recorded, the next one waits for the lock that the
+    finished reload is about to let go of instead of answering 409."""
+    runtime = client.app.state.runtime
+    runtime._reload_lock.acquire()
+    try:
+        runtime.status.state = "loading"
+        assert_error(client.post("/admin/reload", json={"wait": False}, headers=AUTH), 409, "already running")
+        runtime.status.state = "failed"
+        threading.Timer(0.2, runtime._reload_lock.release).start()
+        r = client.post("/admin/reload", json={"wait": True}, headers=AUTH)
+        assert r.status_code == 200, r.text
+    finally:
+        runtime._reload_lock.acquire(blocking=False)
+        runtime._reload_lock.release()
+
+
 def test_405_lists_every_method_of_the_path(client) -> None:
     r = client.put("/items/abc")
     assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"
