@@ -1,8 +1,9 @@
 """Exact top-K lists of every training user, computed once per artifact when the engine is built.
 
 A recommendation for a training user is then the first k entries of its list that are still valid (not
-seen online, not deleted, not replaced since the artifact), merged with a search of the items that came online
-after it (their own index, service/precomputed_answers.py): O(k) work instead of a search of the whole catalogue,
+seen online, not deleted, not replaced since the artifact), merged with the best of the items that came online
+after it (filed with the user at write time, service/online_candidates.py, or a search of their own index,
+service/precomputed_answers.py): O(k) work instead of a search of the whole catalogue,
 and exact for the artifact's items, where the approximate index is calibrated to a recall below 1
 (MMF_ANN_TARGET_RECALL). The engine falls back to the index when the list runs out (a user with many online
 interactions, many deleted items).

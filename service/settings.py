@@ -140,8 +140,8 @@ class Settings(BaseSettings):
         le=10_000,
         description="exact top-k lists of this length for every training user, computed at start-up and after a "
         "reload (users x items inner products, on MMF_INDEX_BUILD_THREADS threads): /recommend answers from them "
-        "plus a search of the items added online (an index of their own), and searches the whole index only when a "
-        "list runs out; 0 = off",
+        "plus the best items added online (filed per user at write time, MMF_ONLINE_CANDIDATES_MAX_USERS, or searched "
+        "in an index of their own), and searches the whole index only when a list runs out; 0 = off",
     )
     precomputed_max_pairs: int = Field(
         20_000_000_000,
