@@ -22,7 +22,8 @@ port against Redis (``--redis-url``, a fresh namespace, deleted afterwards) and 
    is mostly queueing: --connections requests wait behind each other.)
 4. **/recommend again after the writes**, with wrk: the items the POST runs added are now online; with
    precomputed lists (``MMF_PRECOMPUTED_K``, on by default) each answer merges its list with the best of them
-   (an exact scan while they are few, their own index past that), so this row shows what they cost. The
+   (filed with each training user at write time, ``MMF_ONLINE_CANDIDATES_MAX_USERS``; or, with that set to 0,
+   an exact scan while they are few and their own index past that), so this row shows what they cost. The
    summary gives both throughput ratios.
 
 5. **Churn** (``--churn N``, repeatable, e.g. ``--churn 10000 --churn 100000``): items streaming in. New items
