@@ -94,7 +94,10 @@ class OnlineCandidates:
         self._holders.setdefault(row, set()).add(user)
         if len(held) > self._cap:
             dropped = held.pop()
-            self._holders[dropped[1]].discard(user)
+            holders = self._holders[dropped[1]]
+            holders.discard(user)
+            if not holders:
+                del self._holders[dropped[1]]
             self._cut[user] = dropped if cut is None else min(cut, dropped)
 
     def remove(self, row: int) -> None:

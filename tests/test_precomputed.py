@@ -326,6 +326,9 @@ def test_online_candidates_hold_every_item_a_user_may_need(cap: int, monkeypatch
             row = list(live)[int(rng.integers(0, len(live)))]
             candidates.remove(row)
             del live[row]
+        holding = {(u, r) for u, entries in candidates._held.items() for _, r in entries}
+        assert holding == {(u, r) for r, users in candidates._holders.items() for u in users}  # both ways alike
+        assert all(candidates._holders.values())
         rows = np.array(list(live), dtype=np.int64)
         held = np.stack(list(live.values()))
         for user in [*rng.choice(len(users), 40, replace=False).tolist(), 0, 1, 2]:
