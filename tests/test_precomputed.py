@@ -5,6 +5,8 @@ the fallbacks (list run out, k beyond the list) taken. Real FAISS; no timing."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -255,6 +257,25 @@ def test_the_consistency_check_sees_online_items_out_of_step(artifact: Artifact,
     ]
 
 
+def random_writes(
+    engine: Engine, rng: np.random.Generator, vector: Callable[[], np.ndarray], states: np.ndarray
+) -> dict[str, tuple[int, np.ndarray]]:
+    """120 random writes of 40 ids, one at a time: new items, items written again with ``vector()``, deletions
+    (a fifth). Returns what is left: item id -> (row, vector)."""
+    final: dict[str, tuple[int, np.ndarray]] = {}
+    for _ in range(120):
+        i = int(rng.integers(0, 40))
+        item_id, row = f"new{i}", (1 << 32) + i
+        if rng.random() < 0.2 and item_id in final:
+            engine.delete(item_id)
+            del final[item_id]
+        else:
+            emb = vector()
+            engine.upsert(item_id, row, emb, states)
+            final[item_id] = (row, emb)
+    return final
+
+
 def test_replicas_and_a_reload_answer_alike_from_the_online_index(artifact: Artifact) -> None:
     """An approximate online index (2 of 8 ivf lists probed): a replica that applied the writes one at a time,
     with replacements and deletions on the way, and an engine that loaded the final items in one batch (a
@@ -266,17 +287,7 @@ def test_replicas_and_a_reload_answer_alike_from_the_online_index(artifact: Arti
     replica.precomputed.ONLINE_SCAN_MAX = 5  # the online items move into their own index early
     rng = np.random.default_rng(6)
     embeddings, states = replica.fuse(replica.feature_matrix([artifact.features(r, 2.0) for r in range(40)]))
-    final: dict[str, tuple[int, np.ndarray]] = {}
-    for _ in range(120):
-        i = int(rng.integers(0, 40))
-        item_id, row = f"new{i}", (1 << 32) + i
-        if rng.random() < 0.2 and item_id in final:
-            replica.delete(item_id)
-            del final[item_id]
-        else:
-            emb = embeddings[int(rng.integers(0, 40))] * rng.uniform(0.5, 2.0)
-            replica.upsert(item_id, row, emb, states[0])
-            final[item_id] = (row, emb)
+    final = random_writes(replica, rng, lambda: embeddings[int(rng.integers(0, 40))] * rng.uniform(0.5, 2.0), states[0])
     reloaded = Engine(bundle, settings, precomputed_k=10)
     reloaded.precomputed.ONLINE_SCAN_MAX = 5
     order = rng.permutation(list(final))
@@ -360,17 +371,10 @@ def test_filed_online_items_answer_alike_on_replicas_and_after_a_reload(artifact
     replica, exact = Engine(bundle, settings, precomputed_k=10, candidate_cap=20), Engine(bundle)
     rng = np.random.default_rng(8)
     embeddings, states = replica.fuse(replica.feature_matrix([artifact.features(r, 2.0) for r in range(40)]))
-    final: dict[str, tuple[int, np.ndarray]] = {}
-    for _ in range(120):
-        i = int(rng.integers(0, 40))
-        item_id, row = f"new{i}", (1 << 32) + i
-        if rng.random() < 0.2 and item_id in final:
-            replica.delete(item_id)
-            del final[item_id]
-        else:
-            emb = embeddings[int(rng.integers(0, 8))] * rng.choice([1.0, 2.0, 3.0])  # equal vectors tie
-            replica.upsert(item_id, row, emb, states[0])
-            final[item_id] = (row, emb)
+    # equal vectors tie
+    final = random_writes(
+        replica, rng, lambda: embeddings[int(rng.integers(0, 8))] * rng.choice([1.0, 2.0, 3.0]), states[0]
+    )
     reloaded = Engine(bundle, settings, precomputed_k=10, candidate_cap=20)
     order = rng.permutation(list(final))
     for engine in (reloaded, exact):
