@@ -69,18 +69,22 @@ class OnlineCandidates:
         margin = 4 * vectors.shape[1] * 2.0**-24 * np.linalg.norm(vectors, axis=1)
         items = torch.from_numpy(vectors)
         for lo in range(0, len(self._users), USER_BLOCK):
-            users = self._users[lo : lo + USER_BLOCK]
-            floors = self._floors[lo : lo + USER_BLOCK, None]
+            hi = min(lo + USER_BLOCK, len(self._users))
             with torch.no_grad():
-                product = (self._user_tensor[lo : lo + USER_BLOCK] @ items.T).numpy()
-            near = product >= floors - self._user_norms[lo : lo + USER_BLOCK, None] * margin
-            user_at, item_at = np.nonzero(near)
-            if not len(user_at):
+                product = self._user_tensor[lo:hi] @ items.T
+                # Most users' floors are above every item of a write: only the users with some item near theirs are
+                # looked at item by item.
+                loose = torch.from_numpy(self._floors[lo:hi] - self._user_norms[lo:hi] * float(margin.max()))
+                users = lo + (product.amax(dim=1) >= loose).nonzero().squeeze(1).numpy()
+            if not len(users):
                 continue
-            exact = row_scores(vectors[item_at][:, None, :], users[user_at])[:, 0]
-            keep = exact >= floors[user_at, 0]
+            near = product.numpy()[users - lo] >= self._floors[users, None] - self._user_norms[users, None] * margin
+            user_at, item_at = np.nonzero(near)
+            user_at = users[user_at]
+            exact = row_scores(vectors[item_at][:, None, :], self._users[user_at])[:, 0]
+            keep = exact >= self._floors[user_at]
             for user, row, score in zip(
-                (user_at[keep] + lo).tolist(), rows[item_at[keep]].tolist(), exact[keep].tolist(), strict=True
+                user_at[keep].tolist(), rows[item_at[keep]].tolist(), exact[keep].tolist(), strict=True
             ):
                 self._hold(user, row, score)
 
