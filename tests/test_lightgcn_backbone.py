@@ -168,6 +168,15 @@ def test_edge_pruning_trains_on_the_epochs_subgraph_and_evaluates_on_the_whole_g
     torch.testing.assert_close(pruned.full_sort_predict(torch.arange(5)), full.full_sort_predict(torch.arange(5)))
 
 
+def test_edge_dropout_drops_from_the_epochs_pruned_subgraph(tiny_data: RecData, make_config) -> None:
+    model = build(tiny_data, make_config("metammf_lightgcn", edge_pruning=0.5, edge_dropout=0.5)).train()
+    model.on_epoch_start()
+    pruned = set(map(tuple, model._pruned_edges.t().tolist()))
+    rows = model._graph_input()[2].matrix.to_sparse_coo().coalesce().indices()  # (target, source) pairs
+    dropped = set(map(tuple, rows.flip(0).t().tolist()))
+    assert dropped < pruned and len(dropped) < 0.75 * len(pruned)
+
+
 def test_edge_pruning_trains_a_model(tiny_data: RecData, make_config) -> None:
     cfg = TrainConfig(epochs=20, progress=False, threads=1, lr=0.01)
     result = train(tiny_data, make_config("metammf_lightgcn", edge_pruning=0.5), cfg)

@@ -225,7 +225,8 @@ class MetaMMF_GCN(RecModel):
             )
         self._neighbor_states: Tensor | None = None  # detached (n_states, n_items, d), see _neighbor_prior
         self._aggregation: MeanAggregation | None = None
-        self._pruned: MeanAggregation | None = None  # this epoch's subgraph with edge_pruning
+        self._pruned_edges: Tensor | None = None  # this epoch's subgraph with edge_pruning, and its propagation
+        self._pruned: MeanAggregation | None = None
         self.reset_parameters()
 
     @staticmethod
@@ -243,7 +244,7 @@ class MetaMMF_GCN(RecModel):
         self._neighbor_states = None  # the content neighbours' states follow the weights once per epoch
         if self.config.edge_pruning > 0:
             kept = degree_sensitive_edges(self.edge_index, self.n_users + self.n_items, 1.0 - self.config.edge_pruning)
-            self._pruned = self.propagation(kept)
+            self._pruned_edges, self._pruned = kept, self.propagation(kept)
 
     def _neighbor_prior(self) -> Tensor:
         """Detached per-layer states (n_states, n_items, d) of the items, what a dropped-out item's content
@@ -265,14 +266,16 @@ class MetaMMF_GCN(RecModel):
         return self._aggregation
 
     def _dropped_adjacency(self) -> MeanAggregation:
-        """The graph with a random ``edge_dropout`` share of the (directed) edges removed."""
-        keep = torch.rand(self.edge_index.shape[1], device=self.edge_index.device) >= self.config.edge_dropout
-        return self.propagation(self.edge_index[:, keep])
+        """The graph (with ``edge_pruning``, the epoch's subgraph) with a random ``edge_dropout`` share of the
+        (directed) edges removed."""
+        edges = self.edge_index if self._pruned_edges is None else self._pruned_edges
+        keep = torch.rand(edges.shape[1], device=edges.device) >= self.config.edge_dropout
+        return self.propagation(edges[:, keep])
 
     def _graph_input(self) -> tuple[Tensor, Tensor, MeanAggregation]:
         """Ego states of all nodes, the item ego states, and the graph to propagate over (in training
-        mode with ``edge_dropout`` > 0, a fresh random subgraph per call; with ``edge_pruning`` > 0, the
-        epoch's degree-sensitive subgraph)."""
+        mode with ``edge_pruning`` > 0, the epoch's degree-sensitive subgraph; with ``edge_dropout`` > 0, a fresh
+        random share of its edges dropped at every call)."""
         item_ego = self.items()
         x = torch.cat([self.user_embedding.weight, item_ego])
         if not self.training:
