@@ -9,11 +9,11 @@ request then walks two short sorted lists instead of searching the online items:
 them, and the answer is exact.
 
 The product only picks candidates: each kept pair is scored again with :func:`row_scores`, as the lists are, so
-equal vectors tie exactly with listed items; a float32 product is off by less than ``d * 2^-24 |u| |x|``, and
-pairs within 4x that below the floor are scored again too. A user holds at most ``cap`` items: past that the worst
-(by score, then row) are left out, and the user remembers the best item left out (its cut). Every item before the
-cut is held; an answer that needs an item past it (the user saw many held items online) gets None, and the
-caller searches the online items instead.
+equal vectors tie exactly with listed items; pairs whose product falls short of the floor by less than the
+product's rounding bound (:func:`~service.index.scores.product_error`) are scored again too. A user holds at most
+``cap`` items: past that the worst (by score, then row) are left out, and the user remembers the best item left
+out (its cut). Every item before the cut is held; an answer that needs an item past it (the user saw many held
+items online) gets None, and the caller searches the online items instead.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Set
 import numpy as np
 import torch
 
-from service.index.scores import row_scores
+from service.index.scores import product_error, row_scores
 
 USER_BLOCK = 4096  # users and items scored per matrix product: (4096, 1024) float32 scores at a time
 ITEM_BLOCK = 1024
@@ -65,8 +65,7 @@ class OnlineCandidates:
             self._add(rows[lo : lo + ITEM_BLOCK], np.ascontiguousarray(vectors[lo : lo + ITEM_BLOCK], dtype=np.float32))
 
     def _add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        # How far a float32 product can be off: below d * 2^-24 |u| |x| (sums of d products); 4x that.
-        margin = 4 * vectors.shape[1] * 2.0**-24 * np.linalg.norm(vectors, axis=1)
+        margin = product_error(vectors.shape[1]) * np.linalg.norm(vectors, axis=1)
         items = torch.from_numpy(vectors)
         for lo in range(0, len(self._users), USER_BLOCK):
             hi = min(lo + USER_BLOCK, len(self._users))

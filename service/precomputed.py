@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from service.index.scores import row_scores
+from service.index.scores import product_error, row_scores
 
 USER_BLOCK = 256  # users scored per matrix product: (256, items) float32 scores at a time
 MARGIN = 16  # candidates per user beyond k, so that the rounding of the product cannot hide one
@@ -75,8 +75,7 @@ class PrecomputedTopK:
         ptr, seen = torch.from_numpy(seen_ptr.astype(np.int64)), torch.from_numpy(seen_items.astype(np.int64))
         take = min(self.k + MARGIN, n_items)
         item_array = items.numpy()
-        # How far a float32 product can be off: below d * 2^-24 |u| |x| (sums of d products); 4x that.
-        error = 4 * item_embeddings.shape[1] * 2.0**-24 * float(np.linalg.norm(item_array, axis=1).max(initial=0))
+        error = product_error(item_embeddings.shape[1]) * float(np.linalg.norm(item_array, axis=1).max(initial=0))
         with _torch_threads(threads), torch.no_grad():
             for lo in range(0, n_users, USER_BLOCK):
                 hi = min(lo + USER_BLOCK, n_users)
