@@ -82,8 +82,9 @@ def degree_sensitive_edges(edge_index: Tensor, num_nodes: int, keep_share: float
     degree-sensitive edge pruning, Zhou and Shen 2023): edges between popular nodes are dropped most. Both
     directions of a kept edge are kept. Uses the global torch RNG (weighted sampling without replacement by
     exponential keys, Efraimidis and Spirakis 2006)."""
-    one_way = edge_index[:, edge_index[0] < edge_index[1]]
-    weights = symmetric_norm_weights(edge_index, num_nodes)[edge_index[0] < edge_index[1]]
+    forward = edge_index[0] < edge_index[1]
+    one_way = edge_index[:, forward]
+    weights = symmetric_norm_weights(edge_index, num_nodes)[forward]
     n_keep = int(one_way.shape[1] * keep_share)
     keys = torch.rand(weights.shape, device=weights.device).log() / weights
     kept = one_way[:, keys.topk(n_keep).indices]
