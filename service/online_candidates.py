@@ -5,7 +5,7 @@ An online item can enter a top k (k up to the lists' length K) only if it scores
 user's list (its floor): below it, k valid list entries already beat it, and where the list runs short the index
 answers anyway. With a large catalogue few online items clear a user's floor, so each write scores its items
 against every training user once (one matrix product) and files each item with the users whose floor it clears. A
-request then walks two short sorted lists instead of searching the online items: its cost no longer grows with
+request then walks two short sorted lists instead of searching the online items: its cost does not grow with
 them, and the answer is exact.
 
 The product only picks candidates: each kept pair is scored again with :func:`row_scores`, as the lists are, so
