@@ -160,6 +160,13 @@ class MetaMMFGraphConfig(MetaMMFConfig, GraphConfig):
         "its k nearest trained items by content (a frozen item-item graph, as in FREEDOM; "
         "models/metammf/item_graph.py); 0 = off",
     )
+    item_graph_new_k: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="with item_graph_k: the neighbours in the item graph of items without training interactions "
+        "(new items, POST /items); default item_graph_k",
+    )
     item_graph_normalize: bool = Field(
         False, description="with item_graph_k: the item-graph term scaled to unit length (as LATTICE adds it)"
     )
@@ -174,6 +181,13 @@ class MetaMMFGraphConfig(MetaMMFConfig, GraphConfig):
         description="neighbour aggregate of a node without neighbours (a new item): zeros (PyG's mean "
         "aggregation) or the node's own state (a self loop, so its content survives every layer)",
     )
+
+    @property
+    def new_item_graph_k(self) -> int:
+        """Item-graph neighbours of an item without training interactions (0: no item graph)."""
+        if not self.item_graph_k:
+            return 0
+        return self.item_graph_k if self.item_graph_new_k is None else self.item_graph_new_k
 
 
 # The baselines: each reads the fields of its class and nothing else.

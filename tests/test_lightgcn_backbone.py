@@ -78,6 +78,27 @@ def test_item_graph_rows_are_trained_content_neighbours_summing_to_one(tiny_data
     torch.testing.assert_close(ego.grad, 2 * dense.T @ (dense @ ego.detach()))
 
 
+def test_items_without_interactions_get_their_own_neighbour_count(tiny_data: RecData) -> None:
+    features = torch.from_numpy(tiny_data.item_features())
+    trained = torch.ones(tiny_data.n_items, dtype=torch.bool)
+    trained[:10] = False
+    same = ItemContentGraph(features, trained, k=4)
+    for new_k in (2, 7):
+        graph = ItemContentGraph(features, trained, k=4, new_k=new_k)
+        source, target = graph.edge_index
+        counts = torch.bincount(target, minlength=tiny_data.n_items)
+        assert bool((counts[:10] == new_k).all()) and bool((counts[10:] == 4).all())
+        assert bool((source >= 10).all())
+        sums = torch.zeros(tiny_data.n_items).index_add_(0, target, graph.edge_weight)
+        torch.testing.assert_close(sums, torch.ones(tiny_data.n_items))
+        # The trained items' rows are those of the graph with one k; the untrained ones their new_k nearest.
+        ego = torch.randn(tiny_data.n_items, 6)
+        torch.testing.assert_close(graph(ego)[10:], same(ego)[10:])
+        torch.testing.assert_close(graph(ego)[:10], graph.new_rows(features[:10], ego), atol=1e-5, rtol=1e-5)
+        narrow = ItemContentGraph(features, trained, k=new_k)
+        torch.testing.assert_close(graph(ego)[:10], narrow(ego)[:10])
+
+
 def test_final_item_embedding_adds_the_item_graph_term(tiny_data: RecData, make_config) -> None:
     plain = build(tiny_data, make_config("metammf_lightgcn"))
     with_graph = build(tiny_data, make_config("metammf_lightgcn", item_graph_k=5))
@@ -99,6 +120,7 @@ def test_final_item_embedding_adds_the_item_graph_term(tiny_data: RecData, make_
         {"item_graph_k": 5},
         {"item_graph_k": 5, "item_graph_normalize": True},
         {"item_graph_k": 5, "item_graph_weight": 0.25},
+        {"item_graph_k": 5, "item_graph_new_k": 2},
     ],
 )
 def test_a_new_item_gets_what_an_item_without_interactions_gets(tiny_data: RecData, make_config, item_graph) -> None:

@@ -222,6 +222,7 @@ class MetaMMF_GCN(RecModel):
                 config.item_graph_k,
                 config.item_graph_normalize,
                 config.item_graph_weight,
+                config.new_item_graph_k,
             )
         self._neighbor_states: Tensor | None = None  # detached (n_states, n_items, d), see _neighbor_prior
         self._aggregation: MeanAggregation | None = None

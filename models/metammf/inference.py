@@ -104,7 +104,7 @@ class InferenceEncoder(nn.Module):
         queries = content_keys(inputs)
         # Content neighbours and the item graph rank the same keys: one search (best first) serves both.
         neighbors, graph_k = (
-            (self.config.content_neighbors, self.config.item_graph_k) if self.neighbor_keys.shape[0] else (0, 0)
+            (self.config.content_neighbors, self.config.new_item_graph_k) if self.neighbor_keys.shape[0] else (0, 0)
         )
         found = nearest(queries, self.neighbor_keys, max(neighbors, graph_k)) if neighbors or graph_k else None
         if neighbors:

@@ -58,26 +58,41 @@ class ItemContentGraph(nn.Module):
     Args:
         inputs: (n_items, d_x) the fusion network's inputs (standardised raw features).
         trained: (n_items,) bool, the items with training interactions: the only possible neighbours.
-        k: neighbours per item.
+        k: neighbours per trained item.
         normalize: scale each item's term to unit length (LATTICE adds its item-graph term that way).
         weight: the term's factor.
+        new_k: neighbours per item without training interactions, here and in :meth:`new_rows` (default ``k``).
     """
 
-    def __init__(self, inputs: Tensor, trained: Tensor, k: int, normalize: bool = False, weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        inputs: Tensor,
+        trained: Tensor,
+        k: int,
+        normalize: bool = False,
+        weight: float = 1.0,
+        new_k: int | None = None,
+    ) -> None:
         super().__init__()
         self.k = k
+        self.new_k = k if new_k is None else new_k
         self.normalize = normalize
         self.weight = weight
         self.n_items = inputs.shape[0]
         rows, keys, position = trained_keys(inputs, trained)
         queries = content_keys(inputs)
-        found = nearest(queries, keys, k, skip=position)
-        weights = neighbor_weights(queries, keys, found)
-        targets = torch.arange(inputs.shape[0], device=inputs.device).repeat_interleave(found.shape[1])
+        found = nearest(queries, keys, max(self.k, self.new_k), skip=position)
+        sources, targets, weights = [], [], []
+        for group, group_k in ((trained, self.k), (~trained, self.new_k)):
+            items = group.nonzero().squeeze(1)
+            group_found = found[items, :group_k]
+            sources.append(rows[group_found].reshape(-1))
+            targets.append(items.repeat_interleave(group_found.shape[1]))
+            weights.append(neighbor_weights(queries[items], keys, group_found).reshape(-1))
         self.register_buffer("keys", keys, persistent=False)  # (n_trained, d_x) unit rows
         self.register_buffer("rows", rows, persistent=False)  # key index -> item row
-        self.register_buffer("edge_index", torch.stack([rows[found].reshape(-1), targets]), persistent=False)
-        self.register_buffer("edge_weight", weights.reshape(-1), persistent=False)
+        self.register_buffer("edge_index", torch.stack([torch.cat(sources), torch.cat(targets)]), persistent=False)
+        self.register_buffer("edge_weight", torch.cat(weights), persistent=False)
         self._matrices: tuple[Tensor, Tensor] | None = None
 
     def _csr(self) -> tuple[Tensor, Tensor]:
@@ -95,5 +110,5 @@ class ItemContentGraph(nn.Module):
     def new_rows(self, inputs: Tensor, item_ego: Tensor) -> Tensor:
         """:math:`\\sum_j S_{ij} h_j^0` for items outside the graph from their standardised raw features."""
         return content_graph_rows(
-            content_keys(inputs), self.keys, item_ego[self.rows], self.k, self.normalize, weight=self.weight
+            content_keys(inputs), self.keys, item_ego[self.rows], self.new_k, self.normalize, weight=self.weight
         )
