@@ -19,6 +19,29 @@ def bpr_loss(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
     return F.softplus(neg_scores - pos_scores).mean()
 
 
+def in_batch_softmax_loss(
+    users: Tensor, pos_items: Tensor, neg_items: Tensor, u: Tensor, pos: Tensor, neg: Tensor, temperature: float
+) -> Tensor:
+    r"""Sampled softmax over the batch's items: each (user, positive) pair b against every positive and negative
+    item of the batch,
+
+    .. math::
+        -\frac{1}{B}\sum_b \ln \frac{\exp(u_b^\top v_b / \tau)}{\sum_{j \in C_b} \exp(u_b^\top v_j / \tau)},
+
+    where :math:`C_b` holds the batch's 2B items (``pos`` then ``neg``) less the items that are positives of b's
+    user in this batch (other than b's own column), which are not negatives. The batch's ids (``users``,
+    ``pos_items``, ``neg_items``, (B,) each) find those; ``u``, ``pos``, ``neg`` (B, d) are their embeddings. Its
+    memory is B x 2B scores."""
+    logits = (u @ torch.cat([pos, neg]).T).float() / temperature
+    items = torch.cat([pos_items, neg_items])
+    width = int(torch.maximum(items.max(), users.max())) + 1
+    positives = users * width + pos_items
+    not_negative = torch.isin(users.unsqueeze(1) * width + items.unsqueeze(0), positives)
+    not_negative.fill_diagonal_(False)
+    logits = logits.masked_fill(not_negative, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(users.shape[0], device=logits.device))
+
+
 def l2_penalty(*tensors: Tensor) -> Tensor:
     r""":math:`\frac{1}{2B}\sum_t \lVert t \rVert_2^2` over batch representations (B = rows of the first)."""
     return sum(t.pow(2).sum() for t in tensors) / (2 * tensors[0].shape[0])
@@ -85,12 +108,22 @@ class RecModel(nn.Module, ABC):
 
     @abstractmethod
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
-        """Training loss (BPR + L2) for a batch of (user, positive item, negative item) triples."""
+        """Training loss (:meth:`ranking_loss` + L2) for a batch of (user, positive item, negative item) triples."""
 
     @torch.no_grad()
     def prepare_inference(self) -> None:
         """Compute and cache the final embeddings once before many :meth:`full_sort_predict` calls."""
         self._cache = tuple(t.detach().clone() for t in self.get_embedding())  # a snapshot, not live weights
+
+    def ranking_loss(
+        self, users: Tensor, pos_items: Tensor, neg_items: Tensor, u: Tensor, pos: Tensor, neg: Tensor
+    ) -> Tensor:
+        """The ranking part of the loss, by the config's ``loss``: BPR on each (user, positive, negative) triple,
+        or the sampled softmax over the batch's items (:func:`in_batch_softmax_loss`). ``u``, ``pos``,
+        ``neg``: the embeddings of ``users``, ``pos_items``, ``neg_items``."""
+        if self.config.loss == "softmax":
+            return in_batch_softmax_loss(users, pos_items, neg_items, u, pos, neg, self.config.softmax_temperature)
+        return bpr_loss((u * pos).sum(-1), (u * neg).sum(-1))
 
     def on_epoch_start(self) -> None:
         """Called by the trainer before each epoch (a model that keeps per-epoch state refreshes it)."""

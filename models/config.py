@@ -28,6 +28,13 @@ class ModelConfig(BaseModel):
         32, ge=1, description="d_c: width of the item ID embedding e_i^c (baselines: the other half of the width)"
     )
 
+    loss: Literal["bpr", "softmax"] = Field(
+        "bpr",
+        description="ranking loss: BPR on (user, positive, negative) triples, or the sampled softmax of each "
+        "positive against every item of its training batch (memory: batch_size x 2 batch_size scores)",
+    )
+    softmax_temperature: float = Field(1.0, gt=0, description="with loss='softmax': the temperature of the scores")
+
     @property
     def embedding_dim(self) -> int:
         """Width of the final item/user embeddings (d_m + d_c)."""
@@ -242,6 +249,7 @@ class LATTICEConfig(GraphConfig, ContentConfig):
 
 class InvRLConfig(ContentConfig):
     name: Literal["invrl"] = "invrl"
+    loss: Literal["bpr"] = Field("bpr", description="BPR only: InvRL's invariance penalty is defined on it")
     invrl_envs: int = Field(2, ge=1, le=16, description="number of heterogeneous environments")
     invrl_irm_weight: float = Field(
         1e8,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
 
-from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.base import ModelInputs, RecModel, l2_penalty
 from models.config import GraphSAGEConfig
 from models.graph.utils import FeatureStandardizer, MeanAggregation, batch_rows, bipartite_edge_index
 
@@ -103,7 +103,7 @@ class ProjectedFeatureGraph(RecModel):
         final = self.propagate(ego)
         rows = batch_rows(self.n_users, users, pos_items, neg_items)
         u, pos, neg = final[rows].split(len(users))
-        return bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + self.reg_weight * l2_penalty(
+        return self.ranking_loss(users, pos_items, neg_items, u, pos, neg) + self.reg_weight * l2_penalty(
             *ego[rows].split(len(users))
         )
 

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import coalesce, dropout_edge, softmax
 
-from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.base import ModelInputs, RecModel, l2_penalty
 from models.config import GRCNConfig
 from models.graph.edge_ops import EdgePattern, edge_scores, weighted_sum
 from models.graph.utils import FeatureStandardizer, batch_rows, register_modalities
@@ -220,4 +220,4 @@ class GRCN(RecModel):
         rows = batch_rows(self.n_users, users, pos_items, neg_items)
         u, pos, neg = final[rows].split(len(users))
         reg = l2_penalty(*self.id_embedding[rows].split(len(users)), *(g.preference[users] for g in self.content))
-        return bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + self.reg_weight * reg
+        return self.ranking_loss(users, pos_items, neg_items, u, pos, neg) + self.reg_weight * reg

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import LGConv
 from torch_geometric.utils import to_torch_csr_tensor
 
-from models.base import ModelInputs, bpr_loss, l2_penalty
+from models.base import ModelInputs, l2_penalty
 from models.baselines.lightgcn import LightGCN
 from models.config import LATTICEConfig
 from models.graph.utils import FeatureStandardizer, autocast_off
@@ -252,4 +252,4 @@ class LATTICE(LightGCN):
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         user_emb, item_emb = self.get_embedding()
         u, pos, neg = user_emb[users], item_emb[pos_items], item_emb[neg_items]
-        return bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + self.reg_weight * l2_penalty(u, pos, neg)
+        return self.ranking_loss(users, pos_items, neg_items, u, pos, neg) + self.reg_weight * l2_penalty(u, pos, neg)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.base import ModelInputs, RecModel, l2_penalty
 from models.config import MMGCNConfig
 from models.graph.utils import (
     FeatureStandardizer,
@@ -153,4 +153,4 @@ class MMGCN(RecModel):
         ids = self.id_embedding[rows].split(len(users))
         preferences = [graph.preference[users] for graph in self.graphs]
         reg = l2_penalty(*ids, *preferences)
-        return bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + self.reg_weight * reg
+        return self.ranking_loss(users, pos_items, neg_items, u, pos, neg) + self.reg_weight * reg

@@ -7,7 +7,7 @@ from abc import abstractmethod
 
 from torch import Tensor, nn
 
-from models.base import RecModel, bpr_loss, l2_penalty
+from models.base import RecModel, l2_penalty
 
 
 class PropagatedNodeEmbeddings(RecModel):
@@ -28,4 +28,4 @@ class PropagatedNodeEmbeddings(RecModel):
         rows = (users, self.n_users + pos_items, self.n_users + neg_items)
         u, pos, neg = (final[r] for r in rows)
         ego = (self.embedding(r) for r in rows)
-        return bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + self.reg_weight * l2_penalty(*ego)
+        return self.ranking_loss(users, pos_items, neg_items, u, pos, neg) + self.reg_weight * l2_penalty(*ego)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.base import ModelInputs, RecModel, l2_penalty
 from models.config import VBPRConfig
 from models.graph.utils import FeatureStandardizer
 
@@ -87,7 +87,7 @@ class VBPR(RecModel):
     def calculate_loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         u = self.users(users)
         pos, neg = self.items(torch.cat([pos_items, neg_items])).split(len(users))
-        loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1))
+        loss = self.ranking_loss(users, pos_items, neg_items, u, pos, neg)
         free = [self.user_gamma(users), self.user_theta(users)]
         free += [t(i) for i in (pos_items, neg_items) for t in (self.item_gamma, self.item_bias)]
         loss = loss + self.reg_weight * l2_penalty(*free)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
 
-from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.base import ModelInputs, RecModel, l2_penalty
 from models.config import MetaMMFGraphConfig
 from models.graph.neighbor_sampling import NeighborSampler
 from models.graph.sage_rows import TowerSettings, sage_rows
@@ -381,7 +381,7 @@ class MetaMMF_GCN(RecModel):
         )
         items = self._with_item_graph(items, item_ego, item_ids)
         u, (pos, neg) = final[: len(users)], items.split(len(users))
-        loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + alignment
+        loss = self.ranking_loss(users, pos_items, neg_items, u, pos, neg) + alignment
         if self.config.reg_target == "final":
             reg = l2_penalty(u, pos, neg)
         else:
@@ -441,7 +441,7 @@ class MetaMMF_GCN(RecModel):
             torch.cat([pos_items, neg_items]), final[len(users) :], lambda at: ego[len(users) :][at]
         )
         u, (pos, neg) = final[: len(users)], items.split(len(users))
-        loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + alignment
+        loss = self.ranking_loss(users, pos_items, neg_items, u, pos, neg) + alignment
         reg = l2_penalty(u, pos, neg) if self.config.reg_target == "final" else l2_penalty(*ego.split(len(users)))
         loss = loss + self.reg_weight * reg
         if self.config.layer_reg > 0:

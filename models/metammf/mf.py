@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.base import ModelInputs, RecModel, bpr_loss, l2_penalty
+from models.base import ModelInputs, RecModel, l2_penalty
 from models.config import MetaMMFConfig
 from models.metammf.cold_items import (
     content_rows,
@@ -129,7 +129,7 @@ class MetaMMF_MF(RecModel):
             item_rep, cold, lambda rows: self.new_item_embeddings(fused_part(item_rep[rows], self.items.id_embedding))
         )
         pos, neg = item_rep.split(len(users))
-        loss = bpr_loss((u * pos).sum(-1), (u * neg).sum(-1)) + self.reg_weight * l2_penalty(u, pos, neg)
+        loss = self.ranking_loss(users, pos_items, neg_items, u, pos, neg) + self.reg_weight * l2_penalty(u, pos, neg)
         if self.config.layer_reg > 0:
             loss = loss + self.config.layer_reg * sum(w.pow(2).sum() for w in fusion_weights(self.items.fusion)) / 2
         return loss
