@@ -19,27 +19,38 @@ def bpr_loss(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
     return F.softplus(neg_scores - pos_scores).mean()
 
 
-def in_batch_softmax_loss(
-    users: Tensor, pos_items: Tensor, neg_items: Tensor, u: Tensor, pos: Tensor, neg: Tensor, temperature: float
+def sampled_softmax_loss(
+    users: Tensor,
+    pos_items: Tensor,
+    neg_items: Tensor,
+    u: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    temperature: float,
+    negatives: int,
 ) -> Tensor:
-    r"""Sampled softmax over the batch's items: each (user, positive) pair b against every positive and negative
-    item of the batch,
+    r"""Sampled softmax with shared negatives: each (user, positive) pair b against the batch's first M sampled
+    negatives (uniform over the items, as the rows are shuffled),
 
     .. math::
-        -\frac{1}{B}\sum_b \ln \frac{\exp(u_b^\top v_b / \tau)}{\sum_{j \in C_b} \exp(u_b^\top v_j / \tau)},
+        -\frac{1}{B}\sum_b \ln \frac{\exp(u_b^\top v_b / \tau)}
+            {\exp(u_b^\top v_b / \tau) + \sum_{j \le M,\ j \notin P_b} \exp(u_b^\top v_{n_j} / \tau)},
 
-    where :math:`C_b` holds the batch's 2B items (``pos`` then ``neg``) less the items that are positives of b's
-    user in this batch (other than b's own column), which are not negatives. The batch's ids (``users``,
-    ``pos_items``, ``neg_items``, (B,) each) find those; ``u``, ``pos``, ``neg`` (B, d) are their embeddings. Its
-    memory is B x 2B scores."""
-    logits = (u @ torch.cat([pos, neg]).T).float() / temperature
-    items = torch.cat([pos_items, neg_items])
-    width = int(torch.maximum(items.max(), users.max())) + 1
-    positives = users * width + pos_items
-    not_negative = torch.isin(users.unsqueeze(1) * width + items.unsqueeze(0), positives)
-    not_negative.fill_diagonal_(False)
+    where :math:`P_b` are the shared negatives that are positives of b's user in this batch (not negatives for
+    it). The batch's ids (``users``, ``pos_items``, ``neg_items``, (B,) each) find those; ``u``, ``pos``, ``neg``
+    (B, d) are their embeddings. Its cost is B x (M + 1) scores."""
+    shared = min(negatives, neg_items.shape[0])
+    negative_ids = neg_items[:shared]
+    logits = torch.cat([(u * pos).sum(-1, keepdim=True), u @ neg[:shared].T], dim=1).float() / temperature
+    # Rows that share a user (each row with itself included) are few: match their positives pair by pair.
+    rows, others = (users.unsqueeze(1) == users.unsqueeze(0)).nonzero(as_tuple=True)
+    not_negative = torch.zeros_like(logits, dtype=torch.bool)
+    for start in range(0, rows.shape[0], 4096):
+        chunk = slice(start, start + 4096)
+        pair, column = (pos_items[others[chunk]].unsqueeze(1) == negative_ids.unsqueeze(0)).nonzero(as_tuple=True)
+        not_negative[rows[chunk][pair], column + 1] = True
     logits = logits.masked_fill(not_negative, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(users.shape[0], device=logits.device))
+    return F.cross_entropy(logits, torch.zeros(users.shape[0], dtype=torch.long, device=logits.device))
 
 
 def l2_penalty(*tensors: Tensor) -> Tensor:
@@ -119,10 +130,13 @@ class RecModel(nn.Module, ABC):
         self, users: Tensor, pos_items: Tensor, neg_items: Tensor, u: Tensor, pos: Tensor, neg: Tensor
     ) -> Tensor:
         """The ranking part of the loss, by the config's ``loss``: BPR on each (user, positive, negative) triple,
-        or the sampled softmax over the batch's items (:func:`in_batch_softmax_loss`). ``u``, ``pos``,
-        ``neg``: the embeddings of ``users``, ``pos_items``, ``neg_items``."""
+        or the sampled softmax against the batch's shared negatives (:func:`sampled_softmax_loss`). ``u``,
+        ``pos``, ``neg``: the embeddings of ``users``, ``pos_items``, ``neg_items``."""
         if self.config.loss == "softmax":
-            return in_batch_softmax_loss(users, pos_items, neg_items, u, pos, neg, self.config.softmax_temperature)
+            config = self.config
+            return sampled_softmax_loss(
+                users, pos_items, neg_items, u, pos, neg, config.softmax_temperature, config.softmax_negatives
+            )
         return bpr_loss((u * pos).sum(-1), (u * neg).sum(-1))
 
     def on_epoch_start(self) -> None:

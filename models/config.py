@@ -31,9 +31,12 @@ class ModelConfig(BaseModel):
     loss: Literal["bpr", "softmax"] = Field(
         "bpr",
         description="ranking loss: BPR on (user, positive, negative) triples, or the sampled softmax of each "
-        "positive against every item of its training batch (memory: batch_size x 2 batch_size scores)",
+        "positive against negatives shared by its training batch",
     )
     softmax_temperature: float = Field(1.0, gt=0, description="with loss='softmax': the temperature of the scores")
+    softmax_negatives: int = Field(
+        256, ge=1, description="with loss='softmax': the batch's shared negatives (uniformly sampled items)"
+    )
 
     @property
     def embedding_dim(self) -> int:
