@@ -131,6 +131,9 @@ class Engine:
                 self.upsert_many([item])
             return
         vectors = np.stack([np.asarray(item[2], dtype=np.float32) for item in items])
+        row_array = np.array(rows, dtype=np.int64)
+        # The training users each item reaches are found before the lock: requests go on meanwhile.
+        matches = self.precomputed.match_written(row_array, vectors) if self.precomputed is not None else None
         with self._lock:
             for (item_id, _, embedding, states, added_at), row in zip(items, rows, strict=True):
                 old = self.catalog.item_rows.get(item_id)
@@ -140,10 +143,9 @@ class Engine:
                 self.catalog.place(item_id, row)
                 self.online.put(item_id, row, embedding, states, now if added_at is None else added_at)
                 self.popularity.add_row(row)
-            row_array = np.array(rows, dtype=np.int64)
             self.index.add_many(row_array, vectors)
             if self.precomputed is not None:
-                self.precomputed.items_written(row_array, vectors)
+                self.precomputed.items_written(row_array, vectors, matches)
 
     def delete(self, item_id: str) -> bool:
         with self._lock:

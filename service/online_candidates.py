@@ -26,6 +26,10 @@ import torch
 
 from service.index.scores import product_error, row_scores
 
+# (users, rows, scores) of the pairs a write files: see OnlineCandidates.match.
+Matches = tuple[np.ndarray, np.ndarray, np.ndarray]
+NO_MATCHES: Matches = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
 USER_BLOCK = 4096  # users and items scored per matrix product: (4096, 1024) float32 scores at a time
 ITEM_BLOCK = 1024
 
@@ -57,14 +61,25 @@ class OnlineCandidates:
         """(user, item) pairs held."""
         return sum(len(held) for held in self._held.values())
 
-    def add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        """Items written online: distinct ``rows`` with ``vectors`` (b, d); a row held already is replaced."""
+    def add(self, rows: np.ndarray, vectors: np.ndarray, matches: Matches | None = None) -> None:
+        """Items written online: distinct ``rows`` with ``vectors`` (b, d); a row held already is replaced.
+        ``matches``: what :meth:`match` gives for them, if already computed (outside the caller's lock)."""
+        matches = self.match(rows, vectors) if matches is None else matches
         for row in rows.tolist():
             self.remove(row)
-        for lo in range(0, len(rows), ITEM_BLOCK):
-            self._add(rows[lo : lo + ITEM_BLOCK], np.ascontiguousarray(vectors[lo : lo + ITEM_BLOCK], dtype=np.float32))
+        for user, row, score in zip(*(part.tolist() for part in matches), strict=True):
+            self._hold(user, row, score)
 
-    def _add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+    def match(self, rows: np.ndarray, vectors: np.ndarray) -> Matches:
+        """The (users, rows, scores) of the pairs whose exact score reaches the user's floor: what :meth:`add`
+        files. It reads only what is fixed at construction, so it may run beside requests and other writes."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        found = [NO_MATCHES]
+        for lo in range(0, len(rows), ITEM_BLOCK):
+            self._match(rows[lo : lo + ITEM_BLOCK], np.ascontiguousarray(vectors[lo : lo + ITEM_BLOCK]), found)
+        return tuple(np.concatenate(part) for part in zip(*found, strict=True))
+
+    def _match(self, rows: np.ndarray, vectors: np.ndarray, found: list[Matches]) -> None:
         margin = product_error(vectors.shape[1]) * np.linalg.norm(vectors, axis=1)
         items = torch.from_numpy(vectors)
         for lo in range(0, len(self._users), USER_BLOCK):
@@ -82,10 +97,9 @@ class OnlineCandidates:
             user_at = users[user_at]
             exact = row_scores(vectors[item_at][:, None, :], self._users[user_at])[:, 0]
             keep = exact >= self._floors[user_at]
-            for user, row, score in zip(
-                user_at[keep].tolist(), rows[item_at[keep]].tolist(), exact[keep].tolist(), strict=True
-            ):
-                self._hold(user, row, score)
+            found.append(
+                (user_at[keep].astype(np.int64), rows[item_at[keep]].astype(np.int64), exact[keep].astype(np.float32))
+            )
 
     def _hold(self, user: int, row: int, score: float) -> None:
         entry = (-score, row)

@@ -10,7 +10,7 @@ import numpy as np
 from service.index.base import SlottedIndex
 from service.index.scores import row_scores
 from service.keyed_vectors import KeyedVectors
-from service.online_candidates import OnlineCandidates
+from service.online_candidates import Matches, OnlineCandidates
 from service.precomputed import PrecomputedTopK
 
 
@@ -65,8 +65,14 @@ class PrecomputedAnswers:
     def online_count(self) -> int:
         return self.online_index.ntotal if self.online_index is not None else len(self._scanned)
 
-    def items_written(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        """After an upsert of distinct ``rows`` with ``vectors``."""
+    def match_written(self, rows: np.ndarray, vectors: np.ndarray) -> Matches | None:
+        """What :meth:`items_written` files for these items (:meth:`OnlineCandidates.match`), computed beforehand
+        and outside the caller's lock; None when nothing is filed."""
+        return self.candidates.match(rows, vectors) if self.candidates is not None else None
+
+    def items_written(self, rows: np.ndarray, vectors: np.ndarray, matches: Matches | None = None) -> None:
+        """After an upsert of distinct ``rows`` with ``vectors``; ``matches``: :meth:`match_written`'s result for
+        them, if computed."""
         if self.online_index is None and len(self._scanned) + len(rows) > self.ONLINE_SCAN_MAX:
             self.online_index = self._new_online_index()
             scanned_rows, scanned_vectors = self._scanned.arrays()
@@ -79,7 +85,7 @@ class PrecomputedAnswers:
                 self._scanned.put(row, vector)
         self.changed_training_rows.update(r for r in rows.tolist() if r < self._n_training_items)
         if self.candidates is not None:
-            self.candidates.add(rows, vectors)
+            self.candidates.add(rows, vectors, matches)
 
     def item_removed(self, row: int) -> None:
         """After a delete of ``row``."""

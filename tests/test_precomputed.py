@@ -311,9 +311,10 @@ def test_replicas_and_a_reload_answer_alike_from_the_online_index(artifact: Arti
 
 @pytest.mark.parametrize("cap", [1, 3, 1000])
 def test_online_candidates_hold_every_item_a_user_may_need(cap: int, monkeypatch) -> None:
-    """Random writes (identical vectors among them), rewrites and deletions: a user's filed items are exactly its
-    live online items that reach its floor, best first by score then row, scored as the lists are; where the cap
-    left some out, an answer that needs more than the user holds is None (the caller searches)."""
+    """Random writes (identical vectors among them), rewrites and deletions, half of them matched before they are
+    filed: a user's filed items are exactly its live online items that reach its floor, best first by score then
+    row, scored as the lists are; where the cap left some out, an answer that needs more than the user holds is None
+    (the caller searches)."""
     from service import online_candidates
     from service.online_candidates import OnlineCandidates
 
@@ -331,7 +332,13 @@ def test_online_candidates_hold_every_item_a_user_may_need(cap: int, monkeypatch
             rows = rng.choice(200, int(rng.integers(1, 12)), replace=False) + (1 << 32)
             vectors = rng.normal(size=(len(rows), 8)).astype(np.float32) * 2
             vectors[: len(rows) // 2] = vectors[0]  # identical vectors tie
-            candidates.add(rows, vectors)
+            if step % 2:  # matched first, as the engine does outside its lock: matching changes nothing
+                before = (candidates.pairs, dict(candidates._cut))
+                matches = candidates.match(rows, vectors)
+                assert (candidates.pairs, candidates._cut) == before
+                candidates.add(rows, vectors, matches)
+            else:
+                candidates.add(rows, vectors)
             live.update(zip(rows.tolist(), vectors, strict=True))
         else:
             row = list(live)[int(rng.integers(0, len(live)))]
