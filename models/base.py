@@ -30,7 +30,8 @@ def sampled_softmax_loss(
     negatives: int,
 ) -> Tensor:
     r"""Sampled softmax with shared negatives: each (user, positive) pair b against the batch's first M sampled
-    negatives (uniform over the items, as the rows are shuffled),
+    negatives (uniform over the items, as the rows are shuffled, unless ``train.negative_candidates`` picks hard
+    ones),
 
     .. math::
         -\frac{1}{B}\sum_b \ln \frac{\exp(u_b^\top v_b / \tau)}
