@@ -394,3 +394,41 @@ def test_filed_online_items_answer_alike_on_replicas_and_after_a_reload(artifact
             np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-5)
             answered_online += any(i in final for i in got.item_ids)
     assert answered_online > 0 and replica.precomputed.candidates.pairs == reloaded.precomputed.candidates.pairs
+
+
+WAIT_S = 60  # how long the held write waits for the request (it comes back at once unless it waits for the write)
+
+
+def test_requests_are_answered_while_a_write_finds_the_users_its_items_reach(artifact: Artifact, monkeypatch) -> None:
+    """A write scores its items against every training user before it takes the engine's lock: a request made
+    meanwhile is answered at once, and the write lands afterwards."""
+    import threading
+
+    from service.online_candidates import OnlineCandidates
+
+    bundle = load_bundle(artifact.path)
+    engine = Engine(bundle, precomputed_k=10, candidate_cap=20)
+    embeddings, states = engine.fuse(engine.feature_matrix([artifact.features(r, 2.0) for r in range(2)]))
+    matching, release = threading.Event(), threading.Event()
+    came_back: list[bool] = []
+    match = OnlineCandidates.match
+
+    def held_match(self, rows, vectors):
+        matching.set()
+        came_back.append(release.wait(WAIT_S))
+        return match(self, rows, vectors)
+
+    monkeypatch.setattr(OnlineCandidates, "match", held_match)
+    writer = threading.Thread(
+        target=engine.upsert_many,
+        args=([(f"new-{i}", (1 << 32) + i, embeddings[i], states[i], None) for i in range(2)],),
+    )
+    writer.start()
+    assert matching.wait(60)
+    user = artifact.user_ids[0]
+    before = engine.recommend(user, 10)  # would wait for the lock if the write held it while matching
+    release.set()
+    writer.join(60)
+    assert came_back == [True], "the request waited for the write"
+    assert not writer.is_alive() and engine.has_item("new-0") and engine.has_item("new-1")
+    assert not any(i.startswith("new-") for i in before.item_ids)
