@@ -42,10 +42,15 @@ def sampled_softmax_loss(
     (B, d) are their embeddings. Its cost is B x (M + 1) scores."""
     shared = min(negatives, neg_items.shape[0])
     negative_ids = neg_items[:shared]
-    logits = torch.cat([(u * pos).sum(-1, keepdim=True), u @ neg[:shared].T], dim=1).float() / temperature
-    # Rows that share a user (each row with itself included) are few: match their positives pair by pair.
-    rows, others = (users.unsqueeze(1) == users.unsqueeze(0)).nonzero(as_tuple=True)
+    u = u / temperature
+    logits = torch.cat([(u * pos).sum(-1, keepdim=True), u @ neg[:shared].T], dim=1).float()
     not_negative = torch.zeros_like(logits, dtype=torch.bool)
+    not_negative[:, 1:] = pos_items.unsqueeze(1) == negative_ids.unsqueeze(0)  # the row's own positive
+    # The other positives of the row's user: few rows share a user, so their pairs are matched one by one.
+    _, user_of_row, rows_per_user = torch.unique(users, return_inverse=True, return_counts=True)
+    shared = (rows_per_user[user_of_row] > 1).nonzero().squeeze(1)
+    rows, others = (users[shared].unsqueeze(1) == users[shared].unsqueeze(0)).nonzero(as_tuple=True)
+    rows, others = shared[rows], shared[others]
     for start in range(0, rows.shape[0], 4096):
         chunk = slice(start, start + 4096)
         pair, column = (pos_items[others[chunk]].unsqueeze(1) == negative_ids.unsqueeze(0)).nonzero(as_tuple=True)
