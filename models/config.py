@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_MODEL = "metammf_lightgcn"
 FUSION_MODES = ("early", "late", "hybrid")
@@ -192,11 +192,15 @@ class MetaMMFGraphConfig(MetaMMFConfig, GraphConfig):
         "aggregation) or the node's own state (a self loop, so its content survives every layer)",
     )
 
+    @model_validator(mode="after")
+    def _new_k_needs_the_graph(self) -> MetaMMFGraphConfig:
+        if self.item_graph_new_k is not None and not self.item_graph_k:
+            raise ValueError("item_graph_new_k needs the item graph: set item_graph_k > 0, or drop item_graph_new_k")
+        return self
+
     @property
     def new_item_graph_k(self) -> int:
         """Item-graph neighbours of an item without training interactions (0: no item graph)."""
-        if not self.item_graph_k:
-            return 0
         return self.item_graph_k if self.item_graph_new_k is None else self.item_graph_new_k
 
 

@@ -217,6 +217,14 @@ def test_neighbour_sampling_is_refused_with_the_item_graph(make_config) -> None:
         check_neighbor_sampling(config, TrainConfig(neighbor_sampling=True))
 
 
+def test_a_new_items_neighbour_count_needs_the_item_graph(make_config) -> None:
+    with pytest.raises(ValueError, match="item_graph_new_k needs the item graph"):
+        make_config("metammf_lightgcn", item_graph_k=0, item_graph_new_k=5)
+    assert make_config("metammf_lightgcn", item_graph_k=0).new_item_graph_k == 0
+    assert make_config("metammf_lightgcn", item_graph_k=20).new_item_graph_k == 20
+    assert make_config("metammf_lightgcn", item_graph_k=20, item_graph_new_k=10).new_item_graph_k == 10
+
+
 def test_mf_backbones_refuse_the_item_graph(make_config) -> None:
     with pytest.raises(ValueError, match="model 'metammf_mf' has no setting 'item_graph_k'"):
         make_config("metammf_mf", item_graph_k=5)
