@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.metammf.neighbor_search import nearest
+
 
 def with_mean_id(fused: Tensor, id_embedding: nn.Embedding) -> Tensor:
     """Ego representation ``[e^m ; mean e^c]`` of items known by their fused content ``fused`` (b, d_m) only."""
@@ -79,22 +81,6 @@ def replace_rows(rows: Tensor, positions: Tensor | None, new_rows: Callable[[Ten
     if positions is None or positions.numel() == 0:
         return rows
     return rows.index_copy(0, positions, new_rows(positions).to(rows.dtype))
-
-
-@torch.no_grad()
-def nearest(queries: Tensor, keys: Tensor, k: int, skip: Tensor | None = None, chunk: int = 4096) -> Tensor:
-    """(b, k) indices of the ``k`` keys with the largest inner product with each query (unit vectors: cosine);
-    ``skip[i]`` >= 0 is a key that query i must not get (itself)."""
-    k = min(k, keys.shape[0] - (1 if skip is not None else 0))
-    found = []
-    for lo in range(0, queries.shape[0], chunk):
-        similarity = queries[lo : lo + chunk] @ keys.T
-        if skip is not None:
-            own = skip[lo : lo + chunk]
-            rows = (own >= 0).nonzero().squeeze(1)
-            similarity[rows, own[rows]] = float("-inf")
-        found.append(similarity.topk(k, dim=1).indices)
-    return torch.cat(found) if found else torch.zeros(0, k, dtype=torch.long, device=keys.device)
 
 
 class ContentNeighbors(nn.Module):

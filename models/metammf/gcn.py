@@ -29,7 +29,6 @@ from models.metammf.cold_items import (
     content_rows,
     droppable_mask,
     fused_part,
-    nearest,
     replace_rows,
     untrained_mask,
     with_mean_id,
@@ -37,6 +36,7 @@ from models.metammf.cold_items import (
 )
 from models.metammf.item_graph import ItemContentGraph
 from models.metammf.mf import MultimodalItemEncoder, fusion_weights
+from models.metammf.neighbor_search import nearest
 
 
 def _unique_rows(rows: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:

@@ -17,11 +17,12 @@ from torch import Tensor, nn
 
 from models.base import RecModel
 from models.config import MetaMMFConfig
-from models.metammf.cold_items import content_keys, nearest, with_neighbors
+from models.metammf.cold_items import content_keys, with_neighbors
 from models.metammf.gcn import MetaMMF_GCN
 from models.metammf.item_graph import content_graph_rows
 from models.metammf.lightgcn import MetaMMF_LightGCN
 from models.metammf.mf import MetaMMF_MF, build_fusion
+from models.metammf.neighbor_search import SearchKeys, nearest
 
 # The servable models, by exact type: subclasses (the static-fusion baselines) have another fusion network.
 SERVABLE = {"metammf_gcn": MetaMMF_GCN, "metammf_lightgcn": MetaMMF_LightGCN, "metammf_mf": MetaMMF_MF}
@@ -106,7 +107,7 @@ class InferenceEncoder(nn.Module):
         neighbors, graph_k = (
             (self.config.content_neighbors, self.config.new_item_graph_k) if self.neighbor_keys.shape[0] else (0, 0)
         )
-        found = nearest(queries, self.neighbor_keys, max(neighbors, graph_k)) if neighbors or graph_k else None
+        found = nearest(queries, self._search_keys(), max(neighbors, graph_k)) if neighbors or graph_k else None
         if neighbors:
             states = with_neighbors(
                 states, self.neighbor_states, found[:, :neighbors], self.neighbor_scale, self.config.content_residual
@@ -126,6 +127,14 @@ class InferenceEncoder(nn.Module):
         if bool(overflow.any()):
             final = final.masked_fill(overflow.unsqueeze(1), float("nan"))
         return final, torch.stack(states)
+
+    def _search_keys(self) -> SearchKeys:
+        """The content keys prepared for the search, made once per key buffer (loading a state writes it in
+        place: its version moves)."""
+        stamp = (self.neighbor_keys.data_ptr(), self.neighbor_keys._version, self.neighbor_keys.device)
+        if getattr(self, "_prepared", (None, None))[0] != stamp:
+            self._prepared = (stamp, SearchKeys.of(self.neighbor_keys))
+        return self._prepared[1]
 
     @torch.no_grad()
     def encode_user(self, item_states: Tensor) -> Tensor:

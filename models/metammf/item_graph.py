@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.graph.csr import SparseMatmul, csr_pair
-from models.metammf.cold_items import content_keys, nearest, trained_keys
+from models.metammf.cold_items import content_keys, trained_keys
+from models.metammf.neighbor_search import nearest, row_scores
 
 
 def neighbor_weights(queries: Tensor, keys: Tensor, found: Tensor) -> Tensor:
     """(b, k) weights of the keys ``found`` (b, k) for unit ``queries``: cosine clamped at 0, rows summing to 1
     (a row with no positive similarity stays 0)."""
-    similarity = (queries.unsqueeze(1) * keys[found]).sum(-1).clamp_min(0)
+    similarity = row_scores(queries, keys[found]).clamp_min(0)
     return similarity / similarity.sum(1, keepdim=True).clamp_min(1e-12)
 
 
