@@ -3,6 +3,7 @@ answer is that of scoring every key, whatever the product's precision, the queri
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,3 +124,28 @@ def test_the_bound_covers_the_rounding_of_the_keys_and_of_the_product_at_their_w
         bound = search._outside_bound(product.float(), query, query_low, prepared)
         assert bool((exact <= bound).all())
         assert float((exact - product.float()).max()) > 0.25 * float((bound - product.float()).max())
+
+
+def test_the_encoder_prepares_its_keys_once_and_again_after_a_load(tiny_data, make_config) -> None:
+    from models.metammf.inference import InferenceEncoder
+    from training.data import RecData
+    from training.trainer import build_model
+
+    config = make_config("metammf_gcn", content_neighbors=4, untrained_items="content", isolated_nodes="self")
+    torch.manual_seed(0)
+    encoder = InferenceEncoder.from_model(build_model(tiny_data, config, 1e-4).eval())
+    features = torch.from_numpy(tiny_data.item_features()[:20])
+    first = encoder.encode_items(features)[0]
+    assert encoder.prepare_search() is encoder.prepare_search()  # made once
+    assert encoder.prepare_search(torch.float32).low.dtype == torch.float32  # a chosen precision is kept
+    assert torch.equal(encoder.encode_items(features)[0], first)  # ... and answers the same
+    prepared = encoder.prepare_search(torch.bfloat16)  # a copy of the keys: stale once they change
+    # Another model's state loaded in place: its keys are searched, not the ones prepared before.
+    torch.manual_seed(1)
+    rolled = {name: np.roll(values, 7, axis=0) for name, values in tiny_data.features.items()}  # other keys
+    data = RecData(tiny_data.name, tiny_data.n_users, tiny_data.n_items, tiny_data.train, tiny_data.valid,
+                   tiny_data.test, rolled)  # fmt: skip
+    other = InferenceEncoder.from_model(build_model(data, config, 1e-4).eval())
+    encoder.load_state_dict(other.state_dict())
+    assert encoder.prepare_search() is not prepared
+    assert torch.equal(encoder.encode_items(features)[0], other.encode_items(features)[0])

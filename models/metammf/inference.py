@@ -107,7 +107,7 @@ class InferenceEncoder(nn.Module):
         neighbors, graph_k = (
             (self.config.content_neighbors, self.config.new_item_graph_k) if self.neighbor_keys.shape[0] else (0, 0)
         )
-        found = nearest(queries, self._search_keys(), max(neighbors, graph_k)) if neighbors or graph_k else None
+        found = nearest(queries, self.prepare_search(), max(neighbors, graph_k)) if neighbors or graph_k else None
         if neighbors:
             states = with_neighbors(
                 states, self.neighbor_states, found[:, :neighbors], self.neighbor_scale, self.config.content_residual
@@ -128,12 +128,14 @@ class InferenceEncoder(nn.Module):
             final = final.masked_fill(overflow.unsqueeze(1), float("nan"))
         return final, torch.stack(states)
 
-    def _search_keys(self) -> SearchKeys:
-        """The content keys prepared for the search, made once per key buffer (loading a state writes it in
-        place: its version moves)."""
+    def prepare_search(self, dtype: torch.dtype | None = None) -> SearchKeys:
+        """The content keys prepared for the neighbour search, with the candidate product in ``dtype`` (default:
+        the device's choice, or the dtype prepared before). Made once per key buffer: loading a state writes the
+        buffer in place, which moves its version."""
         stamp = (self.neighbor_keys.data_ptr(), self.neighbor_keys._version, self.neighbor_keys.device)
-        if getattr(self, "_prepared", (None, None))[0] != stamp:
-            self._prepared = (stamp, SearchKeys.of(self.neighbor_keys))
+        cached = getattr(self, "_prepared", None)
+        if cached is None or cached[0] != stamp or (dtype is not None and cached[1].low.dtype != dtype):
+            self._prepared = (stamp, SearchKeys.of(self.neighbor_keys, dtype))
         return self._prepared[1]
 
     @torch.no_grad()

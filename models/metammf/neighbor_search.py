@@ -58,7 +58,8 @@ def _input_roundoff(dtype: torch.dtype, device: torch.device) -> float:
 @dataclass(frozen=True)
 class SearchKeys:
     """Keys prepared for :func:`nearest`: the float32 keys, their copy in the candidate product's dtype, and
-    the bounds the proof needs. Build once per key set (:meth:`of`) where many searches share it."""
+    the bounds the proof needs. Build once per key set (:meth:`of`) where many searches share it; it holds float32
+    keys themselves, not a copy, so keys changed in place need a new one."""
 
     keys: Tensor  # (n, d) float32
     low: Tensor  # (n, d) the candidate product's copy
