@@ -205,3 +205,34 @@ def test_put_items_allocates_and_writes_in_one_atomic_script(redis_url: str, ns:
     for replica in replicas:
         replica.r.close()
     r.close()
+
+
+def test_features_are_stored_exactly_and_read_in_both_encodings(redis_url: str, ns: str) -> None:
+    """Stored raw features come back exactly (the values a request carried, ints included), in any modality order,
+    equal features as equal bytes (the content version's test); features stored as JSON text are read too, and a
+    truncated value is an error naming the key."""
+    from service.state import RedisState, StateError, StoredItem, decode_features, encode_features
+
+    features = {"visual": [0.1, -0.0, 5e-324, 1.7976931348623157e308, 3, -2], "acoustic": [], "text": [1 / 3]}
+    assert decode_features(encode_features(features)) == features
+    assert [str(v) for v in decode_features(encode_features(features))["visual"]] == [
+        "0.1", "-0.0", "5e-324", "1.7976931348623157e+308", "3.0", "-2.0",
+    ]  # fmt: skip
+    assert encode_features(dict(reversed(features.items()))) == encode_features(features)
+    assert encode_features({"visual": [0.1, 0.2]}) != encode_features({"visual": [0.1, 0.20000000000000004]})
+    assert decode_features(b'{"visual": [1, 2.5]}') == {"visual": [1, 2.5]}
+
+    r = redis.from_url(redis_url)
+    state = RedisState(r, ns, origin="replica-a")
+    state.init("artifact-1")
+    state.put_items([StoredItem("x", None, features, np.ones(4, np.float32), np.ones((1, 4)), "artifact-1")])
+    assert state.get_item("x", 4).features == features
+    version = int(r.hget(f"{ns}:item:x", "version"))
+    state.put_items([StoredItem("x", None, dict(features), np.ones(4, np.float32), np.ones((1, 4)), "artifact-1")])
+    assert int(r.hget(f"{ns}:item:x", "version")) == version  # the same features: the same content
+    r.hset(f"{ns}:item:x", "features", '{"visual": [1.5, 2]}')  # JSON text
+    assert state.get_item("x", 4).features == {"visual": [1.5, 2]}
+    r.hset(f"{ns}:item:x", "features", encode_features(features)[:-3])
+    with pytest.raises(StateError, match=f"{ns}:item:x"):
+        state.get_item("x", 4)
+    r.close()
