@@ -123,7 +123,6 @@ def _nearest_chunk(queries: Tensor, prepared: SearchKeys, k: int, skip: Tensor |
         return torch.zeros(queries.shape[0], k, dtype=torch.long, device=keys.device)
     query_low = queries.to(prepared.low.dtype)
     product = query_low @ prepared.low.T
-    skipped = None
     if skip is not None:
         skipped = (skip >= 0).nonzero().squeeze(1)
         product[skipped, skip[skipped]] = float("-inf")
@@ -136,7 +135,7 @@ def _nearest_chunk(queries: Tensor, prepared: SearchKeys, k: int, skip: Tensor |
     found = _best_first(exact, candidates, k)
     if take == n:  # every key is a candidate: nothing outside to prove against
         return found
-    kth = exact.gather(1, exact.topk(k, dim=1).indices[:, -1:]).squeeze(1)
+    kth = exact.topk(k, dim=1).values[:, -1]
     unsure = ~(kth > _outside_bound(last[:, -1].float(), queries, query_low, prepared))
     unsure &= torch.isfinite(queries).all(1)  # a query that overflowed has no order to prove
     for i in unsure.nonzero().squeeze(1).tolist():  # a near-tie across the candidates' edge: every key
