@@ -18,6 +18,7 @@ from service.docs import add_docs
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.fast_recommend import FastRecommend
+from service.json_body import JSONBodyRoute
 from service.logs import REDACT
 from service.middleware import BodySizeLimit, Metrics, ObserveLatency
 from service.routes.items import add_items_routes
@@ -105,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url=None if closed_reads else "/openapi.json",
     )
+    app.router.route_class = JSONBodyRoute  # before the routes are added: they parse JSON bodies with it
     # Innermost: the requests it answers still pass the body limit, CORS and the latency metrics.
     # (the middleware answers plain requests only: with default fresh slots every request needs the route)
     fast = settings.fast_recommend and not settings.require_key_for_reads and settings.fresh_slots == 0
