@@ -207,3 +207,15 @@ def test_serve_bench_churn_reference_agrees_with_an_exact_service(artifact, redi
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_new_items_bench_times_both_candidate_products_with_the_same_answers(artifact) -> None:
+    out = subprocess.run(
+        [sys.executable, "bench/new_items.py", "--artifact", str(artifact.path), "--batch", "20", "--batch", "1",
+         "--repeats", "1"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=HANG_GUARD_S,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.stdout.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["20", "1"], out.stdout
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x") and row[-1] == "yes" for row in rows)
