@@ -4,8 +4,8 @@ stream replicas follow to stay in sync.
 Keys (``{ns}`` = settings.namespace):
 
 * ``{ns}:item:{item_id}``     hash: row, features (:func:`encode_features`), embedding + states (float32
-                              bytes), artifact (the
-                              artifact whose model fused the embedding), updated, version (its content's)
+                              bytes), artifact (the artifact whose model fused the embedding), updated,
+                              version (its content's)
 * ``{ns}:content_version``    counter: an item written with new content (first write, features changed, or
                               written again after a deletion) gets its next value; a rewrite with the same
                               features keeps the item's version
@@ -105,9 +105,10 @@ FEATURES_MAGIC = b"f64\n"
 
 def encode_features(features: dict[str, list[float]]) -> bytes:
     """Raw features as stored: a JSON header of the modalities (sorted) and their lengths, then every value as a
-    little-endian float64. Exact for a request's numbers (JSON numbers are parsed into float64), the same features
-    give the same bytes (an item keeps its content version on equal bytes), and cheap: 10 ms for 500 items of 256
-    values against 125 ms for JSON text, which spells out every float (one AMD EPYC core)."""
+    little-endian float64. Exact for a request's floats and for integers up to 2^53 (they come back as floats; a
+    larger one, which the model reads as float32 anyway, comes back rounded to float64). The same features give the
+    same bytes (an item keeps its content version on equal bytes). Cheap: 10 ms for 500 items of 256 values against
+    125 ms for JSON text, which spells out every float (one AMD EPYC core)."""
     names = sorted(features)
     header = json.dumps({name: len(features[name]) for name in names}, separators=(",", ":")).encode()
     values = [np.asarray(features[name], dtype="<f8").tobytes() for name in names]
