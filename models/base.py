@@ -48,9 +48,9 @@ def sampled_softmax_loss(
     not_negative[:, 1:] = pos_items.unsqueeze(1) == negative_ids.unsqueeze(0)  # the row's own positive
     # The other positives of the row's user: few rows share a user, so their pairs are matched one by one.
     _, user_of_row, rows_per_user = torch.unique(users, return_inverse=True, return_counts=True)
-    shared = (rows_per_user[user_of_row] > 1).nonzero().squeeze(1)
-    rows, others = (users[shared].unsqueeze(1) == users[shared].unsqueeze(0)).nonzero(as_tuple=True)
-    rows, others = shared[rows], shared[others]
+    repeated = (rows_per_user[user_of_row] > 1).nonzero().squeeze(1)  # rows whose user has other rows
+    rows, others = (users[repeated].unsqueeze(1) == users[repeated].unsqueeze(0)).nonzero(as_tuple=True)
+    rows, others = repeated[rows], repeated[others]
     for start in range(0, rows.shape[0], 4096):
         chunk = slice(start, start + 4096)
         pair, column = (pos_items[others[chunk]].unsqueeze(1) == negative_ids.unsqueeze(0)).nonzero(as_tuple=True)
