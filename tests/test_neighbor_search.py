@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import models.metammf.neighbor_search as search
-from models.metammf.neighbor_search import SearchKeys, candidate_dtype, nearest, row_scores
+from models.metammf.neighbor_search import SearchKeys, candidate_dtype, nearest, row_scores, scores_at
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -79,12 +79,14 @@ def test_the_answer_does_not_depend_on_the_batch_or_the_product_precision() -> N
     assert batch[7, 0] == 11
     scores = row_scores(queries, keys[batch])
     assert bool((scores[:, :-1] >= scores[:, 1:]).all())  # best first
+    assert torch.equal(scores_at(queries, keys, batch), scores)  # the gathered scores are row_scores' values
 
 
 def test_edge_cases() -> None:
     keys = clustered(50, 8, 5)
     queries = clustered(6, 8, 6)
     assert nearest(queries[:0], keys, 5).shape == (0, 5)
+    assert scores_at(queries[:0], keys, torch.zeros(0, 5, dtype=torch.long)).shape == (0, 5)
     assert nearest(queries, keys, 0).shape == (6, 0)
     assert torch.equal(nearest(queries, keys, 80), every_key(queries, keys, 50))  # k above the keys: all of them
     skip = torch.arange(6)

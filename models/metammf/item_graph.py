@@ -24,13 +24,13 @@ from torch import Tensor, nn
 
 from models.graph.csr import SparseMatmul, csr_pair
 from models.metammf.cold_items import content_keys, trained_keys
-from models.metammf.neighbor_search import nearest, row_scores
+from models.metammf.neighbor_search import nearest, scores_at
 
 
 def neighbor_weights(queries: Tensor, keys: Tensor, found: Tensor) -> Tensor:
     """(b, k) weights of the keys ``found`` (b, k) for unit ``queries``: cosine clamped at 0, rows summing to 1
     (a row with no positive similarity stays 0)."""
-    similarity = row_scores(queries, keys[found]).clamp_min(0)
+    similarity = scores_at(queries, keys, found).clamp_min(0)
     return similarity / similarity.sum(1, keepdim=True).clamp_min(1e-12)
 
 

@@ -94,6 +94,13 @@ def row_scores(queries: Tensor, keys: Tensor) -> Tensor:
     return (queries.unsqueeze(1) * keys).sum(-1)
 
 
+def scores_at(queries: Tensor, keys: Tensor, indices: Tensor) -> Tensor:
+    """(b, m) :func:`row_scores` of ``queries`` (b, d) with the ``keys`` (n, d) at ``indices`` (b, m): the same
+    values, gathered with one ``index_select`` and multiplied in place (faster than ``keys[indices]``)."""
+    gathered = keys.index_select(0, indices.reshape(-1)).view(*indices.shape, keys.shape[1])
+    return gathered.mul_(queries.unsqueeze(1)).sum(-1)
+
+
 @torch.no_grad()
 def nearest(queries: Tensor, keys: Tensor | SearchKeys, k: int, skip: Tensor | None = None) -> Tensor:
     """(b, k) indices of the ``k`` keys with the largest inner product with each query (unit vectors: cosine),
@@ -109,12 +116,12 @@ def nearest(queries: Tensor, keys: Tensor | SearchKeys, k: int, skip: Tensor | N
     return torch.cat(found) if found else torch.zeros(0, k, dtype=torch.long, device=prepared.keys.device)
 
 
-def _best_first(scores: Tensor, indices: Tensor, k: int) -> Tensor:
-    """The first ``k`` of ``indices`` (b, m) by ``scores`` (b, m), best first, ties by index."""
+def _best_first(scores: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The first ``k`` of ``indices`` (b, m) by ``scores`` (b, m), best first, ties by index, and their scores."""
     by_index = indices.sort(dim=1).indices
     scores, indices = scores.gather(1, by_index), indices.gather(1, by_index)
-    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
-    return indices.gather(1, order)
+    best, order = scores.sort(dim=1, descending=True, stable=True)
+    return indices.gather(1, order[:, :k]), best[:, :k]
 
 
 def _nearest_chunk(queries: Tensor, prepared: SearchKeys, k: int, skip: Tensor | None) -> Tensor:
@@ -128,21 +135,19 @@ def _nearest_chunk(queries: Tensor, prepared: SearchKeys, k: int, skip: Tensor |
         product[skipped, skip[skipped]] = float("-inf")
     take = min(k + MARGIN, n)
     last, candidates = product.topk(take, dim=1)
-    gathered = keys.index_select(0, candidates.reshape(-1)).view(*candidates.shape, -1)  # faster than keys[...]
-    exact = gathered.mul_(queries.unsqueeze(1)).sum(-1)  # row_scores, in place
+    exact = scores_at(queries, keys, candidates)
     if skip is not None:
         exact = exact.masked_fill(candidates == skip.unsqueeze(1), float("-inf"))
-    found = _best_first(exact, candidates, k)
+    found, best = _best_first(exact, candidates, k)
     if take == n:  # every key is a candidate: nothing outside to prove against
         return found
-    kth = exact.topk(k, dim=1).values[:, -1]
-    unsure = ~(kth > _outside_bound(last[:, -1].float(), queries, query_low, prepared))
+    unsure = ~(best[:, -1] > _outside_bound(last[:, -1].float(), queries, query_low, prepared))
     unsure &= torch.isfinite(queries).all(1)  # a query that overflowed has no order to prove
     for i in unsure.nonzero().squeeze(1).tolist():  # a near-tie across the candidates' edge: every key
         scores = row_scores(queries[i : i + 1], keys.unsqueeze(0))
         if skip is not None and int(skip[i]) >= 0:
             scores[0, int(skip[i])] = float("-inf")
-        found[i] = _best_first(scores, torch.arange(n, device=keys.device).unsqueeze(0), k)[0]
+        found[i] = _best_first(scores, torch.arange(n, device=keys.device).unsqueeze(0), k)[0][0]
     return found
 
 
