@@ -59,6 +59,18 @@ def sampled_softmax_loss(
     return F.cross_entropy(logits, torch.zeros(users.shape[0], dtype=torch.long, device=logits.device))
 
 
+def info_nce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+    r"""Symmetric InfoNCE between two views of the same n rows: row i of ``a`` must pick out row i of ``b``
+    among all rows of ``b`` by cosine similarity, and the other way round,
+
+    .. math::
+        -\frac{1}{2n}\sum_i \Big(\ln \frac{e^{\cos(a_i, b_i)/\tau}}{\sum_j e^{\cos(a_i, b_j)/\tau}}
+            + \ln \frac{e^{\cos(a_i, b_i)/\tau}}{\sum_j e^{\cos(a_j, b_i)/\tau}}\Big)."""
+    logits = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T / temperature
+    target = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
 def l2_penalty(*tensors: Tensor) -> Tensor:
     r""":math:`\frac{1}{2B}\sum_t \lVert t \rVert_2^2` over batch representations (B = rows of the first)."""
     return sum(t.pow(2).sum() for t in tensors) / (2 * tensors[0].shape[0])

@@ -148,6 +148,19 @@ class MetaMMFGraphConfig(MetaMMFConfig, GraphConfig):
         description="weight of a distillation term pulling each batch item's content-only representation "
         "towards its trained one (squared distance to the detached final embedding)",
     )
+    content_contrast: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight of a contrastive term (InfoNCE) between each batch item's content-only representation "
+        "and its trained one: each must pick out the other among the batch's items (BM3/MMSSL's alignment of the "
+        "content and ID views; both sides learn); 0 = off",
+    )
+    content_contrast_temperature: float = Field(
+        0.2, gt=0.0, description="with content_contrast: the temperature of its cosine similarities"
+    )
+    content_contrast_items: int = Field(
+        512, ge=2, description="with content_contrast: at most this many distinct trained items of a batch take part"
+    )
     content_neighbors: int = Field(
         30,
         ge=0,

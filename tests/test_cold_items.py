@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models.artifacts import load_bundle
-from models.base import bpr_loss, l2_penalty
-from models.metammf.cold_items import content_rows, droppable_mask
+from models.base import bpr_loss, info_nce, l2_penalty
+from models.metammf.cold_items import content_rows, distinct_trained_positions, droppable_mask
 from models.metammf.gcn import SAGETower
 from models.metammf.inference import InferenceEncoder
 from service.engine import Engine
@@ -139,6 +139,62 @@ def test_content_alignment_adds_a_distillation_term(tiny_data: RecData, make_con
         model = build_model(tiny_data, make_config("metammf_gcn", content_alignment=weight), 1e-3).train()
         losses.append(model.calculate_loss(users, pos, neg))
     assert losses[1] > losses[0]
+
+
+def test_info_nce_is_the_symmetric_cross_entropy_of_cosine_similarities() -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 4), torch.randn(5, 4)
+    cos = torch.tensor([[float(torch.cosine_similarity(a[i], b[j], dim=0)) for j in range(5)] for i in range(5)])
+    expected = 0.0
+    for i in range(5):
+        rows, columns = cos[i] / 0.3, cos[:, i] / 0.3
+        expected -= (rows[i] - rows.exp().sum().log()) / 10 + (columns[i] - columns.exp().sum().log()) / 10
+    torch.testing.assert_close(info_nce(a, b, 0.3), expected, rtol=1e-5, atol=1e-6)
+    # views that match row for row and differ across rows cost next to nothing at a low temperature
+    assert float(info_nce(torch.eye(5), 2 * torch.eye(5), 0.01)) < 1e-6
+
+
+def test_distinct_trained_positions_pick_each_trained_item_once() -> None:
+    item_ids = torch.tensor([3, 1, 3, 0, 2, 1, 4, 4, 0])
+    untrained = torch.tensor([False, False, True, False, False])  # item 2 has no training interaction
+    torch.manual_seed(0)
+    picked = distinct_trained_positions(item_ids, untrained, limit=100)
+    assert sorted(item_ids[picked].tolist()) == [0, 1, 3, 4]
+    for seed in range(5):
+        torch.manual_seed(seed)
+        picked = distinct_trained_positions(item_ids, untrained, limit=2)
+        assert picked.numel() == 2 and item_ids[picked].unique().numel() == 2
+        assert not untrained[item_ids[picked]].any()
+    every = {tuple(sorted(distinct_trained_positions(item_ids, None, 100).tolist())) for _ in range(30)}
+    assert len(every) > 1  # which position stands for a repeated item is drawn, not always the first
+
+
+def test_content_contrast_trains_both_views(tiny_data: RecData, make_config) -> None:
+    """The distillation term reaches the items' ID embeddings only through the mean ID embedding of the
+    content-only side (the same gradient on every row); the contrastive term also trains the trained side,
+    so each item's own ID embedding gets its own gradient."""
+    users, pos, neg = (torch.from_numpy(a) for a in (tiny_data.train[:64, 0], tiny_data.train[:64, 1],
+                                                      np.arange(64) % tiny_data.n_items))  # fmt: skip
+    graph = {"content_neighbors": 4, "cold_item_dropout": 0.0, "item_graph_k": 0, **CONTENT}
+    torch.manual_seed(0)
+    model = build_model(tiny_data, make_config("metammf_lightgcn", **graph), 0.0).train()
+    off = model.config
+
+    def term_gradient(**weights: float) -> tuple[float, torch.Tensor]:
+        losses = []
+        for config in (off, off.model_copy(update=weights)):
+            model.config = config
+            torch.manual_seed(1)
+            losses.append(model.calculate_loss(users, pos, neg))
+        model.zero_grad()
+        (losses[1] - losses[0]).backward()
+        return float(losses[1] - losses[0]), model.items.id_embedding.weight.grad.clone()
+
+    alignment, from_alignment = term_gradient(content_alignment=1.0)
+    contrast, from_contrast = term_gradient(content_contrast=1.0)
+    assert alignment > 0 and contrast > 0
+    torch.testing.assert_close(from_alignment, from_alignment[:1].expand_as(from_alignment))
+    assert not torch.allclose(from_contrast, from_contrast[:1].expand_as(from_contrast))
 
 
 def test_offline_cold_score_is_what_the_service_computes(tmp_path) -> None:

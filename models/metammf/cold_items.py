@@ -76,6 +76,23 @@ def content_rows(
     return None if mask is None else mask.nonzero().squeeze(1)
 
 
+def distinct_trained_positions(item_ids: Tensor, untrained: Tensor | None, limit: int) -> Tensor:
+    """Positions in ``item_ids`` of at most ``limit`` distinct items with training interactions, drawn at random
+    (one position per item): the rows that have both a trained and a content-only representation."""
+    order = torch.randperm(item_ids.shape[0], device=item_ids.device)
+    shuffled = item_ids[order]
+    keep = torch.ones_like(shuffled, dtype=torch.bool)
+    if untrained is not None:
+        keep = ~untrained.index_select(0, shuffled)
+    # the first of each item in the shuffled order: sort stably by id, keep where the id changes
+    ids, by_id = torch.sort(shuffled, stable=True)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[1:] = ids[1:] != ids[:-1]
+    distinct = torch.zeros_like(keep)
+    distinct[by_id[first]] = True
+    return order[(keep & distinct).nonzero().squeeze(1)[:limit]]
+
+
 def replace_rows(rows: Tensor, positions: Tensor | None, new_rows: Callable[[Tensor], Tensor]) -> Tensor:
     """``rows`` with the rows at ``positions`` replaced by ``new_rows(positions)`` (out of place, differentiable)."""
     if positions is None or positions.numel() == 0:

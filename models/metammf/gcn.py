@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
 
-from models.base import ModelInputs, RecModel, l2_penalty
+from models.base import ModelInputs, RecModel, info_nce, l2_penalty
 from models.config import MetaMMFGraphConfig
 from models.graph.neighbor_sampling import NeighborSampler
 from models.graph.sage_rows import TowerSettings, sage_rows
@@ -27,6 +27,7 @@ from models.metammf.cold_items import (
     ContentNeighbors,
     content_keys,
     content_rows,
+    distinct_trained_positions,
     droppable_mask,
     fused_part,
     replace_rows,
@@ -341,7 +342,7 @@ class MetaMMF_GCN(RecModel):
     ) -> tuple[Tensor, Tensor | float]:
         """A batch's final item rows ``items`` with the untrained and dropped-out ones from content alone
         (``ego_rows(positions)``: the ego states of the items at those positions of the batch), and the
-        weighted ``content_alignment`` term (0.0 when off)."""
+        weighted ``content_alignment`` and ``content_contrast`` terms (0.0 when off)."""
 
         def content(rows: Tensor) -> Tensor:
             fused = fused_part(ego_rows(rows), self.items.id_embedding)
@@ -354,6 +355,12 @@ class MetaMMF_GCN(RecModel):
             every = torch.arange(item_ids.shape[0], device=item_ids.device)
             gap = content(every) - items.detach().to(items.dtype)
             alignment = self.config.content_alignment * gap.float().pow(2).sum(-1).mean()
+        if self.training and self.config.content_contrast > 0:
+            config = self.config
+            picked = distinct_trained_positions(item_ids, self.untrained_items, config.content_contrast_items)
+            if picked.numel() > 1:
+                views = content(picked), items.index_select(0, picked)
+                alignment = alignment + config.content_contrast * info_nce(*views, config.content_contrast_temperature)
         cold = content_rows(
             item_ids, self.untrained_items, self.config.cold_item_dropout, self.training, self.droppable_items
         )
