@@ -84,6 +84,13 @@ class MetaMMFConfig(ContentConfig):
         1.0, gt=0, description="Xavier gain of the last fusion layer (scales e_i^m at initialisation)"
     )
     layer_reg: float = Field(0.0, ge=0.0, description="L2 weight on the GraphSAGE and fusion weights")
+    feature_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of the standardised raw feature values zeroed in training, the fusion network's input "
+        "(inverted dropout: the rest scaled up); regularises the fused content",
+    )
     # New items (POST /items, held-out items, items without training interactions): content only.
     cold_item_dropout: float = Field(
         0.2,

@@ -405,3 +405,24 @@ def test_csr_matmul_equals_the_dense_product(dtype: torch.dtype) -> None:
     assert product[[0, 4]].eq(0).all()
     # bf16 input (as under autocast) is multiplied in the matrix's dtype
     torch.testing.assert_close(csr_matmul(matrix, x.detach().bfloat16()), dense @ x.detach().bfloat16().to(dtype))
+
+
+@pytest.mark.parametrize("name", ["metammf_mf", "metammf_lightgcn"])
+def test_feature_dropout_acts_in_training_only(tiny_data: RecData, make_config, name: str) -> None:
+    """``feature_dropout`` zeroes fusion inputs in training (each step its own draw); evaluation, and so
+    the exported artifact and the service, fuse the features whole."""
+    torch.manual_seed(0)
+    plain = build_model(tiny_data, make_config(name), 1e-4)
+    torch.manual_seed(0)
+    dropped = build_model(tiny_data, make_config(name, feature_dropout=0.5), 1e-4)
+    for model in (plain, dropped):
+        model.eval()
+    torch.testing.assert_close(plain.items(), dropped.items())
+    plain.train(), dropped.train()
+    torch.testing.assert_close(plain.items(), plain.items())
+    first, second = dropped.items(), dropped.items()
+    fused = first.shape[1] - dropped.items.id_embedding.embedding_dim
+    assert not torch.allclose(first[:, :fused], second[:, :fused])
+    torch.testing.assert_close(first[:, fused:], second[:, fused:])  # the ID embeddings are untouched
+    expected = dropped.items.fusion.fuse_standardized(dropped.items.item_inputs)
+    assert not torch.allclose(first[:, :fused], expected)

@@ -10,6 +10,7 @@ where :math:`e_i^m` is the output of the item's own fusion network (:mod:`models
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import ModelInputs, RecModel, l2_penalty
@@ -54,6 +55,7 @@ class MultimodalItemEncoder(nn.Module):
         n_items, in_dim = item_features.shape
         self.fusion = fusion if fusion is not None else build_fusion(config, in_dim)
         self.id_embedding = nn.Embedding(n_items, config.id_dim)
+        self.feature_dropout = config.feature_dropout
         if config.normalize_features:
             self.fusion.fit_normalization(item_features.float())
         # Standardised once here rather than on every training step. Not persistent: features are data,
@@ -67,8 +69,16 @@ class MultimodalItemEncoder(nn.Module):
 
     def forward(self, items: Tensor | None = None) -> Tensor:
         if items is None:
-            return torch.cat([self.fusion.fuse_standardized(self.item_inputs), self.id_embedding.weight], dim=1)
-        return torch.cat([self.fusion.fuse_standardized(self.item_inputs[items]), self.id_embedding(items)], dim=1)
+            return torch.cat(
+                [self.fusion.fuse_standardized(self._inputs(self.item_inputs)), self.id_embedding.weight], 1
+            )
+        return torch.cat(
+            [self.fusion.fuse_standardized(self._inputs(self.item_inputs[items])), self.id_embedding(items)], 1
+        )
+
+    def _inputs(self, inputs: Tensor) -> Tensor:
+        """The fusion network's inputs, with ``feature_dropout`` in training."""
+        return F.dropout(inputs, self.feature_dropout, self.training) if self.feature_dropout > 0 else inputs
 
 
 class MetaMMF_MF(RecModel):
