@@ -206,6 +206,13 @@ class MetaMMFGraphConfig(MetaMMFConfig, GraphConfig):
         description="with item_graph_k: the factor of the item-graph term (1: the neighbours' mean ego "
         "representation counts as much as the whole propagated embedding)",
     )
+    item_graph_half_degree: float | None = Field(
+        None,
+        gt=0.0,
+        description="with item_graph_k: a trained item's term is scaled by 1 / (1 + n_i / this), n_i its training "
+        "interactions (an item with many has a well-trained ID embedding and leans less on its content "
+        "neighbours; new items keep the full term); default: every item alike",
+    )
     isolated_nodes: Literal["zeros", "self"] = Field(
         "self",
         description="neighbour aggregate of a node without neighbours (a new item): zeros (PyG's mean "
@@ -216,6 +223,10 @@ class MetaMMFGraphConfig(MetaMMFConfig, GraphConfig):
     def _new_k_needs_the_graph(self) -> MetaMMFGraphConfig:
         if self.item_graph_new_k is not None and not self.item_graph_k:
             raise ValueError("item_graph_new_k needs the item graph: set item_graph_k > 0, or drop item_graph_new_k")
+        if self.item_graph_half_degree is not None and not self.item_graph_k:
+            raise ValueError(
+                "item_graph_half_degree needs the item graph: set item_graph_k > 0, or drop item_graph_half_degree"
+            )
         return self
 
     @property

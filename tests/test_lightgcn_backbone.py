@@ -11,7 +11,7 @@ from torch_geometric.nn import LGConv
 from models.base import ModelInputs
 from models.graph.utils import bipartite_edge_index, degree_sensitive_edges
 from models.metammf.inference import InferenceEncoder, item_states
-from models.metammf.item_graph import ItemContentGraph
+from models.metammf.item_graph import ItemContentGraph, degree_scale
 from models.metammf.lightgcn import MetaMMF_LightGCN
 from service.app import create_app
 from service.settings import Settings
@@ -99,6 +99,26 @@ def test_items_without_interactions_get_their_own_neighbour_count(tiny_data: Rec
         torch.testing.assert_close(graph(ego)[:10], narrow(ego)[:10])
 
 
+def test_a_popular_items_term_shrinks_with_its_training_interactions(tiny_data: RecData, make_config) -> None:
+    counts = torch.bincount(torch.from_numpy(tiny_data.train[:, 1]), minlength=tiny_data.n_items)
+    scale = degree_scale(counts, 4.0)
+    torch.testing.assert_close(scale, 4.0 / (4.0 + counts.float()))
+    assert degree_scale(counts, None) is None
+    plain = build(tiny_data, make_config("metammf_lightgcn", item_graph_k=5, gcn_layers=1))
+    scaled = build(tiny_data, make_config("metammf_lightgcn", item_graph_k=5, gcn_layers=1, item_graph_half_degree=4))
+    _, items_a = plain.get_embedding()
+    _, items_b = scaled.get_embedding()
+    term = plain.item_graph(plain.items()).detach()
+    torch.testing.assert_close(items_b - (items_a - term), scale.unsqueeze(1) * term, atol=1e-5, rtol=1e-5)
+    assert float(scale.min()) < 0.5  # the tiny set's most popular items lose more than half of it
+    # Rows without training interactions (as every new item) must keep the full term.
+    features = torch.from_numpy(tiny_data.item_features())
+    trained = torch.ones(tiny_data.n_items, dtype=torch.bool)
+    trained[:3] = False
+    with pytest.raises(ValueError, match="row_scale must be 1"):
+        ItemContentGraph(features, trained, k=4, row_scale=torch.full((tiny_data.n_items,), 0.5))
+
+
 def test_final_item_embedding_adds_the_item_graph_term(tiny_data: RecData, make_config) -> None:
     plain = build(tiny_data, make_config("metammf_lightgcn"))
     with_graph = build(tiny_data, make_config("metammf_lightgcn", item_graph_k=5))
@@ -121,6 +141,7 @@ def test_final_item_embedding_adds_the_item_graph_term(tiny_data: RecData, make_
         {"item_graph_k": 5, "item_graph_normalize": True},
         {"item_graph_k": 5, "item_graph_weight": 0.25},
         {"item_graph_k": 5, "item_graph_new_k": 2},
+        {"item_graph_k": 5, "item_graph_half_degree": 2.0},
     ],
 )
 def test_a_new_item_gets_what_an_item_without_interactions_gets(tiny_data: RecData, make_config, item_graph) -> None:
@@ -223,6 +244,8 @@ def test_a_new_items_neighbour_count_needs_the_item_graph(make_config) -> None:
     assert make_config("metammf_lightgcn", item_graph_k=0).new_item_graph_k == 0
     assert make_config("metammf_lightgcn", item_graph_k=20).new_item_graph_k == 20
     assert make_config("metammf_lightgcn", item_graph_k=20, item_graph_new_k=10).new_item_graph_k == 10
+    with pytest.raises(ValueError, match="item_graph_half_degree needs the item graph"):
+        make_config("metammf_lightgcn", item_graph_k=0, item_graph_half_degree=10)
 
 
 def test_mf_backbones_refuse_the_item_graph(make_config) -> None:

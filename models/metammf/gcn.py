@@ -30,12 +30,13 @@ from models.metammf.cold_items import (
     distinct_trained_positions,
     droppable_mask,
     fused_part,
+    item_counts,
     replace_rows,
     untrained_mask,
     with_mean_id,
     with_neighbors,
 )
-from models.metammf.item_graph import ItemContentGraph
+from models.metammf.item_graph import ItemContentGraph, degree_scale
 from models.metammf.mf import MultimodalItemEncoder, fusion_weights
 from models.metammf.neighbor_search import nearest
 
@@ -224,6 +225,7 @@ class MetaMMF_GCN(RecModel):
                 config.item_graph_normalize,
                 config.item_graph_weight,
                 config.new_item_graph_k,
+                degree_scale(item_counts(train_pairs, self.n_items), config.item_graph_half_degree),
             )
         self._neighbor_states: Tensor | None = None  # detached (n_states, n_items, d), see _neighbor_prior
         self._aggregation: MeanAggregation | None = None

@@ -34,6 +34,16 @@ def neighbor_weights(queries: Tensor, keys: Tensor, found: Tensor) -> Tensor:
     return similarity / similarity.sum(1, keepdim=True).clamp_min(1e-12)
 
 
+def degree_scale(interactions: Tensor, half_degree: float | None) -> Tensor | None:
+    """Each item's factor :math:`1 / (1 + n_i / n_{1/2})` of its item-graph term for ``interactions`` n_i
+    (n_items,) and ``half_degree`` :math:`n_{1/2}` (the count at which the term is halved): an item with many
+    training interactions has a well-trained ID embedding and leans less on its content neighbours. ``None``
+    when ``half_degree`` is ``None`` (every item alike)."""
+    if half_degree is None:
+        return None
+    return 1.0 / (1.0 + interactions.float() / half_degree)
+
+
 def content_graph_rows(
     queries: Tensor,
     keys: Tensor,
@@ -63,6 +73,8 @@ class ItemContentGraph(nn.Module):
         normalize: scale each item's term to unit length (LATTICE adds its item-graph term that way).
         weight: the term's factor.
         new_k: neighbours per item without training interactions, here and in :meth:`new_rows` (default ``k``).
+        row_scale: (n_items,) a factor of each item's term on top of ``weight`` (default 1 for all); the items
+            without training interactions, like new items, must have 1.
     """
 
     def __init__(
@@ -73,8 +85,11 @@ class ItemContentGraph(nn.Module):
         normalize: bool = False,
         weight: float = 1.0,
         new_k: int | None = None,
+        row_scale: Tensor | None = None,
     ) -> None:
         super().__init__()
+        if row_scale is not None and not bool((row_scale[~trained] == 1).all()):
+            raise ValueError("row_scale must be 1 for the items without training interactions, as for new items")
         self.k = k
         self.new_k = k if new_k is None else new_k
         self.normalize = normalize
@@ -89,7 +104,10 @@ class ItemContentGraph(nn.Module):
             group_found = found[items, :group_k]
             sources.append(rows[group_found].reshape(-1))
             targets.append(items.repeat_interleave(group_found.shape[1]))
-            weights.append(neighbor_weights(queries[items], keys, group_found).reshape(-1))
+            group_weights = neighbor_weights(queries[items], keys, group_found)
+            if row_scale is not None:
+                group_weights = group_weights * row_scale[items].unsqueeze(1).to(group_weights.dtype)
+            weights.append(group_weights.reshape(-1))
         self.register_buffer("keys", keys, persistent=False)  # (n_trained, d_x) unit rows
         self.register_buffer("rows", rows, persistent=False)  # key index -> item row
         self.register_buffer("edge_index", torch.stack([torch.cat(sources), torch.cat(targets)]), persistent=False)
