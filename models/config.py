@@ -100,6 +100,12 @@ class MetaMMFConfig(ContentConfig):
         "(what a new item gets: fused content, the mean ID embedding, no graph neighbours), so the content "
         "path learns to rank on its own and on the same scale as trained items (DropoutNet-style)",
     )
+    cold_item_dropout_negatives: bool = Field(
+        True,
+        description="cold_item_dropout drops a batch's negatives too (false: its positives alone, so a new item's "
+        "representation is only ever scored against trained items, never shared as a negative of every row by the "
+        "sampled softmax)",
+    )
     cold_item_dropout_skip_top: float = Field(
         0.2,
         ge=0.0,

@@ -3,6 +3,8 @@ offline cold-item protocol to what the service computes for ``POST /items``."""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -128,6 +130,40 @@ def test_spared_items_keep_their_trained_rows_under_dropout(tiny_data: RecData, 
         config = make_config(name, cold_item_dropout=dropout, cold_item_dropout_skip_top=0.999, **graph)
         losses.append(build_model(tiny_data, config, 1e-3).train().calculate_loss(users, pos, neg))
     torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_the_new_item_dropout_can_spare_the_negatives() -> None:
+    item_ids = torch.arange(40) % 10  # 20 positives, then 20 negatives
+    untrained = torch.zeros(10, dtype=torch.bool)
+    untrained[7] = True
+    torch.manual_seed(0)
+    every = content_rows(item_ids, untrained, 0.999999, True)
+    assert every.tolist() == list(range(40))
+    torch.manual_seed(0)
+    first = content_rows(item_ids, untrained, 0.999999, True, first=20)
+    assert first.tolist() == [*range(20), 27, 37]  # the negatives only where they have no trained ID
+    assert content_rows(item_ids, untrained, 0.999999, False, first=20).tolist() == [7, 17, 27, 37]
+
+
+@pytest.mark.parametrize("name", ["metammf_mf", "metammf_lightgcn"])
+def test_models_drop_only_positives_without_cold_item_dropout_negatives(
+    tiny_data: RecData, make_config, name: str, monkeypatch
+) -> None:
+    module = importlib.import_module(f"models.metammf.{'mf' if name == 'metammf_mf' else 'gcn'}")
+    drawn = []
+
+    def recorded(*args, **kwargs):
+        drawn.append(content_rows(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(module, "content_rows", recorded)
+    users, pos, neg = (torch.from_numpy(a) for a in (tiny_data.train[:64, 0], tiny_data.train[:64, 1],
+                                                      np.arange(64) % tiny_data.n_items))  # fmt: skip
+    for negatives in (True, False):
+        config = make_config(name, cold_item_dropout=0.5, cold_item_dropout_skip_top=0.0,
+                             cold_item_dropout_negatives=negatives)  # fmt: skip
+        build_model(tiny_data, config, 1e-3).train().calculate_loss(users, pos, neg)
+        assert bool((drawn[-1] >= 64).any()) is negatives
 
 
 def test_content_alignment_adds_a_distillation_term(tiny_data: RecData, make_config) -> None:

@@ -20,12 +20,16 @@ detached, refreshed once per epoch).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.metammf.neighbor_search import nearest
+
+if TYPE_CHECKING:
+    from models.config import MetaMMFConfig
 
 
 def with_mean_id(fused: Tensor, id_embedding: nn.Embedding) -> Tensor:
@@ -62,16 +66,23 @@ def droppable_mask(train_pairs: Tensor, n_items: int, skip_top: float) -> Tensor
 
 
 def content_rows(
-    item_ids: Tensor, untrained: Tensor | None, dropout: float, training: bool, droppable: Tensor | None = None
+    item_ids: Tensor,
+    untrained: Tensor | None,
+    dropout: float,
+    training: bool,
+    droppable: Tensor | None = None,
+    first: int | None = None,
 ) -> Tensor | None:
     """Positions in ``item_ids`` to score from content alone: untrained items, plus in training a random
-    ``dropout`` share of the items that are ``droppable`` (default all); ``None`` when there are none by
-    construction."""
+    ``dropout`` share of the items that are ``droppable`` (default all) among the ``first`` positions (default
+    all); ``None`` when there are none by construction."""
     mask = untrained.index_select(0, item_ids) if untrained is not None else None
     if training and dropout > 0:
         drop = torch.rand(item_ids.shape[0], device=item_ids.device) < dropout
         if droppable is not None:
             drop &= droppable.index_select(0, item_ids)
+        if first is not None:
+            drop[first:] = False
         mask = drop if mask is None else mask | drop
     return None if mask is None else mask.nonzero().squeeze(1)
 
@@ -91,6 +102,12 @@ def distinct_trained_positions(item_ids: Tensor, untrained: Tensor | None, limit
     distinct = torch.zeros_like(keep)
     distinct[by_id[first]] = True
     return order[(keep & distinct).nonzero().squeeze(1)[:limit]]
+
+
+def droppable_positions(config: MetaMMFConfig, item_ids: Tensor) -> int | None:
+    """How many leading positions of a batch's items (positives, then negatives) the new-item dropout may drop:
+    the positives alone with ``cold_item_dropout_negatives`` off, else all (``None``)."""
+    return None if config.cold_item_dropout_negatives else item_ids.shape[0] // 2
 
 
 def replace_rows(rows: Tensor, positions: Tensor | None, new_rows: Callable[[Tensor], Tensor]) -> Tensor:

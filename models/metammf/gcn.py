@@ -29,6 +29,7 @@ from models.metammf.cold_items import (
     content_rows,
     distinct_trained_positions,
     droppable_mask,
+    droppable_positions,
     fused_part,
     item_counts,
     replace_rows,
@@ -364,7 +365,12 @@ class MetaMMF_GCN(RecModel):
                 views = content(picked), items.index_select(0, picked)
                 alignment = alignment + config.content_contrast * info_nce(*views, config.content_contrast_temperature)
         cold = content_rows(
-            item_ids, self.untrained_items, self.config.cold_item_dropout, self.training, self.droppable_items
+            item_ids,
+            self.untrained_items,
+            self.config.cold_item_dropout,
+            self.training,
+            self.droppable_items,
+            droppable_positions(self.config, item_ids),
         )
         return replace_rows(items, cold, content), alignment
 

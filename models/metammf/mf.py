@@ -18,6 +18,7 @@ from models.config import MetaMMFConfig
 from models.metammf.cold_items import (
     content_rows,
     droppable_mask,
+    droppable_positions,
     fused_part,
     replace_rows,
     untrained_mask,
@@ -133,7 +134,12 @@ class MetaMMF_MF(RecModel):
         item_ids = torch.cat([pos_items, neg_items])
         item_rep = self.items(item_ids)
         cold = content_rows(
-            item_ids, self.untrained_items, self.config.cold_item_dropout, self.training, self.droppable_items
+            item_ids,
+            self.untrained_items,
+            self.config.cold_item_dropout,
+            self.training,
+            self.droppable_items,
+            droppable_positions(self.config, item_ids),
         )
         item_rep = replace_rows(
             item_rep, cold, lambda rows: self.new_item_embeddings(fused_part(item_rep[rows], self.items.id_embedding))
