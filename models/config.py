@@ -155,6 +155,12 @@ class MetaMMFGraphConfig(MetaMMFConfig, GraphConfig):
     reg_target: Literal["ego", "final"] = Field(
         "ego", description="what the L2 term penalises: the ego (layer-0) or the final GCN representations"
     )
+    content_reg_weight: float | None = Field(
+        None,
+        ge=0.0,
+        description="with reg_target 'ego': the L2 weight of the items' fused content e^m, apart from the ID "
+        "embeddings' and the users' (train.reg_weight); default: train.reg_weight for all",
+    )
     content_alignment: float = Field(
         0.0,
         ge=0.0,

@@ -285,3 +285,23 @@ def test_trained_exported_and_served_with_new_items(tmp_path, redis_url: str, ns
             assert r.status_code == 201, r.text
         body = rec(client, "newcomer", 10)
         assert body["strategy"] == "inductive" and len(body["items"]) == 10
+
+
+def test_the_fused_content_can_have_its_own_l2_weight(tiny_data: RecData, make_config) -> None:
+    users, pos, neg = (torch.from_numpy(a) for a in (tiny_data.train[:64, 0], tiny_data.train[:64, 1],
+                                                      np.arange(64) % tiny_data.n_items))  # fmt: skip
+    settings = {"cold_item_dropout": 0.0, "item_graph_k": 0}
+
+    def loss(reg_weight: float, **content) -> torch.Tensor:
+        model = build(tiny_data, make_config("metammf_lightgcn", **settings, **content))
+        model.reg_weight = reg_weight
+        return model.train().calculate_loss(users, pos, neg).detach()
+
+    model = build(tiny_data, make_config("metammf_lightgcn", **settings))
+    with torch.no_grad():
+        ego, fused, user_ego = model.items(), model.config.fused_dim, model.user_embedding(users)
+        content = (ego[pos, :fused].pow(2).sum() + ego[neg, :fused].pow(2).sum()) / (2 * 64)
+        rest = (user_ego.pow(2).sum() + ego[pos, fused:].pow(2).sum() + ego[neg, fused:].pow(2).sum()) / (2 * 64)
+    torch.testing.assert_close(loss(0.3, content_reg_weight=0.3), loss(0.3))
+    torch.testing.assert_close(loss(1.0, content_reg_weight=0.0), loss(0.0) + rest)
+    torch.testing.assert_close(loss(0.0, content_reg_weight=1.0), loss(0.0) + content)

@@ -398,14 +398,23 @@ class MetaMMF_GCN(RecModel):
         u, (pos, neg) = final[: len(users)], items.split(len(users))
         loss = self.ranking_loss(users, pos_items, neg_items, u, pos, neg) + alignment
         if self.config.reg_target == "final":
-            reg = l2_penalty(u, pos, neg)
+            loss = loss + self.reg_weight * l2_penalty(u, pos, neg)
         else:
-            reg = l2_penalty(self.user_embedding(users), item_ego[pos_items], item_ego[neg_items])
-        loss = loss + self.reg_weight * reg
+            loss = loss + self._ego_penalty(self.user_embedding(users), item_ego[pos_items], item_ego[neg_items])
         if self.config.layer_reg > 0:
             weights = self.graph.weights() + fusion_weights(self.items.fusion)
             loss = loss + self.config.layer_reg * sum(w.pow(2).sum() for w in weights) / 2
         return loss
+
+    def _ego_penalty(self, user_ego: Tensor, pos_ego: Tensor, neg_ego: Tensor) -> Tensor:
+        """The weighted L2 term on a batch's ego representations: ``reg_weight`` on the users' and the items' ID
+        parts, ``content_reg_weight`` (default the same) on the items' fused content e^m."""
+        content_weight = self.config.content_reg_weight
+        if content_weight is None:
+            return self.reg_weight * l2_penalty(user_ego, pos_ego, neg_ego)
+        fused = self.config.fused_dim
+        ids = l2_penalty(user_ego, pos_ego[:, fused:], neg_ego[:, fused:])
+        return self.reg_weight * ids + content_weight * l2_penalty(pos_ego[:, :fused], neg_ego[:, :fused])
 
     # ---- Neighbour-sampled mini-batch training (train.neighbor_sampling); evaluation stays full-graph ----
 
@@ -457,8 +466,10 @@ class MetaMMF_GCN(RecModel):
         )
         u, (pos, neg) = final[: len(users)], items.split(len(users))
         loss = self.ranking_loss(users, pos_items, neg_items, u, pos, neg) + alignment
-        reg = l2_penalty(u, pos, neg) if self.config.reg_target == "final" else l2_penalty(*ego.split(len(users)))
-        loss = loss + self.reg_weight * reg
+        if self.config.reg_target == "final":
+            loss = loss + self.reg_weight * l2_penalty(u, pos, neg)
+        else:
+            loss = loss + self._ego_penalty(*ego.split(len(users)))
         if self.config.layer_reg > 0:
             weights = self.graph.weights() + fusion_weights(self.items.fusion)
             loss = loss + self.config.layer_reg * sum(w.pow(2).sum() for w in weights) / 2
