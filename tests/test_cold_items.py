@@ -11,7 +11,7 @@ import torch
 
 from models.artifacts import load_bundle
 from models.base import bpr_loss, info_nce, l2_penalty
-from models.metammf.cold_items import content_rows, distinct_trained_positions, droppable_mask
+from models.metammf.cold_items import batch_content_rows, content_rows, distinct_trained_positions, droppable_mask
 from models.metammf.gcn import SAGETower
 from models.metammf.inference import InferenceEncoder
 from service.engine import Engine
@@ -153,10 +153,10 @@ def test_models_drop_only_positives_without_cold_item_dropout_negatives(
     drawn = []
 
     def recorded(*args, **kwargs):
-        drawn.append(content_rows(*args, **kwargs))
+        drawn.append(batch_content_rows(*args, **kwargs))
         return drawn[-1]
 
-    monkeypatch.setattr(module, "content_rows", recorded)
+    monkeypatch.setattr(module, "batch_content_rows", recorded)
     users, pos, neg = (torch.from_numpy(a) for a in (tiny_data.train[:64, 0], tiny_data.train[:64, 1],
                                                       np.arange(64) % tiny_data.n_items))  # fmt: skip
     for negatives in (True, False):

@@ -104,10 +104,13 @@ def distinct_trained_positions(item_ids: Tensor, untrained: Tensor | None, limit
     return order[(keep & distinct).nonzero().squeeze(1)[:limit]]
 
 
-def droppable_positions(config: MetaMMFConfig, item_ids: Tensor) -> int | None:
-    """How many leading positions of a batch's items (positives, then negatives) the new-item dropout may drop:
-    the positives alone with ``cold_item_dropout_negatives`` off, else all (``None``)."""
-    return None if config.cold_item_dropout_negatives else item_ids.shape[0] // 2
+def batch_content_rows(
+    config: MetaMMFConfig, item_ids: Tensor, untrained: Tensor | None, droppable: Tensor | None, training: bool
+) -> Tensor | None:
+    """:func:`content_rows` of a training batch's items ``item_ids`` (positives, then negatives) by the config's
+    new-item dropout: ``cold_item_dropout``, among the positives alone with ``cold_item_dropout_negatives`` off."""
+    first = None if config.cold_item_dropout_negatives else item_ids.shape[0] // 2
+    return content_rows(item_ids, untrained, config.cold_item_dropout, training, droppable, first)
 
 
 def replace_rows(rows: Tensor, positions: Tensor | None, new_rows: Callable[[Tensor], Tensor]) -> Tensor:

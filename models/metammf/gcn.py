@@ -25,11 +25,10 @@ from models.graph.sage_rows import TowerSettings, sage_rows
 from models.graph.utils import MeanAggregation, batch_rows, bipartite_edge_index, degree_sensitive_edges
 from models.metammf.cold_items import (
     ContentNeighbors,
+    batch_content_rows,
     content_keys,
-    content_rows,
     distinct_trained_positions,
     droppable_mask,
-    droppable_positions,
     fused_part,
     item_counts,
     replace_rows,
@@ -364,14 +363,7 @@ class MetaMMF_GCN(RecModel):
             if picked.numel() > 1:
                 views = content(picked), items.index_select(0, picked)
                 alignment = alignment + config.content_contrast * info_nce(*views, config.content_contrast_temperature)
-        cold = content_rows(
-            item_ids,
-            self.untrained_items,
-            self.config.cold_item_dropout,
-            self.training,
-            self.droppable_items,
-            droppable_positions(self.config, item_ids),
-        )
+        cold = batch_content_rows(self.config, item_ids, self.untrained_items, self.droppable_items, self.training)
         return replace_rows(items, cold, content), alignment
 
     def get_embedding(self) -> tuple[Tensor, Tensor]:

@@ -16,9 +16,8 @@ from torch import Tensor, nn
 from models.base import ModelInputs, RecModel, l2_penalty
 from models.config import MetaMMFConfig
 from models.metammf.cold_items import (
-    content_rows,
+    batch_content_rows,
     droppable_mask,
-    droppable_positions,
     fused_part,
     replace_rows,
     untrained_mask,
@@ -133,14 +132,7 @@ class MetaMMF_MF(RecModel):
         u = self.user_embedding(users)
         item_ids = torch.cat([pos_items, neg_items])
         item_rep = self.items(item_ids)
-        cold = content_rows(
-            item_ids,
-            self.untrained_items,
-            self.config.cold_item_dropout,
-            self.training,
-            self.droppable_items,
-            droppable_positions(self.config, item_ids),
-        )
+        cold = batch_content_rows(self.config, item_ids, self.untrained_items, self.droppable_items, self.training)
         item_rep = replace_rows(
             item_rep, cold, lambda rows: self.new_item_embeddings(fused_part(item_rep[rows], self.items.id_embedding))
         )
