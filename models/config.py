@@ -158,8 +158,9 @@ class MetaMMFGraphConfig(MetaMMFConfig, GraphConfig):
     content_reg_weight: float | None = Field(
         None,
         ge=0.0,
-        description="with reg_target 'ego': the L2 weight of the items' fused content e^m, apart from the ID "
-        "embeddings' and the users' (train.reg_weight); default: train.reg_weight for all",
+        description="L2 weight of the items' ego fused content e^m apart from the rest, which keeps train.reg_weight "
+        "(reg_target 'ego': the ID embeddings and users; 'final': the final representations); default: no "
+        "separate term",
     )
     content_alignment: float = Field(
         0.0,

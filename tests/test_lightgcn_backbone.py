@@ -305,3 +305,9 @@ def test_the_fused_content_can_have_its_own_l2_weight(tiny_data: RecData, make_c
     torch.testing.assert_close(loss(0.3, content_reg_weight=0.3), loss(0.3))
     torch.testing.assert_close(loss(1.0, content_reg_weight=0.0), loss(0.0) + rest)
     torch.testing.assert_close(loss(0.0, content_reg_weight=1.0), loss(0.0) + content)
+    # With the L2 term on the final representations, the fused content's ego term comes on top of it.
+    with torch.no_grad():
+        users_final, items_final = model.get_embedding()
+        final = (users_final[users].pow(2).sum() + items_final[pos].pow(2).sum() + items_final[neg].pow(2).sum()) / 128
+    torch.testing.assert_close(loss(1.0, reg_target="final"), loss(0.0) + final)
+    torch.testing.assert_close(loss(1.0, reg_target="final", content_reg_weight=2.0), loss(0.0) + final + 2 * content)

@@ -389,24 +389,28 @@ class MetaMMF_GCN(RecModel):
         items = self._with_item_graph(items, item_ego, item_ids)
         u, (pos, neg) = final[: len(users)], items.split(len(users))
         loss = self.ranking_loss(users, pos_items, neg_items, u, pos, neg) + alignment
-        if self.config.reg_target == "final":
-            loss = loss + self.reg_weight * l2_penalty(u, pos, neg)
-        else:
-            loss = loss + self._ego_penalty(self.user_embedding(users), item_ego[pos_items], item_ego[neg_items])
+        ego = self.user_embedding(users), item_ego[pos_items], item_ego[neg_items]
+        loss = loss + self._penalty((u, pos, neg), ego)
         if self.config.layer_reg > 0:
             weights = self.graph.weights() + fusion_weights(self.items.fusion)
             loss = loss + self.config.layer_reg * sum(w.pow(2).sum() for w in weights) / 2
         return loss
 
-    def _ego_penalty(self, user_ego: Tensor, pos_ego: Tensor, neg_ego: Tensor) -> Tensor:
-        """The weighted L2 term on a batch's ego representations: ``reg_weight`` on the users' and the items' ID
-        parts, ``content_reg_weight`` (default the same) on the items' fused content e^m."""
-        content_weight = self.config.content_reg_weight
+    def _penalty(self, final: Sequence[Tensor], ego: Sequence[Tensor]) -> Tensor:
+        """The weighted L2 term of a batch, given its (users, positives, negatives) ``final`` and ``ego``
+        representations: ``reg_weight`` on the final ones (``reg_target='final'``) or on the ego ones, and with
+        ``content_reg_weight`` the items' ego fused content e^m apart at that weight."""
+        content_weight, fused = self.config.content_reg_weight, self.config.fused_dim
+        user_ego, pos_ego, neg_ego = ego
+        if self.config.reg_target == "final":
+            reg = self.reg_weight * l2_penalty(*final)
+        elif content_weight is None:
+            return self.reg_weight * l2_penalty(*ego)
+        else:
+            reg = self.reg_weight * l2_penalty(user_ego, pos_ego[:, fused:], neg_ego[:, fused:])
         if content_weight is None:
-            return self.reg_weight * l2_penalty(user_ego, pos_ego, neg_ego)
-        fused = self.config.fused_dim
-        ids = l2_penalty(user_ego, pos_ego[:, fused:], neg_ego[:, fused:])
-        return self.reg_weight * ids + content_weight * l2_penalty(pos_ego[:, :fused], neg_ego[:, :fused])
+            return reg
+        return reg + content_weight * l2_penalty(pos_ego[:, :fused], neg_ego[:, :fused])
 
     # ---- Neighbour-sampled mini-batch training (train.neighbor_sampling); evaluation stays full-graph ----
 
@@ -458,10 +462,7 @@ class MetaMMF_GCN(RecModel):
         )
         u, (pos, neg) = final[: len(users)], items.split(len(users))
         loss = self.ranking_loss(users, pos_items, neg_items, u, pos, neg) + alignment
-        if self.config.reg_target == "final":
-            loss = loss + self.reg_weight * l2_penalty(u, pos, neg)
-        else:
-            loss = loss + self._ego_penalty(*ego.split(len(users)))
+        loss = loss + self._penalty((u, pos, neg), ego.split(len(users)))
         if self.config.layer_reg > 0:
             weights = self.graph.weights() + fusion_weights(self.items.fusion)
             loss = loss + self.config.layer_reg * sum(w.pow(2).sum() for w in weights) / 2
