@@ -68,17 +68,11 @@ class MultimodalItemEncoder(nn.Module):
         nn.init.normal_(self.id_embedding.weight, std=0.1)
 
     def forward(self, items: Tensor | None = None) -> Tensor:
-        if items is None:
-            return torch.cat(
-                [self.fusion.fuse_standardized(self._inputs(self.item_inputs)), self.id_embedding.weight], 1
-            )
-        return torch.cat(
-            [self.fusion.fuse_standardized(self._inputs(self.item_inputs[items])), self.id_embedding(items)], 1
-        )
-
-    def _inputs(self, inputs: Tensor) -> Tensor:
-        """The fusion network's inputs, with ``feature_dropout`` in training."""
-        return F.dropout(inputs, self.feature_dropout, self.training) if self.feature_dropout > 0 else inputs
+        inputs = self.item_inputs if items is None else self.item_inputs[items]
+        ids = self.id_embedding.weight if items is None else self.id_embedding(items)
+        if self.feature_dropout > 0:
+            inputs = F.dropout(inputs, self.feature_dropout, self.training)
+        return torch.cat([self.fusion.fuse_standardized(inputs), ids], dim=1)
 
 
 class MetaMMF_MF(RecModel):
