@@ -92,9 +92,9 @@ def distinct_trained_positions(item_ids: Tensor, untrained: Tensor | None, limit
     (one position per item): the rows that have both a trained and a content-only representation."""
     order = torch.randperm(item_ids.shape[0], device=item_ids.device)
     shuffled = item_ids[order]
-    keep = torch.ones_like(shuffled, dtype=torch.bool)
-    if untrained is not None:
-        keep = ~untrained.index_select(0, shuffled)
+    keep = (
+        ~untrained.index_select(0, shuffled) if untrained is not None else torch.ones_like(shuffled, dtype=torch.bool)
+    )
     # the first of each item in the shuffled order: sort stably by id, keep where the id changes
     ids, by_id = torch.sort(shuffled, stable=True)
     first = torch.ones_like(ids, dtype=torch.bool)

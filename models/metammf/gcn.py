@@ -403,11 +403,12 @@ class MetaMMF_GCN(RecModel):
         content_weight, fused = self.config.content_reg_weight, self.config.fused_dim
         user_ego, pos_ego, neg_ego = ego
         if self.config.reg_target == "final":
-            reg = self.reg_weight * l2_penalty(*final)
+            rest = final
         elif content_weight is None:
-            return self.reg_weight * l2_penalty(*ego)
+            rest = ego
         else:
-            reg = self.reg_weight * l2_penalty(user_ego, pos_ego[:, fused:], neg_ego[:, fused:])
+            rest = user_ego, pos_ego[:, fused:], neg_ego[:, fused:]
+        reg = self.reg_weight * l2_penalty(*rest)
         if content_weight is None:
             return reg
         return reg + content_weight * l2_penalty(pos_ego[:, :fused], neg_ego[:, :fused])
